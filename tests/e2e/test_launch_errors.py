@@ -1,0 +1,23 @@
+"""Invalid launch settings stop the stock launcher with a readable message (before any model load).
+
+Each case costs a full SGLang import (~20 s), so only the two paths are covered here (a flag and
+the environment); the validation matrix itself is in tests/unit/test_settings.py.
+"""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from vlcache_sglang.serving import server_command, server_env
+
+
+@pytest.mark.parametrize("extra_args,extra_env,expected", [
+    (["--vlcache-budget", "1.5"], {}, "vlcache budget must be a number in (0, 1]"),
+    ([], {"VLCACHE_BUDGET": "ten"}, "VLCACHE_BUDGET must be a number"),
+])
+def test_invalid_launch_setting_fails_fast_with_message(tiny_model_dir, extra_args, extra_env, expected):
+    cmd = server_command(tiny_model_dir, attention_backend="vlcache", port=1, extra_args=extra_args)
+    proc = subprocess.run(cmd, env=server_env(extra_env), capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert expected in proc.stderr + proc.stdout

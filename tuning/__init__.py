@@ -1,0 +1,1 @@
+"""Optuna tuning of the policy (installed as ``vlcache_sglang.tuning``)."""

@@ -1,0 +1,1 @@
+"""Device-specific attention executors over :class:`~vlcache_sglang.backend.metadata.ForwardMetadata`."""

@@ -1,0 +1,63 @@
+"""Per-forward attention metadata in FlashInfer's ragged layout (page size 1).
+
+For request ``b`` of a batch, its KV slots are ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]``
+(slot ids into the token-to-KV pool, in position order) and, for an extend, its query rows are
+``q[qo_indptr[b]:qo_indptr[b+1]]``. A compressed request reads a different slot list in each
+layer, so ``layer_kv`` maps a layer to its own ``(kv_indptr, kv_indices)`` pair; layers absent
+from it read the shared lists. This is exactly what a FlashInfer paged wrapper is planned with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class RaggedKV:
+    """One ragged KV selection: slot ids of every request, concatenated."""
+
+    kv_indptr: torch.Tensor  # int64 [batch + 1]
+    kv_indices: torch.Tensor  # int64 [sum of lengths]
+    kv_indptr_cpu: list[int]  # host copy, so executors never sync the device to slice
+
+    def slots(self, b: int) -> torch.Tensor:
+        return self.kv_indices[self.kv_indptr_cpu[b] : self.kv_indptr_cpu[b + 1]]
+
+    def length(self, b: int) -> int:
+        return self.kv_indptr_cpu[b + 1] - self.kv_indptr_cpu[b]
+
+
+@dataclass
+class ForwardMetadata:
+    """What the executors need for one forward of one batch."""
+
+    is_decode: bool
+    kv: RaggedKV  # every request's slots for positions [0, seq_len)
+    qo_indptr_cpu: list[int]  # query rows per request ([b] .. [b+1])
+    prefix_lens_cpu: list[int]  # extend: positions already cached before this forward
+    layer_kv: dict[int, RaggedKV] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.qo_indptr_cpu) - 1
+
+    def kv_for_layer(self, layer_id: int) -> RaggedKV:
+        return self.layer_kv.get(layer_id, self.kv)
+
+
+def build_ragged_kv(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens_cpu: list[int]) -> RaggedKV:
+    """Gather each request's slot ids for positions ``[0, seq_len)`` from ``req_to_token``."""
+    indptr_cpu = [0]
+    for n in seq_lens_cpu:
+        indptr_cpu.append(indptr_cpu[-1] + int(n))
+    device = req_to_token.device
+    if indptr_cpu[-1] == 0:
+        indices = torch.empty(0, dtype=torch.int64, device=device)
+    else:
+        rows = req_to_token[req_pool_indices.to(device=device, dtype=torch.int64)]
+        pos = torch.arange(max(seq_lens_cpu), device=device)
+        lens = torch.tensor(seq_lens_cpu, device=device)
+        indices = rows[:, : pos.numel()][pos.unsqueeze(0) < lens.unsqueeze(1)].to(torch.int64)
+    indptr = torch.tensor(indptr_cpu, dtype=torch.int64, device=device)
+    return RaggedKV(kv_indptr=indptr, kv_indices=indices, kv_indptr_cpu=indptr_cpu)

@@ -1,0 +1,164 @@
+"""Start and stop a real SGLang server on loopback (tests, the demo, benchmarks, tuning).
+
+The server is started with the stock ``python -m sglang.launch_server`` in its own process
+group and stopped by that process id; on a machine without CUDA the CPU engine switches are
+set (``SGLANG_USE_CPU_ENGINE=1``, ``--device cpu``). Only 127.0.0.1 is ever bound.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import requests
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def mm_process_config(model_path: str | os.PathLike) -> dict | None:
+    """Honour the model's own image-size limits (SGLang otherwise forces Qwen2-VL's defaults)."""
+    path = Path(model_path) / "preprocessor_config.json"
+    if not path.exists():
+        path = Path(model_path) / "processor_config.json"
+    if not path.exists():
+        return None
+    cfg = json.loads(path.read_text())
+    cfg = cfg.get("image_processor", cfg)
+    size = cfg.get("size") or {}
+    if "shortest_edge" in size and "longest_edge" in size:
+        return {"image": {"size": {"shortest_edge": size["shortest_edge"], "longest_edge": size["longest_edge"]}}}
+    return None
+
+
+@dataclass
+class ServerHandle:
+    """A running server: its URL, process and log file."""
+
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM the server's process group, wait until every member is gone, then SIGKILL."""
+        pgid = self.process.pid
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                self.process.poll()
+                if not _group_alive(pgid):
+                    return
+                time.sleep(0.2)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    # zombies still count for killpg; treat a group whose only members are zombies as gone
+    try:
+        out = subprocess.run(["ps", "-o", "stat=", "-g", str(pgid)], capture_output=True, text=True).stdout
+    except OSError:
+        return True
+    return any(s and not s.startswith("Z") for s in out.split())
+
+
+def server_command(model_path: str | os.PathLike, *, attention_backend: str = "vlcache", port: int,
+                   max_total_tokens: int = 16384, max_running_requests: int = 16,
+                   extra_args: list[str] | None = None) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
+        "--attention-backend", attention_backend, "--host", LOOPBACK, "--port", str(port),
+        "--max-total-tokens", str(max_total_tokens), "--max-running-requests", str(max_running_requests),
+        "--dtype", "float32",
+    ]
+    if not has_cuda():
+        cmd += ["--device", "cpu"]
+    mm = mm_process_config(model_path)
+    if mm is not None:
+        cmd += ["--mm-process-config", json.dumps(mm)]
+    return cmd + list(extra_args or [])
+
+
+def server_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("SGLANG_PLUGINS", "vlcache")
+    if not has_cuda():
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+    env.update(extra_env or {})
+    return env
+
+
+def start_server(model_path: str | os.PathLike, *, attention_backend: str = "vlcache",
+                 extra_args: list[str] | None = None, extra_env: dict[str, str] | None = None,
+                 log_path: str | os.PathLike | None = None, startup_timeout: float = 240.0,
+                 **kwargs) -> ServerHandle:
+    """Launch the stock SGLang server and wait until it generates; raises with the log tail on failure."""
+    port = free_port()
+    cmd = server_command(model_path, attention_backend=attention_backend, port=port, extra_args=extra_args, **kwargs)
+    log = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="sglang-", suffix=".log")[1])
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=server_env(extra_env),
+                                start_new_session=True)
+    handle = ServerHandle(process=proc, port=port, log_path=log, args=cmd)
+    deadline = time.monotonic() + startup_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            handle.stop()
+            raise RuntimeError(f"SGLang server exited with code {proc.returncode}:\n{handle.log_tail()}")
+        try:
+            if requests.get(f"{handle.url}/health_generate", timeout=30).status_code == 200:
+                return handle
+        except requests.RequestException:
+            pass
+        time.sleep(1.0)
+    handle.stop()
+    raise TimeoutError(f"SGLang server not ready after {startup_timeout:.0f} s:\n{handle.log_tail()}")
+
+
+@contextmanager
+def running_server(model_path: str | os.PathLike, **kwargs) -> Iterator[ServerHandle]:
+    handle = start_server(model_path, **kwargs)
+    try:
+        yield handle
+    finally:
+        handle.stop()
