@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 
-from vlcache_sglang.settings import CompressionSettings, SettingsError, parse_request_overrides
+from vlcache_sglang.settings import CompressionSettings, SettingsError
 
 logger = logging.getLogger(__name__)
 BACKEND_NAME = "vlcache"
@@ -31,6 +31,15 @@ def register() -> None:
     HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args, HookType.AFTER)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _from_cli_args, HookType.AFTER)
     HookRegistry.register("sglang.srt.sampling.sampling_params.SamplingParams.verify", _verify_request, HookType.AFTER)
+    HookRegistry.register("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
+                          _attach_request_info, HookType.AFTER)
+    HookRegistry.register("sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row",
+                          _free_kv_row, HookType.AROUND)
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
+        ".is_request_level_customized_info_key", _request_level_key, HookType.AFTER)
+    HookRegistry.register("sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController._add_memory_usage",
+                          _add_vlcache_state, HookType.AFTER)
 
 
 # -- launch flags -------------------------------------------------------------------------
@@ -62,8 +71,61 @@ def _from_cli_args(server_args, cls, args, *rest, **kwargs):
 # -- per-request overrides ----------------------------------------------------------------
 def _verify_request(result, sampling_params, *args, **kwargs):
     """Reject a bad ``custom_params["vlcache"]`` in the HTTP process: a 400, not a crash."""
+    from vlcache_sglang.policy_resolution import check_request
+
     try:
-        parse_request_overrides(sampling_params.custom_params)
+        check_request(CompressionSettings.from_env(), sampling_params.custom_params)
     except SettingsError as exc:
         raise ValueError(str(exc)) from None
+    return result
+
+
+# -- scheduler side (no-ops unless this process runs the vlcache backend) ------------------
+def _attach_request_info(forward_batch, cls, batch, *args, **kwargs):
+    from vlcache_sglang.backend import state
+
+    backend = state.active()
+    if backend is not None and forward_batch.forward_mode.is_extend() and batch.reqs:
+        from vlcache_sglang.backend.request_info import collect_request_info
+
+        try:
+            backend.stage_request_info(forward_batch.rids, collect_request_info(batch, backend.settings))
+        except Exception:  # never take the scheduler down: serve this batch uncompressed
+            logger.exception("vlcache: could not read per-request settings; batch served uncompressed")
+            backend.stage_request_info(None, None)
+    return forward_batch
+
+
+def _free_kv_row(original, tree_cache, kv, ranges, *args, **kwargs):
+    """Release through SGLang's own path, minus the row positions compaction already freed."""
+    from vlcache_sglang.backend import state
+
+    compressor = state.active_compressor()
+    if compressor is not None:
+        ranges = compressor.release_ranges(int(kv.req_pool_idx), list(ranges))
+    return original(tree_cache, kv, ranges, *args, **kwargs)
+
+
+def _request_level_key(result, streamer, key, *args, **kwargs):
+    """``vlcache_*`` entries of a request's customized info are per request, not per token."""
+    return True if key.startswith("vlcache_") else result
+
+
+def _add_vlcache_state(result, internal_state, state, *args, **kwargs):
+    """Expose pool and compression accounting in ``/server_info`` (leak checks, dashboards)."""
+    from dataclasses import asdict
+
+    from vlcache_sglang.backend import state as backend_state
+
+    scheduler = internal_state.scheduler
+    compressor = backend_state.active_compressor()
+    tree = scheduler.tree_cache
+    state["vlcache"] = {
+        "available_kv_tokens": int(scheduler.token_to_kv_pool_allocator.available_size()),
+        "evictable_kv_tokens": int(tree.evictable_size()) if tree is not None else 0,
+        "max_total_num_tokens": int(scheduler.max_total_num_tokens),
+        "compressed_requests_live": len(compressor.rows) if compressor else 0,
+        "pending_statistics": len(compressor.pending) if compressor else 0,
+        **(asdict(compressor.counters) if compressor else {}),
+    }
     return result

@@ -25,6 +25,9 @@ ENV_BUDGET = "VLCACHE_BUDGET"
 ENV_METHOD = "VLCACHE_METHOD"
 ENV_CONFIG = "VLCACHE_CONFIG"
 REQUEST_KEY = "vlcache"
+#: Request keys that are not policy fields: ``return_plan`` adds the kept positions per layer to
+#: the response's ``meta_info`` (``vlcache_kept_positions``), for tests and debugging.
+REQUEST_ONLY_KEYS = frozenset({"return_plan"})
 
 #: Compression methods the backend can be asked for (policy registry names).
 METHODS = ("vlcache", "snapkv", "pyramidkv", "h2o", "streamingllm", "random", "full")
@@ -84,7 +87,8 @@ class CompressionSettings:
         if not overrides:
             return self
         policy = dict(self.policy_overrides)
-        policy.update({k: v for k, v in overrides.items() if k not in ("budget", "method")})
+        policy.update({k: v for k, v in overrides.items()
+                       if k not in ("budget", "method") and k not in REQUEST_ONLY_KEYS})
         return replace(
             self, budget=overrides.get("budget", self.budget), method=overrides.get("method", self.method),
             policy_overrides=policy,

@@ -1,10 +1,11 @@
 """The ``vlcache`` attention backend: thin SGLang glue around a device executor.
 
 SGLang calls ``init_forward_metadata`` once per forward and ``forward_extend`` /
-``forward_decode`` once per layer. This class only translates SGLang's batch into
-:class:`ForwardMetadata` (ragged slot lists, FlashInfer's layout) and writes new K/V into the
-pool; the attention math lives in an executor, and what to keep lives in the pure-PyTorch
-policy. Nothing is compressed yet when the budget is 1.0: every layer reads every slot.
+``forward_decode`` once per layer. This class translates SGLang's batch into
+:class:`ForwardMetadata` (ragged slot lists, FlashInfer's layout), writes new K/V into the pool,
+feeds prefill statistics to the :class:`Compressor` and, in decode, points each layer at its own
+kept list. The attention math lives in an executor; what to keep lives in the pure-PyTorch policy.
+With budget 1.0 (or a request the policy leaves alone) nothing differs from ``torch_native``.
 """
 from __future__ import annotations
 
@@ -13,16 +14,20 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+from vlcache_sglang.backend import state
+from vlcache_sglang.backend.cell_store import rehome_pool_buffers
+from vlcache_sglang.backend.compressor import Compressor
 from vlcache_sglang.backend.executors.torch_executor import TorchAttentionExecutor
 from vlcache_sglang.backend.metadata import ForwardMetadata, build_ragged_kv
+from vlcache_sglang.settings import CompressionSettings
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
     from sglang.srt.model_executor.model_runner import ModelRunner
-
-from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
-from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 logger = logging.getLogger(__name__)
 
@@ -30,31 +35,66 @@ logger = logging.getLogger(__name__)
 class VLCacheAttnBackend(AttentionBackend):
     """Attention over per-layer ragged KV selections (CPU: torch SDPA executor)."""
 
-    def __init__(self, model_runner: ModelRunner, executor: TorchAttentionExecutor | None = None):
+    def __init__(self, model_runner: ModelRunner, executor: TorchAttentionExecutor | None = None,
+                 settings: CompressionSettings | None = None):
         super().__init__()
         self.device = model_runner.device
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         self.executor = executor or TorchAttentionExecutor()
+        self.settings = settings or CompressionSettings()
         self.forward_metadata: ForwardMetadata | None = None
+        self.compressor: Compressor | None = None
+        self._staged: tuple[tuple, list] | None = None  # (rids, RequestInfo list) of the next extend
+        allocator = getattr(model_runner, "token_to_kv_pool_allocator", None)
+        model_config = getattr(model_runner, "model_config", None)
+        if allocator is not None and model_config is not None:
+            self.global_kv = rehome_pool_buffers(self.token_to_kv_pool)
+            tp = max(1, int(getattr(model_runner, "tp_size", 1)))
+            self.compressor = Compressor(
+                self.global_kv, self.req_to_token_pool.req_to_token, allocator,
+                num_q_heads=model_config.num_attention_heads // tp,
+                num_kv_heads=max(1, model_config.get_num_kv_heads(tp)),
+            )
+            state.set_active(self)
+            logger.info("vlcache backend: %s", self.settings.describe())
 
     # -- metadata -------------------------------------------------------------------------
+    def stage_request_info(self, rids, infos) -> None:
+        """Per-request info for the next extend forward (from the ForwardBatch.init_new hook).
+
+        Kept here, keyed by the batch's rids, because SGLang may run the forward on a
+        ``dataclasses.replace`` copy of the ForwardBatch, which drops foreign attributes."""
+        self._staged = (tuple(rids), infos) if rids is not None and infos is not None else None
+
+    def _take_request_info(self, forward_batch) -> list | None:
+        staged, self._staged = self._staged, None
+        rids = getattr(forward_batch, "rids", None)
+        if staged is None or rids is None or tuple(rids) != staged[0]:
+            return None
+        return staged[1]
+
     def init_forward_metadata(self, forward_batch: ForwardBatch):
         seq_lens_cpu = [int(x) for x in _host(forward_batch.seq_lens_cpu, forward_batch.seq_lens)]
         kv = build_ragged_kv(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, seq_lens_cpu)
         mode = forward_batch.forward_mode
         if mode.is_decode_or_idle():
             bs = len(seq_lens_cpu)
-            self.forward_metadata = ForwardMetadata(
+            meta = ForwardMetadata(
                 is_decode=True, kv=kv, qo_indptr_cpu=list(range(bs + 1)), prefix_lens_cpu=[n - 1 for n in seq_lens_cpu],
             )
+            if self.compressor is not None and self.compressor.rows:
+                meta.layer_kv = self.compressor.layer_kv_for_batch(
+                    meta, forward_batch.req_pool_indices.tolist(), getattr(forward_batch, "rids", None))
+            self.forward_metadata = meta
             return
         extend_lens = [int(x) for x in _host(forward_batch.extend_seq_lens_cpu, forward_batch.extend_seq_lens)]
         prefix_lens = [int(x) for x in _host(forward_batch.extend_prefix_lens_cpu, forward_batch.extend_prefix_lens)]
         qo = [0]
         for n in extend_lens:
             qo.append(qo[-1] + n)
-        self.forward_metadata = ForwardMetadata(is_decode=False, kv=kv, qo_indptr_cpu=qo, prefix_lens_cpu=prefix_lens)
+        self.forward_metadata = ForwardMetadata(is_decode=False, kv=kv, qo_indptr_cpu=qo, prefix_lens_cpu=prefix_lens,
+                                                requests=self._take_request_info(forward_batch))
 
     # -- attention ------------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch, save_kv_cache=True):
@@ -66,21 +106,25 @@ class VLCacheAttnBackend(AttentionBackend):
     def _forward(self, q, k, v, layer, forward_batch, save_kv_cache: bool, decode: bool):
         if layer.is_cross_attention:
             raise NotImplementedError("vlcache: cross-attention layers are not supported")
+        lid = layer.layer_id
         q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
         out = q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
         if save_kv_cache and k is not None and v is not None:
             self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
+        meta = self.forward_metadata
+        q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        if lid in meta.layer_kv:
+            k_cache, v_cache, kv = self.global_kv.k, self.global_kv.v, meta.layer_kv[lid]
+        else:
+            k_cache = self.token_to_kv_pool.get_key_buffer(lid)
+            v_cache = self.token_to_kv_pool.get_value_buffer(lid)
+            kv = meta.kv
         run = self.executor.decode if decode else self.executor.extend
-        run(
-            q.view(-1, layer.tp_q_head_num, layer.qk_head_dim),
-            out.view(-1, layer.tp_q_head_num, layer.v_head_dim),
-            self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-            self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-            self.forward_metadata,
-            layer.layer_id,
-            layer.scaling,
-            layer.tp_q_head_num != layer.tp_k_head_num,
-        )
+        run(q3, out.view(-1, layer.tp_q_head_num, layer.v_head_dim), k_cache, v_cache, kv, meta,
+            layer.scaling, layer.tp_q_head_num != layer.tp_k_head_num)
+        infos = meta.requests
+        if not decode and infos and self.compressor is not None:
+            self.compressor.observe_extend(lid, q3, k_cache, meta, infos, layer.scaling)
         return out
 
     def support_triton(self):
@@ -100,8 +144,9 @@ def create_vlcache_backend(model_runner: ModelRunner) -> AttentionBackend:
     On CUDA the stock FlashInfer backend serves attention until the per-layer FlashInfer
     executor lands (compression off there for now); everywhere else the torch executor runs.
     """
+    settings = CompressionSettings.from_env()
     if str(model_runner.device).startswith("cuda"):
         from vlcache_sglang.backend.flashinfer_glue import create_flashinfer_backend
 
         return create_flashinfer_backend(model_runner)
-    return VLCacheAttnBackend(model_runner)
+    return VLCacheAttnBackend(model_runner, settings=settings)

@@ -1,10 +1,11 @@
 """Per-forward attention metadata in FlashInfer's ragged layout (page size 1).
 
 For request ``b`` of a batch, its KV slots are ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]``
-(slot ids into the token-to-KV pool, in position order) and, for an extend, its query rows are
-``q[qo_indptr[b]:qo_indptr[b+1]]``. A compressed request reads a different slot list in each
-layer, so ``layer_kv`` maps a layer to its own ``(kv_indptr, kv_indices)`` pair; layers absent
-from it read the shared lists. This is exactly what a FlashInfer paged wrapper is planned with.
+(slot ids into the layer's K/V buffer, in position order) and, for an extend, its query rows are
+``q[qo_indptr[b]:qo_indptr[b+1]]``. When the batch holds a compressed request, each layer reads
+its own list: ``layer_kv[l]`` holds *global* row ids into the contiguous K/V storage
+(``l * rows_per_layer + slot`` for ordinary tokens, cell ids for kept compressed ones). This is
+exactly what a FlashInfer paged wrapper (page size 1) is planned with.
 """
 from __future__ import annotations
 
@@ -37,13 +38,11 @@ class ForwardMetadata:
     qo_indptr_cpu: list[int]  # query rows per request ([b] .. [b+1])
     prefix_lens_cpu: list[int]  # extend: positions already cached before this forward
     layer_kv: dict[int, RaggedKV] = field(default_factory=dict)
+    requests: list | None = None  # extend: per-request RequestInfo (compression settings, spans)
 
     @property
     def batch_size(self) -> int:
         return len(self.qo_indptr_cpu) - 1
-
-    def kv_for_layer(self, layer_id: int) -> RaggedKV:
-        return self.layer_kv.get(layer_id, self.kv)
 
 
 def build_ragged_kv(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens_cpu: list[int]) -> RaggedKV:

@@ -11,16 +11,15 @@ from __future__ import annotations
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
-from vlcache_sglang.backend.metadata import ForwardMetadata
+from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV
 
 
 class TorchAttentionExecutor:
     """Extend and decode attention for one layer over ragged slot lists."""
 
     def extend(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: ForwardMetadata, layer_id: int, scaling: float, enable_gqa: bool) -> torch.Tensor:
-        """q/out: [tokens, q_heads, dim]; caches: [slots, kv_heads, dim]. Causal within each request."""
-        kv = meta.kv_for_layer(layer_id)
+               kv: RaggedKV, meta: ForwardMetadata, scaling: float, enable_gqa: bool) -> torch.Tensor:
+        """q/out: [tokens, q_heads, dim]; caches: [rows, kv_heads, dim] indexed by ``kv``. Causal."""
         query = q.movedim(0, 1)  # [heads, tokens, dim]
         for b in range(meta.batch_size):
             q0, q1 = meta.qo_indptr_cpu[b], meta.qo_indptr_cpu[b + 1]
@@ -40,9 +39,8 @@ class TorchAttentionExecutor:
         return out
 
     def decode(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: ForwardMetadata, layer_id: int, scaling: float, enable_gqa: bool) -> torch.Tensor:
-        """One query row per request over that layer's slot list (kept prompt + generated tail)."""
-        kv = meta.kv_for_layer(layer_id)
+               kv: RaggedKV, meta: ForwardMetadata, scaling: float, enable_gqa: bool) -> torch.Tensor:
+        """One query row per request over that layer's list (kept prompt + generated tail)."""
         query = q.movedim(0, 1)
         for b in range(meta.batch_size):
             key, value = self._gather(k_cache, v_cache, kv.slots(b), query.dtype)

@@ -1,0 +1,154 @@
+"""Compression inside a real SGLang server (tiny random Qwen2-VL, CPU, radix cache on).
+
+- the server's greedy tokens equal the Hugging Face reference that applies the server's own plan
+  (each layer's cache cut to the kept positions after prefill), for VL-Cache and baselines;
+- requests the policy leaves alone (budget 1.0, text-only) are exactly the stock tokens;
+- memory really returns: per-request savings are reported, and after a mixed, concurrent workload
+  with aborts the allocator, the tree and the compressor's own tables are back where they started.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import random
+import time
+
+import pytest
+import requests
+
+from tests.conftest import make_test_image, png_base64
+from vlcache_sglang.serving import running_server
+
+pytestmark = pytest.mark.server
+MAX_NEW = 10
+PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+          "<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    with running_server(tiny_model_dir, attention_backend="vlcache", max_total_tokens=6000,
+                        max_running_requests=8) as handle:
+        yield handle
+
+
+def generate(server, text, image=None, max_new=MAX_NEW, **vlcache):
+    payload = {"text": text, "sampling_params": {"max_new_tokens": max_new, "temperature": 0}}
+    if vlcache:
+        payload["sampling_params"]["custom_params"] = {"vlcache": vlcache}
+    if image is not None:
+        payload["image_data"] = png_base64(image)
+    r = requests.post(f"{server.url}/generate", json=payload, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def pool_state(server) -> dict:
+    return requests.get(f"{server.url}/server_info", timeout=60).json()["internal_states"][0]["vlcache"]
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model_dir):
+    import torch
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+CASES = [("vlcache", 0.3, 21), ("vlcache", 0.1, 22), ("snapkv", 0.2, 23), ("pyramidkv", 0.2, 24),
+         ("h2o", 0.2, 25), ("streamingllm", 0.2, 26), ("random", 0.3, 27)]
+
+
+@pytest.mark.parametrize("method,budget,seed", CASES)
+def test_server_tokens_equal_hf_with_the_same_plan(server, hf, method, budget, seed):
+    import torch
+
+    from vlcache_sglang.hf_reference import greedy_with_plan
+
+    model, processor = hf
+    image = make_test_image(seed, (336, 280))
+    text = PROMPT.format(q="What is the value of the key in this picture?")
+    # a 16-token observation window (a policy field passed per request) keeps SnapKV/PyramidKV's
+    # protected window well inside the budget of a ~160-token prompt
+    body = generate(server, text, image, method=method, budget=budget, window_size=16, return_plan=True)
+    meta = body["meta_info"]
+    kept = [torch.tensor(k) for k in meta["vlcache_kept_positions"][0]]
+    m = meta["prompt_tokens"]
+    assert len(kept) == model.config.text_config.num_hidden_layers
+    assert meta["vlcache_kv_tokens_saved"][0] > 0
+    assert [len(k) for k in kept] == meta["vlcache_layer_budgets"][0]
+    assert meta["vlcache_kept_ratio"][0] == pytest.approx(sum(len(k) for k in kept) / (m * len(kept)))
+    assert abs(meta["vlcache_kept_ratio"][0] - budget) < 0.05 or method == "pyramidkv"
+    assert all(int(k.max()) < m for k in kept)
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    assert inputs["input_ids"].shape[1] == m
+    eos = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    expected = greedy_with_plan(model, dict(inputs), kept, MAX_NEW, eos)
+    assert body["output_ids"] == expected
+    # and the compression changed something relative to the full cache (the test can fail)
+    full = greedy_with_plan(model, dict(inputs), None, MAX_NEW, eos)
+    kept_everything = all(k.numel() == m for k in kept)
+    assert not kept_everything and (full != expected or budget >= 0.2)
+
+
+def test_requests_the_policy_leaves_alone_are_stock(server):
+    text = "<|im_start|>user\nThe quick brown fox jumps over the lazy dog.<|im_end|>\n<|im_start|>assistant\n"
+    a = generate(server, text, budget=1.0)
+    b = generate(server, text, budget=0.1)  # text-only: uncompressed by default
+    assert a["output_ids"] == b["output_ids"]
+    assert "vlcache_kept_ratio" not in b["meta_info"]
+    # an image at the very end of the prompt: the post-vision window is the one <|vision_end|>
+    # token (the no-text-at-all fallback is covered in tests/policy/test_window.py); it still
+    # compresses and answers
+    end = "<|im_start|>user\nLook:<|vision_start|><|image_pad|><|vision_end|>"
+    c = generate(server, end, make_test_image(31), budget=0.2, method="vlcache")
+    assert len(c["output_ids"]) > 0 and c["meta_info"]["vlcache_kept_ratio"][0] < 0.5
+
+
+def _mixed_request(server, i: int, rng: random.Random):
+    budget = rng.choice([1.0, 0.5, 0.2, 0.1])
+    method = rng.choice(["vlcache", "snapkv", "h2o", "streamingllm"])
+    with_image = rng.random() < 0.75
+    image = make_test_image(1000 + i % 40, rng.choice([(112, 112), (224, 168)])) if with_image else None
+    text = PROMPT.format(q=f"Question {i % 13}: what is shown?") if with_image else f"Tell me about {i}."
+    payload = {"text": text, "rid": f"mixed-{i}", "sampling_params": {
+        "max_new_tokens": rng.choice([2, 6, 12]), "temperature": 0,
+        "custom_params": {"vlcache": {"budget": budget, "method": method}}}}
+    if image is not None:
+        payload["image_data"] = png_base64(image)
+    abort = rng.random() < 0.1
+    if abort:  # a streaming client that hangs up after the first chunk: SGLang aborts the request
+        payload["stream"] = True
+        payload["sampling_params"]["max_new_tokens"] = 64
+        with requests.post(f"{server.url}/generate", json=payload, stream=True, timeout=300) as r:
+            for _ in r.iter_lines():
+                break
+        return "aborted"
+    r = requests.post(f"{server.url}/generate", json=payload, timeout=300)
+    assert r.status_code == 200, r.text
+    return "ok"
+
+
+def test_no_leak_after_mixed_concurrent_workload_with_aborts(server):
+    rng = random.Random(0)
+    start = pool_state(server)
+    n = 500
+    with cf.ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(_mixed_request, server, i, random.Random(rng.random())) for i in range(n)]
+        # explicit aborts of requests still queued or running
+        for i in range(0, n, 50):
+            requests.post(f"{server.url}/abort_request", json={"rid": f"mixed-{i + 7}"}, timeout=30)
+        outcomes = [f.result() for f in futures]
+    assert outcomes.count("ok") > n * 0.8
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = pool_state(server)
+        if state["compressed_requests_live"] == 0 and state["pending_statistics"] == 0:
+            break
+        time.sleep(0.5)
+    assert state["requests_compressed"] > start["requests_compressed"] + 100
+    assert state["kv_tokens_saved"] > start["kv_tokens_saved"]
+    assert state["compressed_requests_live"] == 0 and state["pending_statistics"] == 0
+    assert state["available_kv_tokens"] + state["evictable_kv_tokens"] == state["max_total_num_tokens"]
+    assert requests.post(f"{server.url}/flush_cache", timeout=60).status_code == 200
+    assert pool_state(server)["available_kv_tokens"] == start["max_total_num_tokens"]
