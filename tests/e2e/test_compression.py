@@ -27,7 +27,7 @@ PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_star
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     with running_server(tiny_model_dir, attention_backend="vlcache", max_total_tokens=6000,
-                        max_running_requests=8) as handle:
+                        max_running_requests=8, extra_args=["--enable-metrics"]) as handle:
         yield handle
 
 
@@ -103,6 +103,17 @@ def test_requests_the_policy_leaves_alone_are_stock(server):
     end = "<|im_start|>user\nLook:<|vision_start|><|image_pad|><|vision_end|>"
     c = generate(server, end, make_test_image(31), budget=0.2, method="vlcache")
     assert len(c["output_ids"]) > 0 and c["meta_info"]["vlcache_kept_ratio"][0] < 0.5
+
+
+def test_prometheus_counters_with_enable_metrics(server):
+    import re
+
+    generate(server, PROMPT.format(q="Count."), make_test_image(51, (224, 168)), budget=0.2)
+    text = requests.get(f"{server.url}/metrics", timeout=60).text
+    saved = re.search(r"^vlcache_kv_tokens_saved_total(?:\{[^}]*\})? ([0-9.e+]+)$", text, re.M)
+    requests_total = re.search(r"^vlcache_requests_compressed_total(?:\{[^}]*\})? ([0-9.e+]+)$", text, re.M)
+    assert saved and float(saved.group(1)) > 0, text[-2000:]
+    assert requests_total and float(requests_total.group(1)) >= 1
 
 
 def _mixed_request(server, i: int, rng: random.Random):

@@ -20,6 +20,7 @@ import torch
 
 from vlcache_sglang.backend.cell_store import CompressedRow, GlobalKV, compact_request
 from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV
+from vlcache_sglang.backend.metrics import CompressionMetrics
 from vlcache_sglang.backend.request_info import RequestInfo
 from vlcache_sglang.policy import StatsAccumulator, build_plan, locate_window
 
@@ -43,6 +44,7 @@ class Compressor:
         self.pending: dict[int, tuple[str, StatsAccumulator]] = {}  # req_pool_idx -> (rid, stats)
         self.rows: dict[int, CompressedRow] = {}  # req_pool_idx -> compacted request
         self.counters = CompressionCounters()
+        self.metrics = CompressionMetrics()
 
     # -- prefill ---------------------------------------------------------------------------
     def _accumulator(self, info: RequestInfo) -> StatsAccumulator:
@@ -101,6 +103,7 @@ class Compressor:
         self.counters.requests_compressed += 1
         self.counters.prompt_tokens_compressed += info.prompt_len
         self.counters.kv_tokens_saved += record.tokens_saved
+        self.metrics.record(info.prompt_len, record.tokens_saved)
         logger.debug("vlcache: %s kept %s of %d per layer (budgets %s), freed %d slots",
                      info.rid, record.kept_counts, info.prompt_len, plan.budgets, record.tokens_saved)
         report = {

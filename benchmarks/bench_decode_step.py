@@ -1,0 +1,101 @@
+"""Decode-step attention time at long contexts: budget 0.1 against full cache, in one run.
+
+    python benchmarks/bench_decode_step.py [--contexts 2048 8192 32768] [--batch 4]
+
+Drives the real `VLCacheAttnBackend` on SGLang's real `ReqToTokenPool` / `MHATokenToKVPool` /
+allocator (no HTTP, no model): every request is prefilled into the pool, one copy is compacted
+with a 10% per-layer plan through the same `compact_request` the server uses, and the decode
+step (metadata + all layers' attention) is timed for both, interleaved. CPU: ratios only.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+from vlcache_sglang.backend.attention_backend import VLCacheAttnBackend
+from vlcache_sglang.backend.cell_store import CompressedRow, compact_request
+
+
+def setup(context: int, batch: int, layers: int, q_heads: int, kv_heads: int, dim: int, compressed: bool):
+    size = batch * (context + 8) + 16
+    req_pool = ReqToTokenPool(size=batch, max_context_len=context + 8, device="cpu", enable_memory_saver=False)
+    kv_pool = MHATokenToKVPool(size=size, page_size=1, dtype=torch.float32, head_num=kv_heads, head_dim=dim,
+                               layer_num=layers, device="cpu", enable_memory_saver=False)
+    allocator = TokenToKVPoolAllocator(size, torch.float32, "cpu", kv_pool, need_sort=False)
+    model_config = SimpleNamespace(num_attention_heads=q_heads, get_num_kv_heads=lambda tp: kv_heads)
+    runner = SimpleNamespace(device="cpu", req_to_token_pool=req_pool, token_to_kv_pool=kv_pool,
+                             token_to_kv_pool_allocator=allocator, model_config=model_config, tp_size=1)
+    backend = VLCacheAttnBackend(runner)
+    g = torch.Generator().manual_seed(0)
+    for b in range(batch):
+        slots = allocator.alloc(context + 1)
+        req_pool.req_to_token[b, : context + 1] = slots.to(torch.int32)
+        for layer in range(layers):
+            backend.global_kv.k[backend.global_kv.global_ids(layer, slots[:context])] = torch.randn(
+                context, kv_heads, dim, generator=g)
+            backend.global_kv.v[backend.global_kv.global_ids(layer, slots[:context])] = torch.randn(
+                context, kv_heads, dim, generator=g)
+        if compressed:
+            k = max(1, context // 10)
+            kept = [torch.randperm(context, generator=g)[:k].sort().values for _ in range(layers)]
+            freed, layer_ids, cells = compact_request(backend.global_kv, req_pool.req_to_token[b], kept, 0, context)
+            allocator.free(freed.clone())
+            backend.compressor.rows[b] = CompressedRow(f"r{b}", b, context, 0, cells, layer_ids, [k] * layers)
+    fb = SimpleNamespace(
+        forward_mode=ForwardMode.DECODE, req_pool_indices=torch.arange(batch), rids=[f"r{b}" for b in range(batch)],
+        seq_lens=torch.full((batch,), context + 1), seq_lens_cpu=torch.full((batch,), context + 1),
+        out_cache_loc=req_pool.req_to_token[:batch, context].long(),
+    )
+    atts = [RadixAttention(q_heads, dim, 1 / math.sqrt(dim), kv_heads, layer_id=l) for l in range(layers)]
+    return backend, fb, atts, allocator
+
+
+def step(backend, fb, atts, q_heads, kv_heads, dim, batch):
+    backend.init_forward_metadata(fb)
+    for att in atts:
+        q = torch.randn(batch, q_heads * dim)
+        k = torch.randn(batch, kv_heads, dim)
+        backend.forward_decode(q, k, k, att, fb)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192, 32768])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--q-heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=7)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    dims = (args.q_heads, args.kv_heads, args.head_dim, args.batch)
+    print(f"{args.layers} layers, {args.q_heads}/{args.kv_heads} heads, dim {args.head_dim}, batch {args.batch}, "
+          f"1 thread, median of {args.repeats} interleaved steps")
+    print("| context | full cache | budget 0.1 | speed-up | KV slots held full / 0.1 |")
+    print("|---|---|---|---|---|")
+    for context in args.contexts:
+        setups = {c: setup(context, args.batch, args.layers, *dims[:3], compressed=c) for c in (False, True)}
+        times = {False: [], True: []}
+        for _ in range(args.repeats):
+            for c, (backend, fb, atts, _) in setups.items():
+                t0 = time.perf_counter()
+                step(backend, fb, atts, *dims)
+                times[c].append(time.perf_counter() - t0)
+        full, comp = statistics.median(times[False]), statistics.median(times[True])
+        held = {c: setups[c][3].size - setups[c][3].available_size() for c in setups}
+        print(f"| {context} | {full * 1e3:.1f} ms | {comp * 1e3:.1f} ms | {full / comp:.1f}x | "
+              f"{held[False]} / {held[True]} ({held[False] / held[True]:.1f}x) |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Prometheus counters for compression, exported through SGLang's ``/metrics``.
+
+With ``--enable-metrics`` SGLang runs prometheus_client in multiprocess mode
+(``PROMETHEUS_MULTIPROC_DIR`` is set before the scheduler is spawned), so counters created in the
+scheduler process appear in the HTTP server's ``/metrics``. Without it, nothing is created.
+"""
+from __future__ import annotations
+
+import os
+
+
+class CompressionMetrics:
+    def __init__(self) -> None:
+        self.enabled = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        if not self.enabled:
+            return
+        from prometheus_client import Counter
+
+        self.requests = Counter("vlcache_requests_compressed", "Requests whose KV cache vlcache compressed")
+        self.prompt_tokens = Counter("vlcache_prompt_tokens_compressed", "Prompt tokens covered by compression plans")
+        self.saved = Counter("vlcache_kv_tokens_saved", "KV token slots returned to the pool by compression")
+
+    def record(self, prompt_len: int, tokens_saved: int) -> None:
+        if self.enabled:
+            self.requests.inc()
+            self.prompt_tokens.inc(prompt_len)
+            self.saved.inc(tokens_saved)
