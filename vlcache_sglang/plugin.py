@@ -35,6 +35,7 @@ def register() -> None:
                           _attach_request_info, HookType.AFTER)
     HookRegistry.register("sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row",
                           _free_kv_row, HookType.AROUND)
+    HookRegistry.register("sglang.srt.mem_cache.common.match_kv_cache", _cap_prefix_match, HookType.BEFORE)
     HookRegistry.register(
         "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
         ".is_request_level_customized_info_key", _request_level_key, HookType.AFTER)
@@ -94,6 +95,28 @@ def _attach_request_info(forward_batch, cls, batch, *args, **kwargs):
             logger.exception("vlcache: could not read per-request settings; batch served uncompressed")
             backend.stage_request_info(None, None)
     return forward_batch
+
+
+def _cap_prefix_match(*args, **kwargs):
+    """A compressing request reuses a cached prefix only up to its statistics window."""
+    from vlcache_sglang.backend import state
+
+    backend = state.active()
+    req = args[0] if args else kwargs.get("req")
+    if backend is None or req is None:
+        return None
+    from vlcache_sglang.backend.request_info import prefix_match_cap
+
+    try:
+        cap = prefix_match_cap(req, backend.settings)
+    except Exception:  # never block scheduling on our side: match as stock
+        logger.exception("vlcache: prefix cap failed for %s", getattr(req, "rid", "?"))
+        return None
+    if cap is None:
+        return None
+    current = kwargs.get("max_prefix_len")
+    kwargs["max_prefix_len"] = cap if current is None else min(current, cap)
+    return args, kwargs
 
 
 def _free_kv_row(original, tree_cache, kv, ranges, *args, **kwargs):

@@ -42,17 +42,34 @@ def _image_spans(req) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(spans))
 
 
-def request_info(req, settings: CompressionSettings) -> RequestInfo:
-    prompt_len = len(req.full_untruncated_fill_ids)
+def compression_policy(req, prompt_len: int, spans, settings: CompressionSettings) -> PolicyConfig | None:
+    """The policy this request is compressed with, or None when it is served as stock."""
     try:
         policy = resolve_policy(settings, req.sampling_params.custom_params)
     except SettingsError as exc:  # already rejected over HTTP; offline Engine users land here
         logger.warning("vlcache: request %s served uncompressed: %s", req.rid, exc)
-        policy = None
+        return None
+    if policy.alpha >= 1.0 or policy.method == "full" or not locate_window(prompt_len, spans, policy).compress:
+        return None  # budget 1.0, method full, text-only (by default) or too short: stock behaviour
+    return policy
+
+
+def prefix_match_cap(req, settings: CompressionSettings) -> int | None:
+    """For a compressing request, how far a radix prefix may be reused: up to the statistics
+    window, so that the window's queries are recomputed (and measured) while the image before it
+    is still shared. None for requests served as stock."""
+    prompt_len = len(req.origin_input_ids) + len(req.output_ids)
     spans = _image_spans(req)
-    if policy is not None and (policy.alpha >= 1.0 or policy.method == "full"
-                               or not locate_window(prompt_len, spans, policy).compress):
-        policy = None  # budget 1.0, method full, text-only (by default) or too short: stock behaviour
+    policy = compression_policy(req, prompt_len, spans, settings)
+    if policy is None:
+        return None
+    return locate_window(prompt_len, spans, policy).start
+
+
+def request_info(req, settings: CompressionSettings) -> RequestInfo:
+    prompt_len = len(req.full_untruncated_fill_ids)
+    spans = _image_spans(req)
+    policy = compression_policy(req, prompt_len, spans, settings)
     return RequestInfo(
         rid=req.rid, req_pool_idx=int(req.kv.req_pool_idx), prompt_len=prompt_len, image_spans=spans,
         is_last_chunk=req.extend_end == prompt_len, protected_len=int(req.kv.cache_protected_len), policy=policy,
