@@ -36,7 +36,7 @@ def demo_image_and_question(model_dir):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model directory (default: the bundled model)")
-    parser.add_argument("--budget", type=float, default=1.0, help="vlcache budget ratio alpha in (0, 1]")
+    parser.add_argument("--budget", type=float, default=0.1, help="vlcache budget ratio alpha in (0, 1]")
     parser.add_argument("--method", default="vlcache")
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args()

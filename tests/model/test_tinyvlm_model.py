@@ -1,0 +1,135 @@
+"""The shipped tiny document-VQA model (models/tinyvlm-docvqa): accuracy and decode-time dependence.
+
+The held-out set is the one of ``python -m vlcache_sglang.tinyvlm.evaluate --grids 16 --n 64`` (same seeds,
+held-out digits), so these tests reproduce the 256-visual-token rows of docs/tinyvlm.md exactly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vlcache_sglang.tasks.docvqa import QTYPES
+
+MODEL = Path(__file__).resolve().parents[2] / "models" / "tinyvlm-docvqa"
+N = 64            # items per question type
+GRID = 16         # 256 visual tokens
+SEED = 20_000     # evaluate.py's default seed
+
+pytestmark = pytest.mark.skipif(not (MODEL / "config.json").exists(), reason="models/tinyvlm-docvqa not present")
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from vlcache_sglang.tinyvlm.assets import Prompter
+    from vlcache_sglang.tinyvlm.evaluate import load_model
+
+    torch.set_num_threads(1)
+    model, tok = load_model(MODEL)
+    return model, tok, Prompter(tok)
+
+
+@pytest.fixture(scope="module")
+def results(loaded):
+    from vlcache_sglang.tinyvlm.evaluate import batch_size_for, evaluate_items, items_from_generator
+
+    model, _, prompter = loaded
+    return {q: evaluate_items(model, prompter, items_from_generator(SEED + 100 * GRID + j, q, GRID, N),
+                              batch_size=batch_size_for(GRID))
+            for j, q in enumerate(QTYPES)}
+
+
+def test_reloaded_tokenizer_gives_the_training_ids(loaded):
+    from vlcache_sglang.tinyvlm.assets import Prompter, build_tokenizer
+
+    _, _, saved = loaded
+    fresh = Prompter(build_tokenizer())
+    for q in QTYPES:
+        assert saved.prompt_ids(q, [0, 10, 25], 4) == fresh.prompt_ids(q, [0, 10, 25], 4)
+        assert saved.answer_ids(q, [1, 2, 3]) == fresh.answer_ids(q, [1, 2, 3])
+
+
+def test_noop_crop_equals_generate(loaded):
+    """The cropping evaluation with nothing removed reproduces model.generate (positions are right)."""
+    from vlcache_sglang.tinyvlm.assets import patchify
+    from vlcache_sglang.tinyvlm.evaluate import items_from_generator
+    from vlcache_sglang.tinyvlm.kvcache import crop_cache, greedy_from_cache, prefill
+
+    model, _, prompter = loaded
+    for q in ("single", "multi"):
+        items = items_from_generator(91_000, q, 12, 4)
+        ids = torch.tensor([prompter.prompt_ids(q, it.keys, 144) for it in items])
+        pv, thw = patchify(np.stack([it.rgb for it in items]))
+        steps = len(prompter.answer_ids(q, items[0].answer_digits))
+        with torch.no_grad():
+            # mm_token_type_ids as the real processor returns them (without them M-RoPE positions are wrong)
+            g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv,
+                               image_grid_thw=thw, mm_token_type_ids=(ids == prompter.image_pad).int(),
+                               max_new_tokens=steps, do_sample=False)[:, ids.shape[1]:]
+            cache, logits, deltas, _ = prefill(model, ids, pv, thw, prompter.image_pad)
+            vs = int((ids[0] == prompter.image_pad).nonzero()[0])
+            mine = greedy_from_cache(model, crop_cache(cache, torch.arange(144).expand(4, -1), vs, 144,
+                                                       model.config.text_config),
+                                     logits.argmax(-1), ids.shape[1], deltas, steps)
+        assert torch.equal(g[:, :steps], mine[:, :g.shape[1]])
+
+
+# Bars of project issue 11 that the shipped checkpoint does not reach yet (measured in docs/tinyvlm.md).
+# They stay here as xfail so that a better checkpoint turns them into passes; the regression guards
+# below pin what the shipped model does reach.
+DROP_BAR_MISSED = {"single", "multi"}          # (a): target cells dropped -> accuracy still above 50 %
+GAP_BAR_MISSED = {"number", "max"}             # (b): top10 - rand10 = 48 and 41 points at 256 tokens
+FULL_BAR_MISSED = {"multi", "number", "max"}   # full-cache accuracy below 90 %
+
+
+def test_full_cache_single_lookup(results):
+    """Issue bar: single lookups at 256 visual tokens with the full cache, at least 95 %."""
+    assert results["single"]["exact"]["full"] >= 0.95, results["single"]
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_full_cache_accuracy(results, qtype, request):
+    if qtype in FULL_BAR_MISSED:
+        request.applymarker(pytest.mark.xfail(reason="full-cache accuracy below 90 % in the shipped checkpoint",
+                                              strict=False))
+    assert results[qtype]["exact"]["full"] >= 0.9, results[qtype]
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_full_cache_regression_guard(results, qtype):
+    floor = {"single": 0.85, "multi": 0.6, "number": 0.3, "max": 0.5}[qtype]
+    assert results[qtype]["exact"]["full"] >= floor, results[qtype]
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_dropping_the_target_cells_breaks_the_answer(results, qtype, request):
+    """(a) with only the target cells' KV removed after prefill, accuracy is at most 50 %."""
+    if qtype in DROP_BAR_MISSED:
+        request.applymarker(pytest.mark.xfail(reason="a partial copy of the answer survives in the text KV",
+                                              strict=False))
+    assert results[qtype]["exact"]["drop_targets"] <= 0.5, results[qtype]
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_dropping_the_target_cells_hurts(results, qtype):
+    """Regression guard for (a): removing the target cells' KV costs at least 15 points."""
+    e = results[qtype]["exact"]
+    assert e["full"] - e["drop_targets"] >= 0.15, results[qtype]
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_attention_top10_beats_random10(results, qtype, request):
+    """(b) keeping the top 10 % of visual tokens by post-question attention beats a random 10 % by >= 50 points."""
+    if qtype in GAP_BAR_MISSED:
+        request.applymarker(pytest.mark.xfail(reason="gap measured at 40-50 points", strict=False))
+    e = results[qtype]["exact"]
+    assert e["top10"] - e["rand10"] >= 0.5, results[qtype]
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_attention_top10_beats_random10_guard(results, qtype):
+    """Regression guard for (b): the gap is at least 25 points for every question type."""
+    e = results[qtype]["exact"]
+    assert e["top10"] - e["rand10"] >= 0.25, results[qtype]
