@@ -54,3 +54,12 @@ class Method:
     default_protect_window: bool = False
     identity: bool = False
     reference: str = ""
+
+
+def window_attention(ctx: ScoreContext, layer: int) -> torch.Tensor:
+    """Attention accumulated over the measured window rows, per KV head, ``[Hkv, m]``.
+
+    VL-Cache's ``s[l, j] = sum_{q in P} A_l[q, j]`` (P: post-vision span) and SnapKV's observation
+    window score (P: last ``w`` rows; pooling is applied at selection) are this same sum."""
+    assert ctx.stats.col is not None
+    return ctx.stats.col[layer]

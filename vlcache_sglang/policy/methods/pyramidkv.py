@@ -6,12 +6,11 @@ pooling and the force-kept window are SnapKV's.
 
 from __future__ import annotations
 
-from vlcache_sglang.policy.methods.base import Method
-from vlcache_sglang.policy.methods.snapkv import score
+from vlcache_sglang.policy.methods.base import Method, window_attention
 
 METHOD = Method(
     name="pyramidkv",
-    score=score,
+    score=window_attention,
     default_budget="pyramid",
     rows="window",
     window_mode="last_w",

@@ -7,20 +7,11 @@ itself is force-kept and counts in the budget (as in kvpress ``SnapKVPress``).
 
 from __future__ import annotations
 
-import torch
-
-from vlcache_sglang.policy.methods.base import Method, ScoreContext
-
-
-def score(ctx: ScoreContext, layer: int) -> torch.Tensor:
-    """Window attention per KV head, ``[Hkv, m]`` (pooling is applied at selection)."""
-    assert ctx.stats.col is not None
-    return ctx.stats.col[layer]
-
+from vlcache_sglang.policy.methods.base import Method, window_attention
 
 METHOD = Method(
     name="snapkv",
-    score=score,
+    score=window_attention,
     default_budget="uniform",
     rows="window",
     window_mode="last_w",

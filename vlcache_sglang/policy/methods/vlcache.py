@@ -7,20 +7,11 @@ under head granularity); visual and text keys compete in one ranking. Budget (Se
 
 from __future__ import annotations
 
-import torch
-
-from vlcache_sglang.policy.methods.base import Method, ScoreContext
-
-
-def score(ctx: ScoreContext, layer: int) -> torch.Tensor:
-    """Accumulated post-vision attention per KV head, ``[Hkv, m]``."""
-    assert ctx.stats.col is not None
-    return ctx.stats.col[layer]
-
+from vlcache_sglang.policy.methods.base import Method, window_attention
 
 METHOD = Method(
     name="vlcache",
-    score=score,
+    score=window_attention,
     default_budget="adaptive",
     rows="window",
     reference="VL-Cache, Tu et al., ICLR 2025 (arXiv 2410.23317)",
