@@ -39,6 +39,16 @@ from vlcache_sglang.tinyvlm.kvcache import crop_cache, decode_positions, rope_po
 GROUP_NAMES = QTYPES
 
 
+def optimizer_step(opt: torch.optim.Optimizer, params, loss: torch.Tensor, lr: float) -> None:
+    """Set the learning rate, back-propagate ``loss``, clip gradients to norm 1, step."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 # ---------------------------------------------------------------------------------------------
 class CellEmbed(torch.nn.Module):
     """Symbolic cell embedding ``E_key[k] + E_digit[d] + E_part[p]`` (stage-1 stand-in for the vision tower)."""
@@ -224,13 +234,8 @@ def train_lookup(env: Env, out: Path, cfg: LookupConfig, resume: bool = False) -
         cur = int(rng.integers(0, level)) if level > 0 and rng.random() < cfg.replay else level
         qtype = QTYPES[step % len(QTYPES)]
         batch = make_batch(gen, env.prompter, qtype, cfg.levels[cur], cfg.batch)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
         loss, acc = lookup_loss(env, batch, aux_head, cfg.aux)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, params, loss, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
         step += 1
         bar.update(1)
         if cur == level:
@@ -308,17 +313,12 @@ def train_vision(env: Env, out: Path, cfg: VisionConfig, lookup_ckpt: Path, resu
         grid = int(rng.choice(cfg.grids))
         b = make_batch(gen, env.prompter, QTYPES[step % len(QTYPES)], grid, max(1, cfg.cells // (grid * grid)))
         pv, thw = render_batch(gen, b)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.steps, cfg.lr, 50)
         v = vis(pv.to(env.device), grid_thw=thw.to(env.device)).pooler_output
         with torch.no_grad():
             tgt = env.cell(b.cell_key.reshape(-1).to(env.device), b.cell_digit.reshape(-1).to(env.device),
                            b.cell_part.reshape(-1).to(env.device))
         loss = (v - tgt).pow(2).sum(-1).mean() / scale
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vis.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, vis.parameters(), loss, lr_at(step, cfg.steps, cfg.lr, 50))
         step += 1
         bar.update(1)
         bar.set_postfix(rel_mse=f"{loss.item():.4f}")
@@ -536,13 +536,8 @@ def train_decode(env: Env, out: Path, cfg: DecodeConfig, lookup_ckpt: Path, resu
         bs = int(np.clip(cfg.batch_tokens // (grid * grid), 4, cfg.max_batch))
         qtype = QTYPES[step % len(QTYPES)]
         batch = make_batch(gen, env.prompter, qtype, grid, bs)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
         loss, m = decode_loss(env, batch, rng, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, params, loss, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", kept=f"{m['acc_kept']:.2f}", dropped=f"{m['acc_dropped']:.2f}")
