@@ -144,9 +144,8 @@ def create_vlcache_backend(model_runner: ModelRunner) -> AttentionBackend:
     On CUDA the stock FlashInfer backend serves attention until the per-layer FlashInfer
     executor lands (compression off there for now); everywhere else the torch executor runs.
     """
-    settings = CompressionSettings.from_env()
     if str(model_runner.device).startswith("cuda"):
         from vlcache_sglang.backend.flashinfer_glue import create_flashinfer_backend
 
         return create_flashinfer_backend(model_runner)
-    return VLCacheAttnBackend(model_runner, settings=settings)
+    return VLCacheAttnBackend(model_runner, settings=CompressionSettings.from_env())

@@ -87,13 +87,13 @@ def compact_request(kv: GlobalKV, row: torch.Tensor, kept: list[torch.Tensor], p
     L, R = kv.num_layers, kv.rows_per_layer
     device = kv.k.device
     slots = row[:prompt_len].to(device=device, dtype=torch.int64)
-    own_src, own_layer, own_counts, prefix_ids = [], [], [], []
+    own_src, own_counts, prefix_ids = [], [], []
     for layer, pos in enumerate(kept):
         pos = pos.to(device)
         in_prefix = pos < protected
-        prefix_ids.append(slots[pos[in_prefix]] + layer * R)
+        prefix_ids.append(kv.global_ids(layer, slots[pos[in_prefix]]))
         own = pos[~in_prefix]
-        own_src.append(slots[own] + layer * R)
+        own_src.append(kv.global_ids(layer, slots[own]))
         own_counts.append(int(own.numel()))
     total = sum(own_counts)
     owned = prompt_len - protected
@@ -103,8 +103,8 @@ def compact_request(kv: GlobalKV, row: torch.Tensor, kept: list[torch.Tensor], p
     cell_slots = slots[protected : protected + c]
     # cell j lives in slot cell_slots[j // L], layer-row j % L
     j = torch.arange(total, device=device)
-    dst = cell_slots[j // L] + (j % L) * R if total else j
-    src = torch.cat(own_src) if own_src else torch.empty(0, dtype=torch.int64, device=device)
+    dst = cell_slots[j // L] + (j % L) * R
+    src = torch.cat(own_src)
     if total:
         # gather first: destinations are rows of the request's own slots and may still hold sources
         k_src, v_src = kv.k[src], kv.v[src]

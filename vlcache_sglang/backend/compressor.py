@@ -113,7 +113,7 @@ class Compressor:
             "vlcache_layer_budgets": list(plan.budgets),
             "vlcache_notes": "; ".join(plan.notes),
         }
-        if info.policy is not None and getattr(info.req, "sampling_params", None) is not None:
+        if getattr(info.req, "sampling_params", None) is not None:
             custom = (info.req.sampling_params.custom_params or {}).get("vlcache") or {}
             if custom.get("return_plan"):
                 report["vlcache_kept_positions"] = [k.tolist() for k in kept]
@@ -132,15 +132,14 @@ class Compressor:
         if not any(records):
             return {}
         out: dict[int, RaggedKV] = {}
-        R = self.kv.rows_per_layer
         for layer in range(self.num_layers):
             parts, indptr = [], [0]
             for b, rec in enumerate(records):
-                slots = meta.kv.slots(b).to(torch.int64)
+                slots = meta.kv.slots(b)
                 if rec is None:
-                    ids = slots + layer * R
+                    ids = self.kv.global_ids(layer, slots)
                 else:
-                    ids = torch.cat([rec.layer_ids[layer], slots[rec.prompt_len :] + layer * R])
+                    ids = torch.cat([rec.layer_ids[layer], self.kv.global_ids(layer, slots[rec.prompt_len :])])
                 parts.append(ids)
                 indptr.append(indptr[-1] + ids.numel())
             indices = torch.cat(parts)
@@ -158,7 +157,7 @@ class Compressor:
         lo, hi = rec.dead_range
         out: list[tuple[int, int]] = []
         for start, end in ranges:
-            if start <= rec.protected < end or (rec.cell_slots == 0 and start <= lo < end):
+            if start <= rec.protected < end:  # the release covers the cells: forget the request
                 self.rows.pop(req_pool_idx, None)
             for a, b in ((start, min(end, lo)), (max(start, hi), end)):
                 if a < b:

@@ -1,7 +1,7 @@
 """What the backend must know per request that SGLang's ForwardBatch does not carry.
 
 A hook on ``ForwardBatch.init_new`` (see :mod:`vlcache_sglang.plugin`) calls
-:func:`attach_request_info` with the ScheduleBatch, whose ``reqs`` have the prompt, the image
+:func:`collect_request_info` with the ScheduleBatch, whose ``reqs`` have the prompt, the image
 spans, the chunking state and the request's ``custom_params``.
 """
 from __future__ import annotations
