@@ -41,6 +41,16 @@ def register() -> None:
         ".is_request_level_customized_info_key", _request_level_key, HookType.AFTER)
     HookRegistry.register("sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController._add_memory_usage",
                           _add_vlcache_state, HookType.AFTER)
+    # radix sharing of compressed prefixes: our tree, chosen by default with our backend
+    from sglang.srt.mem_cache.registry import register_radix_cache_backend
+
+    from vlcache_sglang.radix_cache import NAME as RADIX_NAME, create_vlcache_radix_cache
+
+    register_radix_cache_backend(RADIX_NAME, create_vlcache_radix_cache)
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.resolve_once", _select_radix_cache, HookType.BEFORE)
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _export_sharing, HookType.AFTER)
+    HookRegistry.register("sglang.srt.models.qwen2_vl.Qwen2VLForConditionalGeneration.get_image_feature",
+                          _count_image_encodes, HookType.AFTER)
 
 
 # -- launch flags -------------------------------------------------------------------------
@@ -52,19 +62,79 @@ def _add_cli_args(result, parser, *args, **kwargs):
                        help="compression method: vlcache, snapkv, pyramidkv, h2o, streamingllm, random, full")
     group.add_argument("--vlcache-config", type=str, default=None,
                        help="a tuned policy configuration (JSON) written by tune.py")
+    group.add_argument("--vlcache-sharing", type=str, default=None,
+                       help="radix sharing of compressing requests: prefix (default), compressed or off")
     return result
 
 
+def _export_sharing(server_args, cls, args, *rest, **kwargs):
+    """Validate ``--vlcache-sharing`` at launch and export it for the scheduler processes."""
+    from vlcache_sglang.settings import ENV_SHARING
+
+    value = getattr(args, "vlcache_sharing", None)
+    if value is not None:
+        CompressionSettings(sharing=value).validate()
+        os.environ[ENV_SHARING] = value
+    return server_args
+
+
+def _select_radix_cache(server_args, *args, **kwargs):
+    """``--attention-backend vlcache`` picks the ``vlcache`` radix cache unless one was named."""
+    from vlcache_sglang.radix_cache import NAME as RADIX_NAME
+
+    if getattr(server_args, "attention_backend", None) == BACKEND_NAME and \
+            getattr(server_args, "radix_cache_backend", None) is None and \
+            not getattr(server_args, "_resolution_finished", False):
+        server_args.radix_cache_backend = RADIX_NAME
+    return None
+
+
 def _from_cli_args(server_args, cls, args, *rest, **kwargs):
-    """Validate the vlcache flags at launch and export them for the scheduler processes."""
-    base = CompressionSettings.from_env()
-    settings = CompressionSettings(
-        budget=base.budget if getattr(args, "vlcache_budget", None) is None else args.vlcache_budget,
-        method=getattr(args, "vlcache_method", None) or base.method,
-        config_path=getattr(args, "vlcache_config", None) or base.config_path,
-    ).validate()  # SettingsError here stops the launch with a readable message
+    """Validate the vlcache flags at launch and export them for the scheduler processes.
+
+    Without ``--vlcache-config`` / ``VLCACHE_CONFIG``, the model's tuned default policy is used
+    (:mod:`vlcache_sglang.tuned_configs`; ``none`` disables it). A policy file in force also gives
+    the budget and method unless ``--vlcache-budget`` / ``--vlcache-method`` (or their
+    environment variables) are set: defaults < policy file < flags < request.
+    """
+    import dataclasses
+
+    from vlcache_sglang.settings import ENV_BUDGET, ENV_CONFIG, ENV_METHOD
+    from vlcache_sglang.tuned_configs import DISABLED, TunedConfigError, find_default_config, load_policy_file
+
+    env = {k: v for k, v in os.environ.items() if k != ENV_CONFIG}
+    base = CompressionSettings.from_env(env)
+    explicit = getattr(args, "vlcache_config", None) or os.environ.get(ENV_CONFIG) or None
+    config_path, source = None, None
+    if explicit is not None and explicit.strip().lower() == DISABLED:
+        os.environ.pop(ENV_CONFIG, None)
+    elif explicit is not None:
+        config_path, source = explicit, "--vlcache-config"
+    elif getattr(server_args, "attention_backend", None) == BACKEND_NAME:
+        model = getattr(args, "model_path", None) or getattr(server_args, "model_path", None)
+        found = find_default_config(model) if model else None
+        if found is not None:
+            config_path, source = str(found), f"per-model default for {model}"
+    policy = None
+    if config_path is not None and os.path.isfile(config_path):
+        try:
+            policy = load_policy_file(config_path)
+        except TunedConfigError as exc:
+            hint = " (pass --vlcache-config none to launch without it)" if source != "--vlcache-config" else ""
+            raise SettingsError(f"{exc}{hint}") from None
+    budget_given = getattr(args, "vlcache_budget", None) is not None or bool(os.environ.get(ENV_BUDGET))
+    method_given = bool(getattr(args, "vlcache_method", None) or os.environ.get(ENV_METHOD))
+    budget = args.vlcache_budget if getattr(args, "vlcache_budget", None) is not None else base.budget
+    method = getattr(args, "vlcache_method", None) or base.method
+    if policy is not None:
+        budget = budget if budget_given else policy.alpha
+        method = method if method_given else policy.method
+    settings = dataclasses.replace(base, budget=budget, method=method, config_path=config_path).validate()
+    # SettingsError above stops the launch with a readable message
     os.environ.update(settings.to_env())
     if getattr(server_args, "attention_backend", None) == BACKEND_NAME:
+        if source is not None:
+            logger.info("vlcache policy file %s (%s)", os.path.abspath(config_path), source)
         logger.info("vlcache settings: %s", settings.describe())
     return server_args
 
@@ -105,10 +175,10 @@ def _cap_prefix_match(*args, **kwargs):
     req = args[0] if args else kwargs.get("req")
     if backend is None or req is None:
         return None
-    from vlcache_sglang.backend.request_info import prefix_match_cap
+    from vlcache_sglang.backend.request_info import prepare_prefix_match
 
     try:
-        cap = prefix_match_cap(req, backend.settings)
+        cap = prepare_prefix_match(req, backend.settings)
     except Exception:  # never block scheduling on our side: match as stock
         logger.exception("vlcache: prefix cap failed for %s", getattr(req, "rid", "?"))
         return None
@@ -120,13 +190,24 @@ def _cap_prefix_match(*args, **kwargs):
 
 
 def _free_kv_row(original, tree_cache, kv, ranges, *args, **kwargs):
-    """Release through SGLang's own path, minus the row positions compaction already freed."""
+    """Release through SGLang's own path (virtual ids are filtered in ``allocator.free``); forget
+    the request's compression state."""
     from vlcache_sglang.backend import state
 
     compressor = state.active_compressor()
     if compressor is not None:
-        ranges = compressor.release_ranges(int(kv.req_pool_idx), list(ranges))
+        compressor.forget(int(kv.req_pool_idx))
     return original(tree_cache, kv, ranges, *args, **kwargs)
+
+
+def _count_image_encodes(result, model, items, *args, **kwargs):
+    """Count images through the vision tower (``/server_info``: a radix hit skips the encoder)."""
+    from vlcache_sglang.backend import state
+
+    backend = state.active()
+    if backend is not None:
+        backend.images_encoded += len(items)
+    return result
 
 
 def _request_level_key(result, streamer, key, *args, **kwargs):
@@ -149,6 +230,12 @@ def _add_vlcache_state(result, internal_state, state, *args, **kwargs):
         "max_total_num_tokens": int(scheduler.max_total_num_tokens),
         "compressed_requests_live": len(compressor.rows) if compressor else 0,
         "pending_statistics": len(compressor.pending) if compressor else 0,
+        "virtual_ids_live": compressor.vkv.live_ids if compressor else 0,
+        "cell_slots_live": compressor.vkv.live_cell_slots() if compressor else 0,
+        "radix_cache": type(tree).__name__ if tree is not None else None,
+        "evicted_slots": int(getattr(tree, "evicted_slots", 0)),
+        "images_encoded": getattr(backend_state.active(), "images_encoded", 0),
+        "freed_reads": getattr(backend_state.active(), "freed_reads", 0),
         **(asdict(compressor.counters) if compressor else {}),
     }
     return result

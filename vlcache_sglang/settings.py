@@ -24,10 +24,21 @@ from typing import Any, Mapping
 ENV_BUDGET = "VLCACHE_BUDGET"
 ENV_METHOD = "VLCACHE_METHOD"
 ENV_CONFIG = "VLCACHE_CONFIG"
+ENV_SHARING = "VLCACHE_SHARING"
 REQUEST_KEY = "vlcache"
 #: Request keys that are not policy fields: ``return_plan`` adds the kept positions per layer to
-#: the response's ``meta_info`` (``vlcache_kept_positions``), for tests and debugging.
-REQUEST_ONLY_KEYS = frozenset({"return_plan"})
+#: the response's ``meta_info`` (``vlcache_kept_positions``), for tests and debugging; ``sharing``
+#: picks how the radix tree shares this request's KV (see :data:`SHARING_MODES`).
+REQUEST_ONLY_KEYS = frozenset({"return_plan", "sharing"})
+#: Radix sharing of compressing requests (with the ``vlcache`` radix cache):
+#: ``prefix`` (default): only the uncompressed prefix before the statistics window enters the tree
+#: (shared with every request); each request selects from it as if nothing were shared and
+#: compresses only its own tokens, so its answer never depends on what is cached;
+#: ``compressed``: the compressed prompt and answer enter the tree under a namespace keyed by the
+#: policy, so repeats and later turns reuse the compressed KV (smaller, but selected without their
+#: question: a repeat's first token is computed over the compressed cache);
+#: ``off``: nothing of a compressing request enters the tree.
+SHARING_MODES = ("prefix", "compressed", "off")
 
 #: Compression methods the backend can be asked for (policy registry names).
 METHODS = ("vlcache", "snapkv", "pyramidkv", "h2o", "streamingllm", "random", "full")
@@ -44,6 +55,7 @@ class CompressionSettings:
     budget: float = 1.0
     method: str = "vlcache"
     config_path: str | None = None
+    sharing: str = "prefix"
     policy_overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "CompressionSettings":
@@ -54,6 +66,8 @@ class CompressionSettings:
             raise SettingsError(f"vlcache method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if self.config_path is not None and not os.path.isfile(self.config_path):
             raise SettingsError(f"vlcache config file not found: {self.config_path!r}")
+        if self.sharing not in SHARING_MODES:
+            raise SettingsError(f"vlcache sharing must be one of {', '.join(SHARING_MODES)}; got {self.sharing!r}")
         return self
 
     @property
@@ -73,10 +87,12 @@ class CompressionSettings:
             kwargs["method"] = environ[ENV_METHOD]
         if environ.get(ENV_CONFIG):
             kwargs["config_path"] = environ[ENV_CONFIG]
+        if environ.get(ENV_SHARING):
+            kwargs["sharing"] = environ[ENV_SHARING]
         return cls(**kwargs).validate()
 
     def to_env(self) -> dict[str, str]:
-        env = {ENV_BUDGET: repr(float(self.budget)), ENV_METHOD: self.method}
+        env = {ENV_BUDGET: repr(float(self.budget)), ENV_METHOD: self.method, ENV_SHARING: self.sharing}
         if self.config_path:
             env[ENV_CONFIG] = os.path.abspath(self.config_path)
         return env
@@ -91,7 +107,7 @@ class CompressionSettings:
                        if k not in ("budget", "method") and k not in REQUEST_ONLY_KEYS})
         return replace(
             self, budget=overrides.get("budget", self.budget), method=overrides.get("method", self.method),
-            policy_overrides=policy,
+            sharing=overrides.get("sharing", self.sharing), policy_overrides=policy,
         ).validate()
 
     def describe(self) -> str:
@@ -113,4 +129,6 @@ def parse_request_overrides(custom_params: Mapping[str, Any] | None) -> dict[str
         CompressionSettings(budget=out["budget"]).validate()
     if "method" in out:
         CompressionSettings(method=out["method"]).validate()
+    if "sharing" in out:
+        CompressionSettings(sharing=out["sharing"]).validate()
     return out

@@ -106,14 +106,14 @@ def test_requests_the_policy_leaves_alone_are_stock(server):
 
 
 def test_radix_prefix_is_reused_only_up_to_the_window(server):
-    """A compressing request shares the cached image prefix but recomputes its window rows, so
-    its plan is the one it gets with no cache at all."""
+    """Under ``prefix`` sharing a compressing request shares the cached image prefix but recomputes
+    its window rows, so its plan is the one it gets with no cache at all."""
     image = make_test_image(61, (336, 280))
     text = PROMPT.format(q="What is the value of the key in this picture?")
-    cold = generate(server, text, image, budget=0.1, return_plan=True)  # compressing: not inserted
+    cold = generate(server, text, image, budget=0.1, return_plan=True, sharing="prefix")
     assert cold["meta_info"]["cached_tokens"] < 16
     generate(server, text, image, budget=1.0)  # stock: the whole prompt enters the tree
-    warm = generate(server, text, image, budget=0.1, return_plan=True)
+    warm = generate(server, text, image, budget=0.1, return_plan=True, sharing="prefix")
     m = warm["meta_info"]["prompt_tokens"]
     cached = warm["meta_info"]["cached_tokens"]
     # the image (120 visual tokens) is reused; the ~18-token question after it is recomputed

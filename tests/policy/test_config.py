@@ -97,3 +97,13 @@ def test_every_method_has_a_valid_default_config() -> None:
     assert set(available_methods()) == {"vlcache", "snapkv", "pyramidkv", "h2o", "streamingllm", "random", "full"}
     for name in available_methods():
         PolicyConfig(method=name).validate()
+
+
+def test_alpha_one_is_always_valid_and_the_identity():
+    """A tuned file may cap clip_max below 1; budget 1.0 must still mean 'keep everything'."""
+    from vlcache_sglang.policy import PolicyConfig, PolicyConfigError
+
+    cfg = PolicyConfig(alpha=1.0, clip_max=0.6).validate()
+    assert cfg.alpha == 1.0
+    with pytest.raises(PolicyConfigError, match="must lie within"):
+        PolicyConfig(alpha=0.7, clip_max=0.6).validate()

@@ -55,3 +55,14 @@ def test_request_overrides_take_precedence_and_are_validated():
                 {"vlcache": {"budget": [0.1]}}):
         with pytest.raises(SettingsError):
             parse_request_overrides(bad)
+
+
+def test_sharing_mode_from_env_request_and_bad_values():
+    base = CompressionSettings.from_env({"VLCACHE_SHARING": "off"})
+    assert base.sharing == "off" and CompressionSettings().sharing == "prefix"
+    assert base.with_request({"vlcache": {"sharing": "compressed"}}).sharing == "compressed"
+    assert "sharing" not in base.with_request({"vlcache": {"sharing": "compressed"}}).policy_overrides
+    with pytest.raises(SettingsError, match="sharing must be one of prefix, compressed, off"):
+        parse_request_overrides({"vlcache": {"sharing": "always"}})
+    with pytest.raises(SettingsError, match="sharing"):
+        CompressionSettings.from_env({"VLCACHE_SHARING": "yes"})

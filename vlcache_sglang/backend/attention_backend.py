@@ -10,6 +10,7 @@ With budget 1.0 (or a request the policy leaves alone) nothing differs from ``to
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,6 +47,10 @@ class VLCacheAttnBackend(AttentionBackend):
         self.forward_metadata: ForwardMetadata | None = None
         self.compressor: Compressor | None = None
         self._staged: tuple[tuple, list] | None = None  # (rids, RequestInfo list) of the next extend
+        self.images_encoded = 0  # images through the vision tower (a plugin hook counts them)
+        self.freed_reads = 0  # debug checks: forwards that would read a freed slot or virtual id
+        self.debug_checks = os.environ.get("VLCACHE_DEBUG_CHECKS") == "1"
+        self.allocator = getattr(model_runner, "token_to_kv_pool_allocator", None)
         allocator = getattr(model_runner, "token_to_kv_pool_allocator", None)
         model_config = getattr(model_runner, "model_config", None)
         if allocator is not None and model_config is not None:
@@ -83,9 +88,7 @@ class VLCacheAttnBackend(AttentionBackend):
             meta = ForwardMetadata(
                 is_decode=True, kv=kv, qo_indptr_cpu=list(range(bs + 1)), prefix_lens_cpu=[n - 1 for n in seq_lens_cpu],
             )
-            if self.compressor is not None and self.compressor.rows:
-                meta.layer_kv = self.compressor.layer_kv_for_batch(
-                    meta, forward_batch.req_pool_indices.tolist(), getattr(forward_batch, "rids", None))
+            self._attach_layer_kv(meta, forward_batch)
             self.forward_metadata = meta
             return
         extend_lens = [int(x) for x in _host(forward_batch.extend_seq_lens_cpu, forward_batch.extend_seq_lens)]
@@ -93,8 +96,43 @@ class VLCacheAttnBackend(AttentionBackend):
         qo = [0]
         for n in extend_lens:
             qo.append(qo[-1] + n)
-        self.forward_metadata = ForwardMetadata(is_decode=False, kv=kv, qo_indptr_cpu=qo, prefix_lens_cpu=prefix_lens,
-                                                requests=self._take_request_info(forward_batch))
+        meta = ForwardMetadata(is_decode=False, kv=kv, qo_indptr_cpu=qo, prefix_lens_cpu=prefix_lens,
+                               requests=self._take_request_info(forward_batch))
+        self._attach_layer_kv(meta, forward_batch)
+        self.forward_metadata = meta
+
+    def _attach_layer_kv(self, meta: ForwardMetadata, forward_batch) -> None:
+        """Per-layer key lists when a request is compacted or reads a compressed cached prefix."""
+        if self.compressor is None:
+            return
+        meta.layer_kv, meta.layer_positions = self.compressor.batch_layer_kv(
+            meta, forward_batch.req_pool_indices.tolist(), getattr(forward_batch, "rids", None))
+        if self.debug_checks:
+            self._check_reads(meta, forward_batch)
+
+    def _check_reads(self, meta: ForwardMetadata, forward_batch) -> None:
+        """Debug (``VLCACHE_DEBUG_CHECKS=1``): count forwards whose key lists touch a slot the
+        allocator holds as free or a virtual id that was released."""
+        from vlcache_sglang.backend.virtual_kv import FREE
+
+        vkv = self.compressor.vkv
+        free = self.allocator.get_all_free_pages()
+        new = forward_batch.out_cache_loc.to(torch.int64) if forward_batch.out_cache_loc is not None else None
+        ids = meta.kv.kv_indices
+        bad = False
+        virtual = ids[ids > vkv.base]
+        if virtual.numel() and bool((vkv.state[(virtual - vkv.base).cpu()] == FREE).any()):
+            bad = True
+        read = [ids[ids < vkv.base]]
+        read += [kv.kv_indices % vkv.rows_per_layer for kv in meta.layer_kv.values()]
+        read = torch.cat(read)
+        if new is not None and new.numel():  # this forward's own new tokens are allocated
+            read = read[~torch.isin(read, new)]
+        if free is not None and read.numel() and bool(torch.isin(read, free.to(read.device)).any()):
+            bad = True
+        if bad:
+            self.freed_reads += 1
+            logger.error("vlcache debug: a forward reads freed KV (rids %s)", getattr(forward_batch, "rids", None))
 
     # -- attention ------------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch, save_kv_cache=True):
@@ -124,7 +162,8 @@ class VLCacheAttnBackend(AttentionBackend):
             layer.scaling, layer.tp_q_head_num != layer.tp_k_head_num)
         infos = meta.requests
         if not decode and infos and self.compressor is not None:
-            self.compressor.observe_extend(lid, q3, k_cache, meta, infos, layer.scaling)
+            self.compressor.observe_extend(lid, q3, k_cache, kv, meta.layer_positions.get(lid), meta, infos,
+                                           layer.scaling)
         return out
 
     def support_triton(self):
@@ -141,11 +180,18 @@ def _host(cpu_value, device_value) -> list:
 def create_vlcache_backend(model_runner: ModelRunner) -> AttentionBackend:
     """Factory registered as ``--attention-backend vlcache``.
 
-    On CUDA the stock FlashInfer backend serves attention until the per-layer FlashInfer
-    executor lands (compression off there for now); everywhere else the torch executor runs.
+    Everywhere but CUDA the torch executor runs. On CUDA the per-layer FlashInfer executor
+    (``VLCACHE_CUDA_EXECUTOR=flashinfer``) is opt-in until a GPU run has validated it inside a
+    server; by default SGLang's stock FlashInfer backend serves attention there, uncompressed.
     """
+    settings = CompressionSettings.from_env()
     if str(model_runner.device).startswith("cuda"):
+        if os.environ.get("VLCACHE_CUDA_EXECUTOR", "stock") == "flashinfer":
+            from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
+
+            return VLCacheAttnBackend(model_runner, executor=FlashInferAttentionExecutor(model_runner.device),
+                                      settings=settings)
         from vlcache_sglang.backend.flashinfer_glue import create_flashinfer_backend
 
         return create_flashinfer_backend(model_runner)
-    return VLCacheAttnBackend(model_runner, settings=CompressionSettings.from_env())
+    return VLCacheAttnBackend(model_runner, settings=settings)

@@ -3,28 +3,36 @@
 Lifecycle of a compressing request (one scheduler process):
 
 1. every prefill chunk, every layer: the window rows' queries (or all rows for H2O) against all
-   of the request's keys so far are added to its :class:`StatsAccumulator` (no second pass);
+   of the request's keys so far (those present in that layer, when its prefix came compressed
+   from the radix tree) are added to its :class:`StatsAccumulator` (no second pass);
 2. after the last layer of its last chunk: :func:`build_plan` picks each layer's kept positions
-   and :func:`compact_request` moves them into cells, handing the rest of the request's prompt
-   slots back to SGLang's allocator before its first decode step;
-3. decode reads, per layer, the kept cells followed by the uncompressed generated tail;
-4. release (finish, abort, retraction) goes through ``free_kv_row``, which frees the cell slots
-   and the tail and skips the positions already returned (:meth:`Compressor.release_ranges`).
+   and :meth:`VirtualKV.compact` moves the kept rows of the request's own positions into cells,
+   writes virtual ids into its row and hands the other slots back to SGLang's allocator, all
+   before its first decode step;
+3. every later forward reads, per layer, the kept tree-owned prefix positions it selected plus
+   whatever its row resolves to in that layer (cells through virtual ids, the generated tail);
+4. the ``vlcache`` radix cache asks :meth:`Compressor.insert_limit` how much of the request may
+   enter the tree (nothing while its statistics are pending under ``compressed`` sharing);
+5. release (finish, abort, retraction) frees the row through SGLang's own path; virtual ids are
+   filtered out of ``allocator.free`` (:func:`install_free_filter`).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 import torch
 
-from vlcache_sglang.backend.cell_store import CompressedRow, GlobalKV, compact_request
+from vlcache_sglang.backend.cell_store import GlobalKV
 from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV
 from vlcache_sglang.backend.metrics import CompressionMetrics
 from vlcache_sglang.backend.request_info import RequestInfo
+from vlcache_sglang.backend.virtual_kv import VirtualKV, install_free_filter
 from vlcache_sglang.policy import StatsAccumulator, build_plan, locate_window
 
 logger = logging.getLogger(__name__)
+ENV_VIRTUAL_IDS_PER_SLOT = "VLCACHE_VIRTUAL_IDS_PER_SLOT"
 
 
 @dataclass
@@ -34,6 +42,25 @@ class CompressionCounters:
     kv_tokens_saved: int = 0
 
 
+@dataclass
+class CompressedRow:
+    """A request after compaction: what it reads of the tree-owned prefix ``[0, protected)``."""
+
+    rid: str
+    prompt_len: int
+    protected: int
+    prefix_pos: list[torch.Tensor]  # per layer: its kept positions < protected (read through the row)
+    kept_counts: list[int]
+    tokens_saved: int
+
+
+@dataclass
+class SharingState:
+    mode: str  # "compressed", "prefix" or "off"
+    cap: int  # "prefix": positions that may enter the tree
+    done: bool = False  # plan applied (or identity): the row is final
+
+
 class Compressor:
     def __init__(self, kv: GlobalKV, req_to_token: torch.Tensor, allocator, num_q_heads: int, num_kv_heads: int):
         self.kv = kv
@@ -41,24 +68,92 @@ class Compressor:
         self.allocator = allocator
         self.num_layers = kv.num_layers
         self.num_q_heads, self.num_kv_heads = num_q_heads, num_kv_heads
+        per_slot = float(os.environ.get(ENV_VIRTUAL_IDS_PER_SLOT, "4"))
+        self.vkv = VirtualKV(kv.rows_per_layer, kv.num_layers, max(2, int(per_slot * kv.rows_per_layer)),
+                             device=kv.k.device)
+        install_free_filter(allocator, self.vkv)
         self.pending: dict[int, tuple[str, StatsAccumulator]] = {}  # req_pool_idx -> (rid, stats)
         self.rows: dict[int, CompressedRow] = {}  # req_pool_idx -> compacted request
+        self.sharing: dict[int, tuple[str, SharingState]] = {}  # req_pool_idx -> (rid, what the tree may take)
         self.counters = CompressionCounters()
         self.metrics = CompressionMetrics()
+
+    # -- per-layer key lists ---------------------------------------------------------------
+    def batch_layer_kv(self, meta: ForwardMetadata, req_pool_indices: list[int], rids: list[str] | None
+                       ) -> tuple[dict[int, RaggedKV], dict[int, list[torch.Tensor | None]]]:
+        """Per-layer key lists (global row ids) and their positions, when the batch holds a
+        compacted request or a row with virtual ids; ``({}, {})`` otherwise (stock path)."""
+        records = []
+        for b, idx in enumerate(req_pool_indices):
+            rec = self.rows.get(idx)
+            if rec is not None and (rids is None or rec.rid != rids[b]):
+                rec = None
+            records.append(rec)
+        if not any(records) and not self.vkv.has_virtual(meta.kv.kv_indices):
+            return {}, {}
+        per_request = []  # per request: per layer (rows, positions or None)
+        for b, rec in enumerate(records):
+            slots = meta.kv.slots(b)
+            start = rec.protected if rec is not None else 0
+            tail = slots[start:]
+            if rec is None and not self.vkv.has_virtual(tail):
+                per_request.append(None)
+                continue
+            resolved = self.vkv.resolve(tail)
+            # the selected tree-owned prefix, through the row (the tree may have swapped in its
+            # own ids for identical content since compaction)
+            prefix_rows = self.vkv.layer_rows(slots[:start]) if rec is not None and start else None
+            layers = []
+            for layer, (present, rows) in enumerate(resolved):
+                positions = present + start
+                if prefix_rows is not None:
+                    pos = rec.prefix_pos[layer]
+                    own = prefix_rows[pos, layer]
+                    ok = own >= 0
+                    rows = torch.cat([own[ok], rows])
+                    positions = torch.cat([pos[ok], positions])
+                layers.append((rows, positions))
+            per_request.append(layers)
+        out: dict[int, RaggedKV] = {}
+        positions_out: dict[int, list[torch.Tensor | None]] = {}
+        for layer in range(self.num_layers):
+            parts, pos_parts, indptr = [], [], [0]
+            for b, layers in enumerate(per_request):
+                if layers is None:
+                    ids = self.kv.global_ids(layer, meta.kv.slots(b))
+                    pos_parts.append(None)
+                else:
+                    ids, pos = layers[layer]
+                    pos_parts.append(pos)
+                parts.append(ids)
+                indptr.append(indptr[-1] + ids.numel())
+            indices = torch.cat(parts)
+            out[layer] = RaggedKV(torch.tensor(indptr, dtype=torch.int64, device=indices.device), indices, indptr)
+            positions_out[layer] = pos_parts
+        return out, positions_out
 
     # -- prefill ---------------------------------------------------------------------------
     def _accumulator(self, info: RequestInfo) -> StatsAccumulator:
         entry = self.pending.get(info.req_pool_idx)
         if entry is None or entry[0] != info.rid:
             window = locate_window(info.prompt_len, info.image_spans, info.policy)
+            floor = min(info.window_floor, info.prompt_len - 1)
+            if window.compress and floor > window.start:
+                window = replace(window, start=floor, reason=(window.reason + "; " if window.reason else "")
+                                 + f"window starts after the {floor} cached tokens")
             acc = StatsAccumulator(self.num_layers, self.num_q_heads, self.num_kv_heads, info.prompt_len,
                                    window, info.policy)
             entry = self.pending[info.req_pool_idx] = (info.rid, acc)
+            self.sharing[info.req_pool_idx] = (info.rid, SharingState(info.sharing, info.compaction_protected))
         return entry[1]
 
-    def observe_extend(self, layer_id: int, q: torch.Tensor, k_layer: torch.Tensor, meta: ForwardMetadata,
+    def observe_extend(self, layer_id: int, q: torch.Tensor, k_cache: torch.Tensor, kv: RaggedKV,
+                       key_positions: list[torch.Tensor | None] | None, meta: ForwardMetadata,
                        infos: list[RequestInfo], scaling: float) -> None:
-        """Add this layer's statistics for every compressing request of an extend batch."""
+        """Add this layer's statistics for every compressing request of an extend batch.
+
+        ``kv`` is the layer's key list (rows of ``k_cache``); ``key_positions[b]`` the prompt
+        positions of request ``b``'s keys when some are absent in this layer (None: all present)."""
         for b, info in enumerate(infos):
             if not info.compresses:
                 continue
@@ -71,8 +166,9 @@ class Compressor:
             rows = acc.needed_rows(positions)
             if not bool(rows.any()):
                 continue
-            keys = k_layer[meta.kv.slots(b)]
-            acc.add(layer_id, q[q0:q1][rows], positions[rows], keys, scaling)
+            keys = k_cache[kv.slots(b)]
+            pos = key_positions[b] if key_positions is not None else None
+            acc.add(layer_id, q[q0:q1][rows], positions[rows], keys, scaling, key_positions=pos)
         if layer_id == self.num_layers - 1:
             for info in infos:
                 if info.compresses and info.is_last_chunk:
@@ -80,6 +176,9 @@ class Compressor:
 
     def _finish(self, info: RequestInfo) -> None:
         _, acc = self.pending.pop(info.req_pool_idx)
+        entry = self.sharing.get(info.req_pool_idx)
+        if entry is not None and entry[0] == info.rid:
+            entry[1].done = True
         # rows served from the radix prefix were never recomputed, so allow incomplete stats
         plan = build_plan(acc, allow_incomplete=True)
         if plan.is_identity:
@@ -91,14 +190,17 @@ class Compressor:
         if plan.granularity == "head":  # per-head lists need per-head paging: keep the union for now
             kept = [torch.unique(k.flatten()) for k in kept]
         row = self.req_to_token[info.req_pool_idx]
-        freed, layer_ids, cells = compact_request(self.kv, row, kept, info.protected_len, info.prompt_len)
-        if freed.numel():
-            self.allocator.free(freed.clone())
-        record = CompressedRow(
-            rid=info.rid, req_pool_idx=info.req_pool_idx, prompt_len=info.prompt_len,
-            protected=info.protected_len, cell_slots=cells, layer_ids=layer_ids,
-            kept_counts=[int(k.numel()) for k in kept],
-        )
+        protected = info.compaction_protected
+        kept = self._present_only(row, kept, protected)
+        result = self.vkv.compact(self.kv.k, self.kv.v, row, kept, protected, info.prompt_len)
+        if result is None:
+            _report(info, {"vlcache_kept_ratio": 1.0, "vlcache_kv_tokens_saved": 0,
+                           "vlcache_notes": "virtual ids exhausted: left uncompressed"})
+            return
+        prefix_pos = [k.to(self.kv.k.device)[k < protected] for k in kept]
+        record = CompressedRow(rid=info.rid, prompt_len=info.prompt_len, protected=protected,
+                               prefix_pos=prefix_pos, kept_counts=result.kept_counts,
+                               tokens_saved=result.freed_slots)
         self.rows[info.req_pool_idx] = record
         self.counters.requests_compressed += 1
         self.counters.prompt_tokens_compressed += info.prompt_len
@@ -119,50 +221,41 @@ class Compressor:
                 report["vlcache_kept_positions"] = [k.tolist() for k in kept]
         _report(info, report)
 
-    # -- decode ----------------------------------------------------------------------------
-    def layer_kv_for_batch(self, meta: ForwardMetadata, req_pool_indices: list[int],
-                           rids: list[str] | None) -> dict[int, RaggedKV]:
-        """Per-layer slot lists (global row ids) when the batch holds a compressed request."""
-        records = []
-        for b, idx in enumerate(req_pool_indices):
-            rec = self.rows.get(idx)
-            if rec is not None and rids is not None and rec.rid != rids[b]:
-                rec = None
-            records.append(rec)
-        if not any(records):
-            return {}
-        out: dict[int, RaggedKV] = {}
-        for layer in range(self.num_layers):
-            parts, indptr = [], [0]
-            for b, rec in enumerate(records):
-                slots = meta.kv.slots(b)
-                if rec is None:
-                    ids = self.kv.global_ids(layer, slots)
-                else:
-                    ids = torch.cat([rec.layer_ids[layer], self.kv.global_ids(layer, slots[rec.prompt_len :])])
-                parts.append(ids)
-                indptr.append(indptr[-1] + ids.numel())
-            indices = torch.cat(parts)
-            out[layer] = RaggedKV(torch.tensor(indptr, dtype=torch.int64, device=indices.device), indices, indptr)
+    def _present_only(self, row: torch.Tensor, kept: list[torch.Tensor], protected: int) -> list[torch.Tensor]:
+        """Drop kept prefix positions a layer does not hold (its prefix came compressed)."""
+        if protected == 0 or not self.vkv.has_virtual(row[:protected]):
+            return kept
+        rows = self.vkv.layer_rows(row[:protected])
+        out = []
+        for layer, pos in enumerate(kept):
+            pos = pos.to(rows.device)
+            in_prefix = pos < protected
+            ok = torch.ones_like(pos, dtype=torch.bool)
+            ok[in_prefix] = rows[pos[in_prefix], layer] >= 0
+            out.append(pos[ok])
         return out
 
+    # -- radix tree ------------------------------------------------------------------------
+    def insert_limit(self, req_pool_idx: int, rid: str, up_to: int) -> int:
+        """How much of a request (of the ``up_to`` positions SGLang wants to cache) may enter the
+        radix tree: all of it unless the request compresses; under ``prefix`` sharing only the
+        uncompressed prefix; under ``compressed`` sharing nothing until compaction."""
+        entry = self.sharing.get(req_pool_idx)
+        if entry is None or entry[0] != rid:
+            return up_to
+        st = entry[1]
+        if st.mode == "prefix":
+            return min(up_to, st.cap)
+        if st.mode == "compressed":
+            return up_to if st.done else 0
+        return 0
+
     # -- release ---------------------------------------------------------------------------
-    def release_ranges(self, req_pool_idx: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """Row ranges SGLang may free for this request: its own ranges minus the positions whose
-        slots compaction already returned. Forgets the request when its cells are released."""
+    def forget(self, req_pool_idx: int) -> None:
+        """The request's row is being released: drop what is kept about it."""
         self.pending.pop(req_pool_idx, None)
-        rec = self.rows.get(req_pool_idx)
-        if rec is None:
-            return ranges
-        lo, hi = rec.dead_range
-        out: list[tuple[int, int]] = []
-        for start, end in ranges:
-            if start <= rec.protected < end:  # the release covers the cells: forget the request
-                self.rows.pop(req_pool_idx, None)
-            for a, b in ((start, min(end, lo)), (max(start, hi), end)):
-                if a < b:
-                    out.append((a, b))
-        return out
+        self.rows.pop(req_pool_idx, None)
+        self.sharing.pop(req_pool_idx, None)
 
 
 def _report(info: RequestInfo, values: dict) -> None:

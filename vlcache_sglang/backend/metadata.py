@@ -38,6 +38,8 @@ class ForwardMetadata:
     qo_indptr_cpu: list[int]  # query rows per request ([b] .. [b+1])
     prefix_lens_cpu: list[int]  # extend: positions already cached before this forward
     layer_kv: dict[int, RaggedKV] = field(default_factory=dict)
+    # per layer, per request: prompt positions of that layer's keys (None: positions 0..n-1)
+    layer_positions: dict[int, list] = field(default_factory=dict)
     requests: list | None = None  # extend: per-request RequestInfo (compression settings, spans)
 
     @property

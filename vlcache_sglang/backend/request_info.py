@@ -6,10 +6,12 @@ spans, the chunking state and the request's ``custom_params``.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlcache_sglang.backend import state
 from vlcache_sglang.policy import PolicyConfig, locate_window
 from vlcache_sglang.policy_resolution import resolve_policy
 from vlcache_sglang.settings import CompressionSettings, SettingsError
@@ -26,7 +28,23 @@ class RequestInfo:
     is_last_chunk: bool
     protected_len: int  # prefix owned by the radix tree (matched at admission): never moved
     policy: PolicyConfig | None  # None: leave this request exactly as the stock backend would
+    sharing: str = "off"  # effective radix sharing: "compressed", "prefix" or "off" (see settings)
     req: Any = field(default=None, compare=False, repr=False)  # the scheduler's Req (for meta_info)
+
+    @property
+    def compaction_protected(self) -> int:
+        """Positions compaction leaves in place: the tree-owned prefix, and under ``prefix``
+        sharing everything before the statistics window (it enters the tree uncompressed)."""
+        if self.sharing == "prefix" and self.policy is not None:
+            start = locate_window(self.prompt_len, self.image_spans, self.policy).start
+            return max(self.protected_len, start)
+        return self.protected_len
+
+    @property
+    def window_floor(self) -> int:
+        """Under ``compressed`` sharing the matched prefix may pass the post-vision start (a later
+        turn, a repeated question): the window is then the newly computed rows."""
+        return self.protected_len if self.sharing == "compressed" else 0
 
     @property
     def compresses(self) -> bool:
@@ -54,14 +72,38 @@ def compression_policy(req, prompt_len: int, spans, settings: CompressionSetting
     return policy
 
 
-def prefix_match_cap(req, settings: CompressionSettings) -> int | None:
-    """For a compressing request, how far a radix prefix may be reused: up to the statistics
-    window, so that the window's queries are recomputed (and measured) while the image before it
-    is still shared. None for requests served as stock."""
+def effective_sharing(req, settings: CompressionSettings) -> str:
+    """The request's sharing mode, ``off`` unless the ``vlcache`` radix cache runs."""
+    if state.sharing_tree() is None:
+        return "off"
+    try:
+        return settings.with_request(req.sampling_params.custom_params).sharing
+    except SettingsError:
+        return "off"
+
+
+def policy_namespace(policy: PolicyConfig) -> str:
+    """Radix namespace of KV compressed under ``policy``: every field that changes what is kept."""
+    digest = hashlib.sha1(policy.to_json(indent=None).encode()).hexdigest()[:16]
+    return f"vlcache:{digest}"
+
+
+def prepare_prefix_match(req, settings: CompressionSettings) -> int | None:
+    """Before a compressing request is matched against the tree: under ``compressed`` sharing put it
+    in its policy's namespace (reuse anything cached under the same policy, no cap); otherwise cap
+    the reusable prefix at the statistics window, so that the window's queries are recomputed (and
+    measured) while the image before it is still shared. Returns the cap (None: no cap)."""
     prompt_len = len(req.origin_input_ids) + len(req.output_ids)
     spans = _image_spans(req)
     policy = compression_policy(req, prompt_len, spans, settings)
     if policy is None:
+        return None
+    if effective_sharing(req, settings) == "compressed":
+        if not hasattr(req, "_vlcache_user_extra_key"):
+            req._vlcache_user_extra_key = req.extra_key
+        namespace = policy_namespace(policy)
+        user = req._vlcache_user_extra_key
+        req.extra_key = namespace if user is None else f"{user}|{namespace}"
         return None
     return locate_window(prompt_len, spans, policy).start
 
@@ -73,15 +115,16 @@ def request_info(req, settings: CompressionSettings) -> RequestInfo:
     return RequestInfo(
         rid=req.rid, req_pool_idx=int(req.kv.req_pool_idx), prompt_len=prompt_len, image_spans=spans,
         is_last_chunk=req.extend_end == prompt_len, protected_len=int(req.kv.cache_protected_len), policy=policy,
-        req=req,
+        sharing=effective_sharing(req, settings) if policy is not None else "off", req=req,
     )
 
 
 def collect_request_info(schedule_batch, settings: CompressionSettings) -> list[RequestInfo]:
-    """Per-request info of an extend batch; opts compressing requests out of the radix tree
-    (their prompt slots are about to be rewritten; sharing them is the tree's job)."""
+    """Per-request info of an extend batch. Without sharing, compressing requests stay out of the
+    radix tree (their prompt slots are about to be rewritten); with the ``vlcache`` radix cache its
+    ``checkpoint`` decides what of them may enter."""
     infos = [request_info(req, settings) for req in schedule_batch.reqs]
     for req, info in zip(schedule_batch.reqs, infos):
-        if info.compresses:
+        if info.compresses and info.sharing == "off":
             req.skip_radix_cache_insert = True
     return infos

@@ -125,7 +125,8 @@ class PolicyConfig:
         if self.clip_min > self.clip_max:
             raise PolicyConfigError(
                 f"clip_min: {self.clip_min} must not exceed clip_max ({self.clip_max})")
-        if not self.clip_min <= self.alpha <= self.clip_max:
+        # alpha = 1 is the identity plan whatever the clip bounds (a tuned file may cap clip_max)
+        if self.alpha < 1.0 and not self.clip_min <= self.alpha <= self.clip_max:
             raise PolicyConfigError(
                 f"alpha: {self.alpha} must lie within [clip_min, clip_max] = "
                 f"[{self.clip_min}, {self.clip_max}] (lower clip_min to go below it)")

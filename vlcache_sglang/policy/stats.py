@@ -231,7 +231,7 @@ class StatsAccumulator:
         return torch.zeros_like(q_positions, dtype=torch.bool)
 
     def add(self, layer_id: int, q_rows: torch.Tensor, q_positions: torch.Tensor,
-            k_all: torch.Tensor, scale: float) -> None:
+            k_all: torch.Tensor, scale: float, key_positions: torch.Tensor | None = None) -> None:
         """Add one layer's statistics for one prefill chunk.
 
         Args:
@@ -240,6 +240,9 @@ class StatsAccumulator:
             q_positions: ``[n_q]`` their absolute prompt positions.
             k_all: ``[n_k, Hkv, D]`` all keys so far (positions ``0..n_k-1``), ``n_k <= m``.
             scale: softmax scale.
+            key_positions: ``[n_k]`` increasing prompt positions of ``k_all`` when the layer holds
+                only some keys (a prefix that was compressed earlier); absent keys get no attention,
+                so their column stays zero. None: ``k_all`` holds positions ``0..n_k-1``.
         """
         st = self.stats
         if st.rows == "none":
@@ -263,12 +266,25 @@ class StatsAccumulator:
             st.col = torch.zeros(st.num_layers, st.num_kv_heads, st.prompt_len, dtype=self._dtype, device=dev)
             st.below = torch.zeros(st.num_layers, st.num_q_heads, dtype=torch.int64, device=dev)
             st.causal = torch.zeros(st.num_layers, st.num_q_heads, dtype=torch.int64, device=dev)
-        out = attention_stats(q_rows, q_positions, k_all, scale, self.cfg.sparsity_threshold,
+        if key_positions is not None:
+            # causality is preserved by the increasing map position -> index in k_all
+            key_positions = key_positions.to(device=q_rows.device, dtype=torch.int64)
+            q_index = torch.searchsorted(key_positions, q_positions, right=True) - 1
+        else:
+            q_index = q_positions
+        stats_fn = attention_stats
+        if q_rows.is_cuda:  # the fused Triton kernel (vlcache_sglang.kernels), same outputs
+            from vlcache_sglang.kernels.dispatch import attention_stats_auto as stats_fn
+        out = stats_fn(q_rows, q_index, k_all, scale, self.cfg.sparsity_threshold,
                               key_chunk=self.cfg.key_chunk, query_chunk=self.cfg.query_chunk,
                               dtype=self._dtype)
         n_k = k_all.shape[0]
         g = st.num_q_heads // st.num_kv_heads
-        st.col[layer_id, :, :n_k] += out.col.view(st.num_kv_heads, g, n_k).sum(1).to(st.col.dtype)
+        col = out.col.view(st.num_kv_heads, g, n_k).sum(1).to(st.col.dtype)
+        if key_positions is None:
+            st.col[layer_id, :, :n_k] += col
+        else:
+            st.col[layer_id].index_add_(1, key_positions.to(st.col.device), col)
         st.below[layer_id] += out.below
         st.causal[layer_id] += out.causal
         st.rows_seen[layer_id] += n

@@ -23,9 +23,11 @@ class TorchAttentionExecutor:
         query = q.movedim(0, 1)  # [heads, tokens, dim]
         for b in range(meta.batch_size):
             q0, q1 = meta.qo_indptr_cpu[b], meta.qo_indptr_cpu[b + 1]
-            prefix = meta.prefix_lens_cpu[b]
             slots = kv.slots(b)
             kv_len = slots.numel()
+            # the new rows are the list's last keys; a layer that holds a compressed prefix has
+            # fewer cached keys before them than the request has cached positions
+            prefix = kv_len - (q1 - q0)
             # Same shapes as torch_native: a full-length causal query whose cached rows are
             # ignored, so SDPA takes the same kernel path and gives identical numbers.
             padded = query.new_empty((query.shape[0], kv_len, query.shape[2]))

@@ -1,0 +1,441 @@
+"""One command for a GPU machine: the GPU tests, then the kernel benchmarks, one table + JSON.
+
+    python benchmarks/gpu_suite.py --out "$OUT"             # on the GPU machine (docs/gpu-suite.md)
+    python benchmarks/gpu_suite.py --cpu-smoke --out /tmp/s  # CI: tiny shapes, interpreter, plumbing only
+
+Figures (all on one GPU, one layer's attention, Qwen2-VL-7B-like heads: 28 query heads, 4 KV heads,
+head dim 128, bf16; ``--heads/--kv-heads/--head-dim`` change them):
+
+* ``stats_share``: Triton statistics (window of ``--window`` rows over all n causal keys, read
+  through the pool's indices) as a share of that layer's causal prefill attention over n tokens
+  (FlashInfer paged prefill, or torch SDPA when flashinfer is absent), n = 2K, 8K, 32K.
+  Target: <= 3 % at 32K.
+* ``decode_speedup``: decode attention of a batch (``--decode-batch``) reading 10 % of each
+  request's tokens (scattered rows, page size 1) against reading all of them, n = 8K, 32K, 128K.
+  Target: >= 7x at 32K and above.
+* ``decode_bandwidth``: K/V bytes the decode reads per second, against the GPU's measured
+  device-to-device copy bandwidth (``copy_bw``).
+* ``plan_us_per_step``: host time FlashInfer planning takes per decode step for a 28-layer model,
+  uncompressed (one plan) and compressed with distinct per-layer lengths (one plan per layer).
+* ``kv_move``: bandwidth of the Triton compaction move (all layers of a batch at once).
+
+Imports only the policy, kernels, executors and metadata modules: no SGLang.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------
+def timeit(fn, device, warmup: int = 3, iters: int = 10) -> float:
+    """Median seconds per call (CUDA events on GPU, perf_counter on CPU)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(iters):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks
+# ----------------------------------------------------------------------------------------------
+def copy_bandwidth(device, nbytes: int) -> float:
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = timeit(lambda: dst.copy_(src), device, iters=10)
+    return 2 * nbytes / t  # read + write
+
+
+def have_flashinfer() -> bool:
+    from vlcache_sglang.backend.executors.flashinfer_executor import flashinfer_available
+
+    return flashinfer_available()
+
+
+def prefill_attention_fn(q, k, v, scale, device, use_fi: bool):
+    """A callable running one layer's causal prefill attention over all n tokens."""
+    import torch
+
+    n = q.shape[0]
+    if use_fi:
+        from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
+        from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV
+
+        ex = FlashInferAttentionExecutor(device)
+        kv = RaggedKV(torch.tensor([0, n], device=device), torch.arange(n, device=device), [0, n])
+        meta = ForwardMetadata(is_decode=False, kv=kv, qo_indptr_cpu=[0, n], prefix_lens_cpu=[0])
+        out = torch.empty_like(q)
+        return lambda: ex.extend(q, out, k, v, kv, meta, scale, True), "flashinfer"
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    qh, kh, vh = q.movedim(0, 1)[None], k.movedim(0, 1)[None], v.movedim(0, 1)[None]
+    return lambda: sdpa(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True), "torch-sdpa"
+
+
+def bench_stats(args, device, lengths, results):
+    import torch
+
+    from vlcache_sglang.kernels.attention_stats import (
+        attention_stats_batched,
+        attention_stats_batched_torch,
+        plan_stats,
+    )
+
+    hq, hkv, d, w = args.heads, args.kv_heads, args.head_dim, args.window
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    use_fi = device.type == "cuda" and have_flashinfer()
+    scale = d ** -0.5
+    for n in lengths:
+        g = torch.Generator(device="cpu").manual_seed(n)
+        rows = n + 1024
+        k_pool = torch.randn(rows, hkv, d, generator=g).to(dtype).to(device)
+        v_pool = torch.randn(rows, hkv, d, generator=g).to(dtype).to(device)
+        idx = torch.randperm(rows, generator=g)[:n].to(device)
+        q_all = torch.randn(n, hq, d, generator=g).to(dtype).to(device)
+        k_seq, v_seq = k_pool[idx].contiguous(), v_pool[idx].contiguous()
+        prefill, prefill_impl = prefill_attention_fn(q_all, k_seq, v_seq, scale, device, use_fi)
+        t_prefill = timeit(prefill, device, iters=args.iters)
+        wn = min(w, n)
+        qw = q_all[n - wn:].contiguous()
+        pos = torch.arange(n - wn, n, device=device)
+        plan = plan_stats([0, wn], [0, n], device, num_q_heads=hq)
+        t_stats = timeit(lambda: attention_stats_batched(qw, pos, [0, wn], k_pool, idx, [0, n], scale, 0.01, plan=plan),
+                         device, iters=args.iters)
+        entry = {"figure": "stats_share", "n": n, "window": wn, "prefill_attn_s": t_prefill,
+                 "prefill_impl": prefill_impl, "stats_triton_s": t_stats, "share": t_stats / t_prefill}
+        if device.type == "cuda" or n <= 256:
+            entry["stats_torch_s"] = timeit(lambda: attention_stats_batched_torch(
+                qw, pos, [0, wn], k_pool, idx, [0, n], scale, 0.01), device, iters=max(3, args.iters // 3))
+        if n == max(lengths) and n >= 32768:
+            entry["target"] = "share <= 0.03"
+            entry["pass"] = entry["share"] <= 0.03
+        results.append(entry)
+        print(json.dumps(entry), flush=True)
+        del k_pool, v_pool, q_all, k_seq, v_seq
+
+
+def _decode_meta(lists, device):
+    import torch
+
+    from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV
+
+    indptr = [0]
+    for t in lists:
+        indptr.append(indptr[-1] + t.numel())
+    kv = RaggedKV(torch.tensor(indptr, device=device), torch.cat(lists).to(device), indptr)
+    bsz = len(lists)
+    return kv, ForwardMetadata(is_decode=True, kv=kv, qo_indptr_cpu=list(range(bsz + 1)), prefix_lens_cpu=[0] * bsz)
+
+
+def bench_decode(args, device, lengths, copy_bw, results):
+    import torch
+
+    use_fi = device.type == "cuda" and have_flashinfer()
+    if use_fi:
+        from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
+
+        ex, impl = FlashInferAttentionExecutor(device), "flashinfer"
+    else:
+        from vlcache_sglang.backend.executors.torch_executor import TorchAttentionExecutor
+
+        ex, impl = TorchAttentionExecutor(), "torch"
+    hq, hkv, d, bsz = args.heads, args.kv_heads, args.head_dim, args.decode_batch
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    esize = torch.tensor([], dtype=dtype).element_size()
+    for n in lengths:
+        rows = bsz * n + 1
+        try:
+            k = torch.randn(rows, hkv, d, dtype=dtype, device=device)
+            v = torch.randn(rows, hkv, d, dtype=dtype, device=device)
+        except torch.OutOfMemoryError:
+            results.append({"figure": "decode_speedup", "n": n, "skipped": "out of memory"})
+            continue
+        g = torch.Generator().manual_seed(n)
+        full = [torch.arange(b * n, (b + 1) * n) for b in range(bsz)]
+        kept_n = max(1, int(round(args.budget * n)))
+        kept = [torch.randperm(n, generator=g)[:kept_n].sort().values + b * n for b in range(bsz)]
+        q = torch.randn(bsz, hq, d, dtype=dtype, device=device)
+        out = torch.empty_like(q)
+        times = {}
+        for name, lists in (("full", full), ("kept", kept)):
+            kv, meta = _decode_meta(lists, device)
+            times[name] = timeit(lambda: ex.decode(q, out, k, v, kv, meta, d ** -0.5, True), device, iters=args.iters)
+        read_kept = bsz * kept_n * hkv * d * esize * 2
+        read_full = bsz * n * hkv * d * esize * 2
+        entry = {"figure": "decode_speedup", "n": n, "batch": bsz, "budget": args.budget, "impl": impl,
+                 "full_s": times["full"], "kept_s": times["kept"], "speedup": times["full"] / times["kept"],
+                 "bw_full_GBps": read_full / times["full"] / 1e9, "bw_kept_GBps": read_kept / times["kept"] / 1e9,
+                 "copy_bw_GBps": copy_bw / 1e9}
+        entry["bw_kept_frac_of_copy"] = entry["bw_kept_GBps"] / entry["copy_bw_GBps"]
+        if n >= 32768:
+            entry["target"] = "speedup >= 7"
+            entry["pass"] = entry["speedup"] >= 7
+        results.append(entry)
+        print(json.dumps(entry), flush=True)
+        del k, v
+
+
+def bench_planning(args, device, results):
+    import torch
+
+    if not (device.type == "cuda" and have_flashinfer()):
+        results.append({"figure": "plan_us_per_step", "skipped": "needs CUDA and flashinfer"})
+        return
+    from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
+    from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV
+
+    L, hq, hkv, d = args.layers, args.heads, args.kv_heads, args.head_dim
+    dtype = torch.bfloat16
+    k = torch.randn(L * 4096, hkv, d, dtype=dtype, device=device)
+    v = torch.randn_like(k)
+    q = torch.randn(1, hq, d, dtype=dtype, device=device)
+    for bsz in args.plan_batches:
+        qb, out = q.expand(bsz, hq, d).contiguous(), torch.empty(bsz, hq, d, dtype=dtype, device=device)
+        for compressed in (False, True):
+            ex = FlashInferAttentionExecutor(device)
+            steps = 20
+            wall = []
+            for step in range(steps + 2):
+                lens = [[(300 + 7 * b + (13 * l if compressed else 0) + step) % 4000 + 1 for b in range(bsz)]
+                        for l in range(L)]
+                lists = {l: [torch.arange(n) + l * 4096 for n in lens[l]] for l in range(L)}
+                per_layer = {}
+                for l in range(L):
+                    ind = [0]
+                    for t in lists[l]:
+                        ind.append(ind[-1] + t.numel())
+                    per_layer[l] = RaggedKV(torch.tensor(ind, device=device), torch.cat(lists[l]).to(device), ind)
+                base = per_layer[0]
+                meta = ForwardMetadata(is_decode=True, kv=base, qo_indptr_cpu=list(range(bsz + 1)),
+                                       prefix_lens_cpu=[0] * bsz, layer_kv=per_layer if compressed else {})
+                torch.cuda.synchronize()
+                if step == 2:
+                    ex.reset_counters()
+                t0 = time.perf_counter()
+                for l in range(L):
+                    kv = per_layer[l] if compressed else base
+                    ex.decode(qb, out, k, v, kv, meta, d ** -0.5, True)
+                torch.cuda.synchronize()
+                if step >= 2:
+                    wall.append(time.perf_counter() - t0)
+            entry = {"figure": "plan_us_per_step", "batch": bsz, "layers": L, "compressed": compressed,
+                     "plans_per_step": ex.plan_count / steps, "plan_us_per_step": ex.plan_seconds / steps * 1e6,
+                     "step_attn_wall_us": statistics.median(wall) * 1e6}
+            results.append(entry)
+            print(json.dumps(entry), flush=True)
+
+
+def bench_kv_move(args, device, copy_bw, results):
+    import torch
+
+    from vlcache_sglang.kernels.kv_move import move_kv_rows, move_kv_rows_triton
+
+    L, hkv, d = args.layers, args.kv_heads, args.head_dim
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n_tok = args.move_tokens
+    rows_per_layer = n_tok + 16
+    k = torch.randn(L * rows_per_layer, hkv, d, dtype=dtype, device=device)
+    v = torch.randn_like(k)
+    g = torch.Generator().manual_seed(0)
+    kept = max(1, int(args.budget * n_tok))
+    src = torch.cat([torch.randperm(n_tok, generator=g)[:kept].sort().values + l * rows_per_layer for l in range(L)])
+    cells = torch.arange(src.numel())
+    dst = (cells // L) + (cells % L) * rows_per_layer
+    src, dst = src.to(device), dst.to(device)
+    payload = src.numel() * hkv * d * k.element_size() * 2  # K and V rows moved
+    t_tr = timeit(lambda: move_kv_rows_triton(k, v, src, dst), device, iters=args.iters)
+    t_ref = timeit(lambda: move_kv_rows(k, v, src, dst), device, iters=args.iters)
+    entry = {"figure": "kv_move", "rows_moved": int(src.numel()), "layers": L, "triton_s": t_tr, "torch_s": t_ref,
+             "triton_GBps_payload_rw": 2 * payload / t_tr / 1e9, "torch_GBps_payload_rw": 2 * payload / t_ref / 1e9,
+             "copy_bw_GBps": copy_bw / 1e9}
+    results.append(entry)
+    print(json.dumps(entry), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# tests and report
+# ----------------------------------------------------------------------------------------------
+def run_tests(out_dir: Path, cpu_smoke: bool) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    targets = ["tests/kernels", "tests/unit/test_executors.py"]
+    junit = out_dir / "gpu_tests.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", f"--junitxml={junit}", *targets]
+    if cpu_smoke:
+        cmd += ["-k", "kv_move or empty_batch"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    (out_dir / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
+    summary = {"returncode": proc.returncode, "seconds": round(time.time() - t0, 1), "command": " ".join(cmd)}
+    try:
+        import xml.etree.ElementTree as ET
+
+        root = ET.parse(junit).getroot()
+        suite = root if root.tag == "testsuite" else root.find("testsuite")
+        for key in ("tests", "failures", "errors", "skipped"):
+            summary[key] = int(suite.get(key, 0))
+    except Exception as exc:  # noqa: BLE001
+        summary["parse_error"] = repr(exc)
+    print(json.dumps({"tests": summary}), flush=True)
+    return summary
+
+
+def _fmt(x, unit=""):
+    if isinstance(x, float):
+        if unit == "%":
+            return f"{100 * x:.2f} %"
+        if unit == "us":
+            return f"{x:.0f} us"
+        if unit == "ms":
+            return f"{1e3 * x:.3f} ms"
+        return f"{x:.3g}"
+    return str(x)
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# GPU suite ({report['mode']})", "",
+             f"device: {report['device']}; torch {report['torch']}; triton {report['triton']}; "
+             f"flashinfer {report['flashinfer']}; {report['when']}", ""]
+    t = report.get("tests", {})
+    lines += [f"tests: {t.get('tests', '?')} run, {t.get('failures', '?')} failed, {t.get('errors', '?')} errors, "
+              f"{t.get('skipped', '?')} skipped (rc {t.get('returncode')}, {t.get('seconds')} s)", ""]
+    lines += ["| figure | setting | value | detail | target | pass |", "|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        f = r["figure"]
+        if "skipped" in r:
+            lines.append(f"| {f} | {r.get('n', r.get('batch', ''))} | skipped | {r['skipped']} | | |")
+            continue
+        target, ok = r.get("target", ""), r.get("pass", "")
+        ok = {True: "yes", False: "NO"}.get(ok, "")
+        if f == "stats_share":
+            detail = f"stats {_fmt(r['stats_triton_s'], 'ms')} vs prefill attn {_fmt(r['prefill_attn_s'], 'ms')} ({r['prefill_impl']})"
+            if "stats_torch_s" in r:
+                detail += f"; torch ref {_fmt(r['stats_torch_s'], 'ms')}"
+            lines.append(f"| stats share of prefill attn | n={r['n']}, window={r['window']} | {_fmt(r['share'], '%')} | {detail} | {target} | {ok} |")
+        elif f == "decode_speedup":
+            detail = (f"full {_fmt(r['full_s'], 'ms')}, kept {_fmt(r['kept_s'], 'ms')} ({r['impl']}); "
+                      f"BW kept {r['bw_kept_GBps']:.0f} GB/s = {100 * r['bw_kept_frac_of_copy']:.0f} % of copy "
+                      f"{r['copy_bw_GBps']:.0f} GB/s, BW full {r['bw_full_GBps']:.0f} GB/s")
+            lines.append(f"| decode speed-up, budget {r['budget']} | n={r['n']}, batch={r['batch']} | {r['speedup']:.2f}x | {detail} | {target} | {ok} |")
+        elif f == "plan_us_per_step":
+            kind = "compressed" if r["compressed"] else "uncompressed"
+            lines.append(f"| FlashInfer planning per decode step | {kind}, batch={r['batch']}, {r['layers']} layers | "
+                         f"{_fmt(r['plan_us_per_step'], 'us')} | {r['plans_per_step']:.1f} plans/step; step attention wall "
+                         f"{_fmt(r['step_attn_wall_us'], 'us')} | | |")
+        elif f == "kv_move":
+            lines.append(f"| KV compaction move | {r['rows_moved']} rows, {r['layers']} layers | {_fmt(r['triton_s'], 'ms')} | "
+                         f"Triton {r['triton_GBps_payload_rw']:.0f} GB/s, torch {r['torch_GBps_payload_rw']:.0f} GB/s "
+                         f"(payload read+write) vs copy {r['copy_bw_GBps']:.0f} GB/s | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "out" / "gpu_suite"), help="output folder (default: $OUT)")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="tiny shapes on the CPU (Triton interpreter, torch executor): checks the plumbing only")
+    p.add_argument("--skip-tests", action="store_true", help="only the benchmarks")
+    p.add_argument("--skip-bench", action="store_true", help="only the tests")
+    p.add_argument("--stats-lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    p.add_argument("--decode-lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    p.add_argument("--plan-batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--window", type=int, default=64, help="statistics window rows (post-vision question)")
+    p.add_argument("--budget", type=float, default=0.1)
+    p.add_argument("--decode-batch", type=int, default=8)
+    p.add_argument("--layers", type=int, default=28)
+    p.add_argument("--heads", type=int, default=28)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--move-tokens", type=int, default=32768, help="prompt tokens per layer in the KV-move benchmark")
+    p.add_argument("--iters", type=int, default=20)
+    args = p.parse_args(argv)
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.cpu_smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        args.stats_lengths, args.decode_lengths, args.plan_batches = [64, 128], [256, 512], [1]
+        args.window, args.decode_batch, args.layers, args.iters = 8, 2, 2, 2
+        args.heads, args.kv_heads, args.head_dim, args.move_tokens = 4, 2, 16, 64
+
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
+    if device.type != "cuda" and not args.cpu_smoke:
+        print("no CUDA device: use --cpu-smoke for a plumbing check", file=sys.stderr)
+        return 2
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001
+        triton_version = "absent"
+    try:
+        import flashinfer
+
+        fi_version = flashinfer.__version__
+    except Exception:  # noqa: BLE001
+        fi_version = "absent"
+    report = {
+        "mode": "cpu-smoke (plumbing only, not performance)" if args.cpu_smoke else "gpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "triton": triton_version, "flashinfer": fi_version,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args), "results": [],
+    }
+    if not args.skip_tests:
+        report["tests"] = run_tests(out_dir, args.cpu_smoke)
+    if not args.skip_bench:
+        copy_bw = copy_bandwidth(device, 1 << (30 if device.type == "cuda" else 24))
+        report["copy_bw_GBps"] = copy_bw / 1e9
+        steps = [("stats", lambda: bench_stats(args, device, args.stats_lengths, report["results"])),
+                 ("decode", lambda: bench_decode(args, device, args.decode_lengths, copy_bw, report["results"])),
+                 ("planning", lambda: bench_planning(args, device, report["results"])),
+                 ("kv_move", lambda: bench_kv_move(args, device, copy_bw, report["results"]))]
+        for name, step in steps:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - one failing benchmark must not lose the others
+                report["results"].append({"figure": name, "skipped": f"error: {exc!r}"[:300]})
+                print(f"benchmark {name} failed: {exc!r}", file=sys.stderr)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    (out_dir / "gpu_suite.json").write_text(json.dumps(report, indent=2, default=str))
+    md = markdown(report)
+    (out_dir / "gpu_suite.md").write_text(md)
+    print(md)
+    tests_ok = args.skip_tests or report.get("tests", {}).get("returncode") == 0
+    return 0 if tests_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

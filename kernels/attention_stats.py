@@ -1,0 +1,393 @@
+"""Fused VL-Cache attention statistics in Triton, batched over requests (indptr layout).
+
+For every request ``b`` of a batch, its statistics query rows (the post-vision window, or any
+subset of its prompt rows) ``q[qo_indptr[b]:qo_indptr[b+1]]`` at positions ``q_positions`` attend
+causally to the request's keys ``k_pool[kv_indices[kv_indptr[b]:kv_indptr[b+1]]]`` (FlashInfer
+page-size-1 layout: key ``j`` of the request is pool row ``kv_indices[kv_indptr[b] + j]``, and a
+row at position ``t`` sees keys ``0..t``). Per query head ``h`` this computes the same quantities
+as :func:`vlcache_sglang.policy.stats.attention_stats` (its reference):
+
+* ``col[h, kv_indptr[b] + j] = sum_q A[h, q, j]``  (fp32, ragged like ``kv_indices``);
+* ``below[b, h] = #{(q, j): j <= pos_q, A[h, q, j] < p * max_j' A[h, q, j']}``;
+* ``causal[b, h] = #{(q, j): j <= pos_q}``.
+
+Two passes, as in the paper, and never an m-by-m (or window-by-m) block in memory:
+
+1. ``_stats_pass1``: grid (query block, query head, key split). An online softmax over the
+   split's causal keys gives each row's running max and normaliser (log2 domain); splits are
+   combined on the host side in torch (a log-sum-exp over at most a few dozen splits).
+2. ``_stats_pass2``: grid (key block, query head). Each program loads its key tile once, walks the
+   request's query rows, recomputes the logits and emits the column sums of the probabilities
+   and the threshold count. Since ``max_j A[q, j] = 1 / sum_q``, the test ``A < p * max A`` is
+   ``s - max_s < log p``: no division. Every ``col`` element is written by exactly one program,
+   so the result is deterministic (no atomics).
+
+Inputs may be bf16, fp16 or fp32 (fp32 accumulation; fp32 inputs use IEEE dot products), with
+GQA (query head ``h`` reads KV head ``h // (Hq // Hkv)``). The key pool is read in place through
+the indices; nothing is gathered.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+import triton.language as tl
+
+from vlcache_sglang.kernels._triton import interpret_for, kernel, next_pow2
+
+__all__ = [
+    "BatchedStats",
+    "StatsLaunchPlan",
+    "attention_stats_batched",
+    "attention_stats_batched_torch",
+    "plan_stats",
+]
+
+_LOG2E = 1.4426950408889634
+_NEG = -1.0e30  # "minus infinity" that keeps exp2 differences finite
+
+
+class BatchedStats(NamedTuple):
+    """Statistics of one layer for a batch of requests."""
+
+    col: torch.Tensor  # [Hq, total_keys] float32, aligned with kv_indices
+    below: torch.Tensor  # [B, Hq] int64
+    causal: torch.Tensor  # [B, Hq] int64
+
+    def request(self, b: int, kv_indptr_cpu: Sequence[int]):
+        """Request ``b``'s :class:`~vlcache_sglang.policy.stats.AttentionStats` (views)."""
+        from vlcache_sglang.policy.stats import AttentionStats
+
+        return AttentionStats(self.col[:, kv_indptr_cpu[b]:kv_indptr_cpu[b + 1]], self.below[b], self.causal[b])
+
+
+# --------------------------------------------------------------------------------------------
+# kernels (plain functions; see kernels/_triton.py for how they are jitted or interpreted)
+# --------------------------------------------------------------------------------------------
+def _stats_pass1(Q, POS, K, KV_IDX, QO_PTR, KV_PTR, BLK_REQ, BLK_START, M_OUT, L_OUT,
+                 stride_qr, stride_qh, stride_kr, stride_kh, stride_ms, stride_mh,
+                 scale_log2, split_len,
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAST_F32: tl.constexpr,
+                 IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    b = tl.load(BLK_REQ + pid)
+    r0 = tl.load(BLK_START + pid)
+    q_beg = tl.load(QO_PTR + b)
+    n_q = tl.load(QO_PTR + b + 1) - q_beg
+    kv_beg = tl.load(KV_PTR + b)
+    n_k = tl.load(KV_PTR + b + 1) - kv_beg
+
+    offs_m = r0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < n_q
+    rows = (q_beg + offs_m).to(tl.int64)
+    pos = tl.load(POS + rows, mask=row_ok, other=-1)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + rows[:, None] * stride_qr + h * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if CAST_F32:
+        q = q.to(tl.float32)
+    kvh = h // GROUP
+
+    k_lo = sp * split_len
+    k_hi = tl.minimum(tl.minimum(k_lo + split_len, n_k), tl.reduce(pos, 0, tl.standard._elementwise_max) + 1)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_N):
+        offs_n = k0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < k_hi
+        slot = tl.load(KV_IDX + kv_beg + offs_n, mask=n_ok, other=0).to(tl.int64)
+        k = tl.load(K + slot[:, None] * stride_kr + kvh * stride_kh + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if CAST_F32:
+            k = k.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale_log2
+        valid = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]
+        s = tl.where(valid, s, -1.0e30)
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, tl.standard._elementwise_max))
+        p = tl.where(valid, tl.exp2(s - m_new[:, None]), 0.0)
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.reduce(p, 1, tl.standard._sum_combine)
+        m_i = m_new
+    out = sp * stride_ms + h * stride_mh + rows
+    tl.store(M_OUT + out, m_i, mask=row_ok)
+    tl.store(L_OUT + out, l_i, mask=row_ok)
+
+
+def _stats_pass2(Q, POS, K, KV_IDX, QO_PTR, KV_PTR, BLK_REQ, BLK_START, M2, LSE2, COL, BELOW,
+                 stride_qr, stride_qh, stride_kr, stride_kh, stride_mh, stride_ch, stride_bh,
+                 scale_log2, log2_thr,
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAST_F32: tl.constexpr,
+                 IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.load(BLK_REQ + pid)
+    k0 = tl.load(BLK_START + pid)
+    q_beg = tl.load(QO_PTR + b)
+    n_q = tl.load(QO_PTR + b + 1) - q_beg
+    kv_beg = tl.load(KV_PTR + b)
+    n_k = tl.load(KV_PTR + b + 1) - kv_beg
+    kvh = h // GROUP
+
+    offs_n = k0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_k
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    slot = tl.load(KV_IDX + kv_beg + offs_n, mask=n_ok, other=0).to(tl.int64)
+    k = tl.load(K + slot[:, None] * stride_kr + kvh * stride_kh + offs_d[None, :],
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    if CAST_F32:
+        k = k.to(tl.float32)
+    acc = tl.full([BLOCK_N], 0.0, tl.float32)
+    cnt = tl.full([BLOCK_N], 0, tl.int32)
+    for r0 in range(0, n_q, BLOCK_M):
+        offs_m = r0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < n_q
+        rows = (q_beg + offs_m).to(tl.int64)
+        pos = tl.load(POS + rows, mask=row_ok, other=-1)
+        m2 = tl.load(M2 + h * stride_mh + rows, mask=row_ok, other=0.0)
+        lse2 = tl.load(LSE2 + h * stride_mh + rows, mask=row_ok, other=0.0)
+        q = tl.load(Q + rows[:, None] * stride_qr + h * stride_qh + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if CAST_F32:
+            q = q.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale_log2
+        valid = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]
+        p = tl.where(valid, tl.exp2(tl.where(valid, s - lse2[:, None], -1.0e30)), 0.0)
+        acc += tl.reduce(p, 0, tl.standard._sum_combine)
+        low = valid & ((s - m2[:, None]) < log2_thr)
+        cnt += tl.reduce(low.to(tl.int32), 0, tl.standard._sum_combine)
+    tl.store(COL + h * stride_ch + kv_beg + offs_n, acc, mask=n_ok)
+    tl.store(BELOW + h * stride_bh + pid, tl.reduce(cnt, 0, tl.standard._sum_combine))
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+@dataclass
+class StatsLaunchPlan:
+    """Block tables of one batch layout; build once per forward, reuse for every layer."""
+
+    batch_size: int
+    total_q: int
+    total_k: int
+    max_k: int
+    block_m: int
+    block_n: int
+    num_splits: int
+    split_len: int
+    qo_indptr: torch.Tensor  # int32 [B+1] on device
+    kv_indptr: torch.Tensor  # int32 [B+1] on device
+    q_blk_req: torch.Tensor  # int32 [n_qblocks]
+    q_blk_start: torch.Tensor
+    k_blk_req: torch.Tensor  # int32 [n_kblocks]
+    k_blk_start: torch.Tensor
+    k_blk_req_long: torch.Tensor  # int64, for the per-request sum of the threshold counts
+    row_req: torch.Tensor  # int64 [total_q], request of each query row
+
+
+def _blocks(indptr: Sequence[int], block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lens = torch.tensor([indptr[i + 1] - indptr[i] for i in range(len(indptr) - 1)], dtype=torch.int64)
+    nblk = (lens + block - 1) // block
+    req = torch.repeat_interleave(torch.arange(lens.numel()), nblk)
+    first = torch.cumsum(nblk, 0) - nblk
+    start = (torch.arange(int(nblk.sum())) - torch.repeat_interleave(first, nblk)) * block
+    return req.to(torch.int32), start.to(torch.int32)
+
+
+def plan_stats(qo_indptr_cpu: Sequence[int], kv_indptr_cpu: Sequence[int], device: torch.device | str, *,
+               block_m: int = 16, block_n: int = 64, num_splits: int | None = None,
+               target_programs: int | None = None, num_q_heads: int = 1) -> StatsLaunchPlan:
+    """Host-side block tables for :func:`attention_stats_batched` (no device sync).
+
+    ``num_splits`` (pass 1 key splits, flash-decoding style) defaults to enough programs to fill
+    a GPU (``target_programs``, 4 x SM count on CUDA) and to 1 on the CPU interpreter.
+    """
+    device = torch.device(device)
+    qo = [int(x) for x in qo_indptr_cpu]
+    kv = [int(x) for x in kv_indptr_cpu]
+    if len(qo) != len(kv) or len(qo) < 1:
+        raise ValueError("qo_indptr and kv_indptr must both have batch_size + 1 entries")
+    if any(qo[i + 1] < qo[i] or kv[i + 1] < kv[i] for i in range(len(qo) - 1)) or qo[0] or kv[0]:
+        raise ValueError("indptr must start at 0 and be non-decreasing")
+    bsz = len(qo) - 1
+    max_k = max([kv[i + 1] - kv[i] for i in range(bsz)], default=0)
+    q_req, q_start = _blocks(qo, block_m)
+    k_req, k_start = _blocks(kv, block_n)
+    if num_splits is None:
+        if device.type == "cuda":
+            if target_programs is None:
+                target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+            base = max(1, q_req.numel() * num_q_heads)
+            num_splits = max(1, min(-(-target_programs // base), -(-max_k // block_n)))
+        else:
+            num_splits = 1
+    num_splits = max(1, int(num_splits))
+    split_len = max(block_n, -(-max(max_k, 1) // num_splits))
+    split_len = -(-split_len // block_n) * block_n
+    num_splits = max(1, -(-max(max_k, 1) // split_len))
+    lens_q = torch.tensor([qo[i + 1] - qo[i] for i in range(bsz)], dtype=torch.int64)
+    row_req = torch.repeat_interleave(torch.arange(bsz), lens_q)
+
+    def dev(t):
+        return t.to(device, non_blocking=True)
+
+    return StatsLaunchPlan(
+        batch_size=bsz, total_q=qo[-1], total_k=kv[-1], max_k=max_k, block_m=block_m, block_n=block_n,
+        num_splits=num_splits, split_len=split_len,
+        qo_indptr=dev(torch.tensor(qo, dtype=torch.int32)), kv_indptr=dev(torch.tensor(kv, dtype=torch.int32)),
+        q_blk_req=dev(q_req), q_blk_start=dev(q_start), k_blk_req=dev(k_req), k_blk_start=dev(k_start),
+        k_blk_req_long=dev(k_req.to(torch.int64)), row_req=dev(row_req),
+    )
+
+
+def _check(q, q_positions, k_pool, kv_indices, plan: StatsLaunchPlan):
+    if q.dim() != 3 or k_pool.dim() != 3:
+        raise ValueError(f"q must be [n_q, Hq, D] and k_pool [rows, Hkv, D]; got {tuple(q.shape)}, {tuple(k_pool.shape)}")
+    if q.shape[2] != k_pool.shape[2] or q.shape[1] % k_pool.shape[1]:
+        raise ValueError(f"head dims differ or Hq={q.shape[1]} is not a multiple of Hkv={k_pool.shape[1]}")
+    if q.shape[0] != plan.total_q or q_positions.shape != (plan.total_q,):
+        raise ValueError(f"q has {q.shape[0]} rows and q_positions {tuple(q_positions.shape)}; qo_indptr says {plan.total_q}")
+    if kv_indices.shape != (plan.total_k,):
+        raise ValueError(f"kv_indices has shape {tuple(kv_indices.shape)}; kv_indptr says {plan.total_k}")
+    if q.device != k_pool.device or kv_indices.device != k_pool.device or q_positions.device != k_pool.device:
+        raise ValueError("q, q_positions, k_pool and kv_indices must be on one device")
+
+
+def attention_stats_batched(q: torch.Tensor, q_positions: torch.Tensor, qo_indptr_cpu: Sequence[int],
+                            k_pool: torch.Tensor, kv_indices: torch.Tensor, kv_indptr_cpu: Sequence[int],
+                            scale: float, threshold: float = 0.01, *, plan: StatsLaunchPlan | None = None,
+                            out: BatchedStats | None = None, poison: bool = False,
+                            block_m: int = 16, block_n: int = 64, num_splits: int | None = None) -> BatchedStats:
+    """Triton statistics of a batch of requests (see the module docstring).
+
+    Args:
+        q: ``[total_q, Hq, D]`` statistics rows of all requests, concatenated (post-RoPE).
+        q_positions: ``[total_q]`` int, each row's position in its request's key list.
+        qo_indptr_cpu / kv_indptr_cpu: host ``[B+1]`` offsets of each request's rows / keys.
+        k_pool: ``[rows, Hkv, D]`` the KV pool's K buffer (a layer's buffer, or the global one).
+        kv_indices: ``[total_keys]`` int32/int64 pool rows of each request's keys, in position order.
+        scale: softmax scale; threshold: ``p`` of the sparsity filter (``<= 0``: count nothing).
+        plan: block tables from :func:`plan_stats` for this layout (built here when absent).
+        out: optional preallocated outputs (``col [Hq, total_keys]`` fp32, ``below``/``causal``
+            ``[B, Hq]`` int64); every element is overwritten.
+        poison: fill every output and intermediate buffer with NaN / a sentinel before launching
+            (tests: catches elements no program writes).
+    """
+    device = k_pool.device
+    if plan is None:
+        plan = plan_stats(qo_indptr_cpu, kv_indptr_cpu, device, block_m=block_m, block_n=block_n,
+                          num_splits=num_splits, num_q_heads=q.shape[1])
+    _check(q, q_positions, k_pool, kv_indices, plan)
+    hq, d = q.shape[1], q.shape[2]
+    group = hq // k_pool.shape[1]
+    bsz = plan.batch_size
+    if out is None:
+        col = torch.empty(hq, plan.total_k, dtype=torch.float32, device=device)
+        below = torch.empty(bsz, hq, dtype=torch.int64, device=device)
+        causal = torch.empty(bsz, hq, dtype=torch.int64, device=device)
+    else:
+        col, below, causal = out
+    if poison:
+        col.fill_(float("nan"))
+        below.fill_(-(1 << 40))
+        causal.fill_(-(1 << 40))
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_pool.stride(-1) != 1:
+        raise ValueError("k_pool's head dimension must be contiguous")
+    pos = q_positions.to(torch.int32)
+    idx = kv_indices if kv_indices.dtype in (torch.int32, torch.int64) else kv_indices.to(torch.int64)
+    # fp32 dot products in IEEE precision (no TF32). Triton 3.9's interpreter gets bf16 x bf16
+    # dot products wrong (checked: errors of 1e10), so there bf16 is widened first; the products
+    # of bf16 values are exact in fp32 either way, so this changes only which path is exercised.
+    cast = (q.dtype != k_pool.dtype or q.dtype == torch.float32
+            or (interpret_for(device) and q.dtype == torch.bfloat16))
+    ieee = cast
+    block_d = max(16, next_pow2(d))
+    scale_log2 = float(scale) * _LOG2E
+    log2_thr = math.log2(threshold) if threshold > 0 else _NEG
+    bm, bn = plan.block_m, plan.block_n
+
+    causal_rows = (pos.to(torch.int64) + 1)
+    causal_req = torch.zeros(bsz, dtype=torch.int64, device=device).index_add_(0, plan.row_req, causal_rows)
+    causal.copy_(causal_req[:, None].expand(bsz, hq))
+    if plan.total_q == 0 or bsz == 0:
+        col.zero_()
+        below.zero_()
+        return BatchedStats(col, below, causal)
+
+    m_part = torch.empty(plan.num_splits, hq, plan.total_q, dtype=torch.float32, device=device)
+    l_part = torch.empty_like(m_part)
+    if poison:
+        m_part.fill_(float("nan"))
+        l_part.fill_(float("nan"))
+    grid1 = (plan.q_blk_req.numel(), hq, plan.num_splits)
+    kernel(_stats_pass1, device)[grid1](
+        q, pos, k_pool, idx, plan.qo_indptr, plan.kv_indptr, plan.q_blk_req, plan.q_blk_start, m_part, l_part,
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), m_part.stride(0), m_part.stride(1),
+        scale_log2, plan.split_len,
+        GROUP=group, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, CAST_F32=cast, IEEE=ieee,
+    )
+    # combine the key splits: log2-sum-exp2
+    m2 = m_part.amax(0)
+    l_tot = (l_part * torch.exp2(m_part - m2)).sum(0)
+    lse2 = (m2 + torch.log2(l_tot)).contiguous()
+    m2 = m2.contiguous()
+
+    n_kblk = plan.k_blk_req.numel()
+    below_part = torch.empty(hq, max(n_kblk, 1), dtype=torch.int32, device=device)
+    if poison:
+        below_part.fill_(-(1 << 30))
+    if n_kblk:
+        kernel(_stats_pass2, device)[(n_kblk, hq)](
+            q, pos, k_pool, idx, plan.qo_indptr, plan.kv_indptr, plan.k_blk_req, plan.k_blk_start, m2, lse2,
+            col, below_part,
+            q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), m2.stride(0), col.stride(0),
+            below_part.stride(0), scale_log2, log2_thr,
+            GROUP=group, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, CAST_F32=cast, IEEE=ieee,
+        )
+    below.zero_()
+    if n_kblk:
+        below.index_add_(0, plan.k_blk_req_long, below_part[:, :n_kblk].t().to(torch.int64))
+    return BatchedStats(col, below, causal)
+
+
+def attention_stats_batched_torch(q: torch.Tensor, q_positions: torch.Tensor, qo_indptr_cpu: Sequence[int],
+                                  k_pool: torch.Tensor, kv_indices: torch.Tensor, kv_indptr_cpu: Sequence[int],
+                                  scale: float, threshold: float = 0.01, *, dtype: torch.dtype = torch.float32,
+                                  key_chunk: int = 1024, query_chunk: int = 128) -> BatchedStats:
+    """Reference: :func:`vlcache_sglang.policy.stats.attention_stats` request by request."""
+    from vlcache_sglang.policy.stats import attention_stats
+
+    hq = q.shape[1]
+    bsz = len(qo_indptr_cpu) - 1
+    cdt = torch.promote_types(torch.promote_types(q.dtype, dtype), torch.float32)
+    col = torch.zeros(hq, int(kv_indptr_cpu[-1]), dtype=cdt, device=q.device)
+    below = torch.zeros(bsz, hq, dtype=torch.int64, device=q.device)
+    causal = torch.zeros(bsz, hq, dtype=torch.int64, device=q.device)
+    for b in range(bsz):
+        q0, q1 = int(qo_indptr_cpu[b]), int(qo_indptr_cpu[b + 1])
+        k0, k1 = int(kv_indptr_cpu[b]), int(kv_indptr_cpu[b + 1])
+        if q1 == q0:
+            continue
+        keys = k_pool[kv_indices[k0:k1].to(torch.int64)]
+        st = attention_stats(q[q0:q1], q_positions[q0:q1].to(torch.int64), keys, scale, threshold,
+                             key_chunk=key_chunk, query_chunk=query_chunk, dtype=dtype)
+        col[:, k0:k1] = st.col
+        below[b] = st.below
+        causal[b] = st.causal
+    return BatchedStats(col, below, causal)

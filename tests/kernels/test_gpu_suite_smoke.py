@@ -1,0 +1,29 @@
+"""The GPU suite's plumbing, exercised on the CPU with tiny shapes (``--cpu-smoke``)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_suite_cpu_smoke(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--cpu-smoke", "--skip-tests",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    figures = {r["figure"] for r in report["results"]}
+    assert {"stats_share", "decode_speedup", "plan_us_per_step", "kv_move"} <= figures
+    assert not [r for r in report["results"] if str(r.get("skipped", "")).startswith("error")], report["results"]
+    md = (tmp_path / "gpu_suite.md").read_text()
+    assert "| figure |" in md and "stats share" in md
+
+
+def test_gpu_suite_help():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--cpu-smoke" in proc.stdout

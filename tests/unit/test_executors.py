@@ -1,0 +1,173 @@
+"""Attention executors against dense float64 attention over the kept set.
+
+Parametrised over executors: the torch executor always (CPU, float32), the FlashInfer executor
+where CUDA and flashinfer are present (CUDA, bf16/fp16). Cases: ragged batches, GQA, decode over
+per-layer kept lists of different lengths (and layers sharing lengths, which share a plan),
+extend with a cached prefix.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vlcache_sglang.backend.executors.torch_executor import TorchAttentionExecutor
+from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV
+
+
+def _flashinfer_ok() -> bool:
+    from vlcache_sglang.backend.executors.flashinfer_executor import flashinfer_available
+
+    return flashinfer_available()
+
+
+EXECUTORS = [
+    pytest.param("torch", id="torch"),
+    pytest.param("flashinfer", id="flashinfer", marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not _flashinfer_ok(), reason="needs CUDA and flashinfer"),
+    ]),
+]
+
+
+class Env:
+    def __init__(self, name: str):
+        self.name = name
+        if name == "torch":
+            self.executor, self.device, self.dtypes, self.tol = TorchAttentionExecutor(), torch.device("cpu"), [torch.float32], 2e-5
+        else:
+            from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
+
+            self.executor = FlashInferAttentionExecutor()
+            self.device, self.dtypes, self.tol = torch.device("cuda"), [torch.bfloat16, torch.float16], 2e-2
+
+
+@pytest.fixture(params=EXECUTORS)
+def env(request) -> Env:
+    return Env(request.param)
+
+
+def ragged(lists: list[torch.Tensor], device) -> RaggedKV:
+    indptr = [0]
+    for t in lists:
+        indptr.append(indptr[-1] + t.numel())
+    indices = torch.cat(lists).to(device=device, dtype=torch.int64) if lists else torch.empty(0, dtype=torch.int64)
+    return RaggedKV(torch.tensor(indptr, dtype=torch.int64, device=device), indices, indptr)
+
+
+def dense(q, k, v, scale, causal_offset=None):
+    """float64 softmax(q k^T) v for one request; q [n, Hq, D], k/v [m, Hkv, D]. With
+    ``causal_offset`` row i sees keys ``j <= i + causal_offset`` (bottom-right aligned)."""
+    g = q.shape[1] // k.shape[1]
+    q, k, v = q.double(), k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if causal_offset is not None:
+        mask = torch.arange(k.shape[0])[None, :] <= (torch.arange(q.shape[0])[:, None] + causal_offset)
+        s = s.masked_fill(~mask, -math.inf)
+    return torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v)
+
+
+def make_pool(rows, hkv, d, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(rows, hkv, d, generator=g).to(dtype).to(device)
+    v = torch.randn(rows, hkv, d, generator=g).to(dtype).to(device)
+    return k, v
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(4, 2, 64), (8, 1, 64), (4, 4, 128)])
+def test_decode_ragged_batch(env, hq, hkv, d):
+    for dtype in env.dtypes:
+        g = torch.Generator().manual_seed(hq * 7 + hkv)
+        k_cache, v_cache = make_pool(300, hkv, d, dtype, env.device, seed=hq)
+        lens = [1, 7, 33, 120]
+        perm = torch.randperm(300, generator=g)
+        lists, off = [], 0
+        for n in lens:
+            lists.append(perm[off:off + n])
+            off += n
+        kv = ragged(lists, env.device)
+        meta = ForwardMetadata(is_decode=True, kv=kv, qo_indptr_cpu=list(range(len(lens) + 1)), prefix_lens_cpu=[0] * len(lens))
+        q = torch.randn(len(lens), hq, d, generator=g).to(dtype).to(env.device)
+        out = torch.full_like(q, float("nan"))
+        env.executor.decode(q, out, k_cache, v_cache, kv, meta, d ** -0.5, hq != hkv)
+        for b, sl in enumerate(lists):
+            ref = dense(q[b:b + 1].cpu(), k_cache[sl].cpu(), v_cache[sl].cpu(), d ** -0.5)
+            torch.testing.assert_close(out[b:b + 1].cpu().double(), ref, rtol=env.tol, atol=env.tol)
+
+
+def test_decode_per_layer_kept_lists(env):
+    """Compressed decode: every layer reads its own list (global row ids) of its own length;
+    layers 1 and 3 have equal lengths (one plan for both in FlashInfer)."""
+    L, R, hq, hkv, d = 4, 128, 8, 2, 64
+    for dtype in env.dtypes:
+        g = torch.Generator().manual_seed(3)
+        k_glob, v_glob = make_pool(L * R, hkv, d, dtype, env.device, seed=5)
+        per_layer_lens = [[5, 40, 1], [12, 3, 60], [30, 30, 30], [12, 3, 60]]
+        layer_kv, lists_by_layer = {}, {}
+        for layer, lens in enumerate(per_layer_lens):
+            lists = [torch.randperm(R, generator=g)[:n] + layer * R for n in lens]
+            lists_by_layer[layer] = lists
+            layer_kv[layer] = ragged(lists, env.device)
+        base = ragged([torch.arange(n) for n in (70, 70, 70)], env.device)  # unused for compressed layers
+        meta = ForwardMetadata(is_decode=True, kv=base, qo_indptr_cpu=[0, 1, 2, 3], prefix_lens_cpu=[0, 0, 0],
+                               layer_kv=layer_kv)
+        if env.name == "flashinfer":
+            env.executor.reset_counters()
+        for layer in range(L):
+            q = torch.randn(3, hq, d, generator=g).to(dtype).to(env.device)
+            out = torch.full_like(q, float("nan"))
+            env.executor.decode(q, out, k_glob, v_glob, layer_kv[layer], meta, d ** -0.5, True)
+            for b, sl in enumerate(lists_by_layer[layer]):
+                ref = dense(q[b:b + 1].cpu(), k_glob[sl].cpu(), v_glob[sl].cpu(), d ** -0.5)
+                torch.testing.assert_close(out[b:b + 1].cpu().double(), ref, rtol=env.tol, atol=env.tol)
+        if env.name == "flashinfer":
+            assert env.executor.plan_count == 3  # layers 1 and 3 share a plan
+
+
+@pytest.mark.parametrize("compressed_prefix", [False, True])
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (2, 2)])
+def test_extend_with_prefix(env, hq, hkv, compressed_prefix):
+    """Causal extend after a cached prefix. With ``compressed_prefix`` the layer's list holds fewer
+    cached keys than the request has cached positions (a compressed prompt): the new rows are the
+    list's last keys and see every key before them (bottom-right causal alignment)."""
+    d = 64
+    for dtype in env.dtypes:
+        g = torch.Generator().manual_seed(hq)
+        k_cache, v_cache = make_pool(400, hkv, d, dtype, env.device, seed=hq + 1)
+        prefix = [0, 13, 40, 5]
+        new = [9, 1, 30, 17]
+        perm = torch.randperm(400, generator=g)
+        lists, off = [], 0
+        for p, n in zip(prefix, new):
+            lists.append(perm[off:off + p + n])
+            off += p + n
+        kv = ragged(lists, env.device)
+        qo = [0]
+        for n in new:
+            qo.append(qo[-1] + n)
+        cached = [p + (25 if compressed_prefix else 0) for p in prefix]
+        meta = ForwardMetadata(is_decode=False, kv=kv, qo_indptr_cpu=qo, prefix_lens_cpu=cached)
+        q = torch.randn(qo[-1], hq, d, generator=g).to(dtype).to(env.device)
+        out = torch.full_like(q, float("nan"))
+        env.executor.extend(q, out, k_cache, v_cache, kv, meta, d ** -0.5, hq != hkv)
+        for b, sl in enumerate(lists):
+            ref = dense(q[qo[b]:qo[b + 1]].cpu(), k_cache[sl].cpu(), v_cache[sl].cpu(), d ** -0.5,
+                        causal_offset=prefix[b])
+            torch.testing.assert_close(out[qo[b]:qo[b + 1]].cpu().double(), ref, rtol=env.tol, atol=env.tol)
+
+
+def test_flashinfer_module_imports_without_flashinfer_or_sglang():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import vlcache_sglang
+
+    code = ("import sys; sys.modules['sglang'] = None; sys.modules['flashinfer'] = None\n"
+            "import vlcache_sglang.backend.metadata\n"
+            "from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor\n"
+            "FlashInferAttentionExecutor()\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(vlcache_sglang.__file__).parents[1]))
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)

@@ -1,0 +1,125 @@
+"""Virtual ids and cells over SGLang's real KV pool and allocator (no server)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+from vlcache_sglang.backend.cell_store import rehome_pool_buffers
+from vlcache_sglang.backend.virtual_kv import CACHED, LOCKED, OWNED, VirtualKV, install_free_filter
+
+L, HKV, D, SIZE = 3, 2, 4, 256
+
+
+@pytest.fixture
+def pool():
+    kv_pool = MHATokenToKVPool(size=SIZE, page_size=1, dtype=torch.float32, head_num=HKV, head_dim=D,
+                               layer_num=L, device="cpu", enable_memory_saver=False)
+    kv = rehome_pool_buffers(kv_pool)
+    kv.k.copy_(torch.randn_like(kv.k))
+    kv.v.copy_(torch.randn_like(kv.v))
+    allocator = TokenToKVPoolAllocator(SIZE, torch.float32, "cpu", kv_pool, need_sort=False)
+    vkv = VirtualKV(kv.rows_per_layer, L, capacity=4 * kv.rows_per_layer)
+    install_free_filter(allocator, vkv)
+    return kv, allocator, vkv
+
+
+def random_kept(g, m, lo=1):
+    return [torch.randperm(m, generator=g)[: int(torch.randint(lo, m, (1,), generator=g))].sort().values
+            for _ in range(L)]
+
+
+@pytest.mark.parametrize("protected", [0, 4])
+@pytest.mark.parametrize("seed", range(4))
+def test_compaction_keeps_exactly_the_kept_rows_and_frees_the_rest(pool, protected, seed):
+    kv, allocator, vkv = pool
+    g = torch.Generator().manual_seed(seed)
+    m = 24
+    row = allocator.alloc(m).to(torch.int32)
+    before_k, before_v = kv.k.clone(), kv.v.clone()
+    free0 = allocator.available_size()
+    kept = random_kept(g, m)
+    orig = row.clone().long()
+    res = vkv.compact(kv.k, kv.v, row, kept, protected, m)
+
+    assert row[:protected].tolist() == orig[:protected].tolist()  # the tree-owned prefix is untouched
+    own_total = sum(int((k >= protected).sum()) for k in kept)
+    assert res.cell_slots == -(-own_total // L)
+    assert allocator.available_size() == free0 + (m - protected) - res.cell_slots
+    assert vkv.live_cell_slots() == res.cell_slots
+    resolved = vkv.resolve(row)
+    for layer, pos in enumerate(kept):
+        present, rows = resolved[layer]
+        # each layer holds exactly its kept own positions (the prefix stays whole, in place)
+        assert present.tolist() == sorted(set(range(protected)) | set(pos.tolist()))
+        src = orig[present] + layer * kv.rows_per_layer
+        assert torch.equal(kv.k[rows], before_k[src]) and torch.equal(kv.v[rows], before_v[src])
+    dropped_everywhere = set(range(protected, m)) - set(torch.cat(kept).tolist())
+    assert all(int(row[j]) == vkv.null_id for j in dropped_everywhere)
+    # cells live only in the request's own first c slots; nothing else was written
+    touched = (kv.k != before_k).any(-1).any(-1).nonzero().flatten() % kv.rows_per_layer
+    assert set(touched.tolist()) <= set(orig[protected:protected + res.cell_slots].tolist())
+
+
+def test_release_frees_a_slot_with_its_last_cell_and_never_twice(pool):
+    kv, allocator, vkv = pool
+    m = 12
+    row = allocator.alloc(m).to(torch.int32)
+    kept = [torch.arange(0, 12, 2), torch.arange(1, 12, 2), torch.tensor([0, 5])]  # 14 cells -> 5 slots
+    start = allocator.available_size()
+    res = vkv.compact(kv.k, kv.v, row, kept, 0, m)
+    assert res.cell_slots == 5 and allocator.available_size() == start + m - 5
+    ids = row.clone()
+    allocator.free(ids[:6])  # SGLang frees part of the row: only fully released slots come back
+    partial = allocator.available_size()
+    assert vkv.live_cell_slots() < 5 and partial == start + m - vkv.live_cell_slots()
+    allocator.free(ids[6:])
+    assert allocator.available_size() == start + m and vkv.live_ids == 0 and vkv.live_cell_slots() == 0
+    with pytest.raises(AssertionError, match="double free"):
+        allocator.free(ids[:1] if int(ids[0]) != vkv.null_id else ids[1:2])
+
+
+def test_mixed_real_and_virtual_frees_and_tree_states(pool):
+    kv, allocator, vkv = pool
+    m = 10
+    row = allocator.alloc(m + 3).to(torch.int32)  # 10 prompt positions + a 3-token real tail
+    kept = [torch.arange(m)] * L
+    vkv.compact(kv.k, kv.v, row, kept, 0, m)
+    assert vkv.cached_cell_slots() == (0, 0)  # request-owned: neither evictable nor protected
+    vkv.set_state(row, OWNED, CACHED)
+    assert vkv.cached_cell_slots() == (m, 0)
+    vkv.set_state(row[:4], CACHED, LOCKED)
+    ev, prot = vkv.cached_cell_slots()
+    assert prot >= 1 and ev + prot == m
+    vkv.set_state(row[:4], LOCKED, CACHED)
+    start = allocator.available_size()
+    allocator.free(row.clone())  # virtual prompt and real tail in one call
+    assert allocator.available_size() == start + m + 3 and vkv.live_ids == 0
+
+
+def test_compaction_on_top_of_a_compressed_prefix(pool):
+    """Multi-turn: turn 2's row starts with turn 1's virtual ids; it keeps only what they hold."""
+    kv, allocator, vkv = pool
+    m1, m2 = 16, 24
+    row = torch.zeros(m2, dtype=torch.int32)
+    row[:m1] = allocator.alloc(m1).to(torch.int32)
+    vkv.compact(kv.k, kv.v, row, [torch.tensor([0, 3, 7]), torch.tensor([3, 9]), torch.tensor([15])], 0, m1)
+    row[m1:] = allocator.alloc(m2 - m1).to(torch.int32)
+    present = vkv.resolve(row[:m1])
+    with pytest.raises(AssertionError, match="does not hold"):  # position 1 was dropped in every layer
+        vkv.compact(kv.k, kv.v, row.clone(), [torch.tensor([1])] * L, m1, m2)
+    kept = [torch.cat([present[l][0], torch.arange(m1, m2, 3)]) for l in range(L)]
+    res = vkv.compact(kv.k, kv.v, row, kept, m1, m2)
+    assert [p.tolist() for p, _ in vkv.resolve(row)] == [k.tolist() for k in kept]
+    assert [ids.numel() for ids in res.prefix_ids] == [3, 2, 1]
+
+
+def test_running_out_of_virtual_ids_leaves_the_request_alone(pool):
+    kv, allocator, _ = pool
+    small = VirtualKV(kv.rows_per_layer, L, capacity=3)
+    small.free_slots_fn = allocator.free
+    row = allocator.alloc(8).to(torch.int32)
+    before = row.clone()
+    assert small.compact(kv.k, kv.v, row, [torch.arange(8)] * L, 0, 8) is None
+    assert torch.equal(row, before) and small.live_ids == 0

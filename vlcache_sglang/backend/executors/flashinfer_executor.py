@@ -1,0 +1,271 @@
+"""CUDA attention executor: FlashInfer paged wrappers (page size 1) over per-layer index lists.
+
+Same interface as :class:`~vlcache_sglang.backend.executors.torch_executor.TorchAttentionExecutor`
+(``extend`` / ``decode`` with ``(q, out, k_cache, v_cache, kv, meta, scaling, enable_gqa)``), so the
+backend can swap one for the other. A page is one token: ``k_cache`` ``[rows, Hkv, D]`` is handed
+to FlashInfer as ``[rows, 1, Hkv, D]`` (NHD) and ``kv.kv_indices`` are the page ids.
+
+Planning. A FlashInfer plan depends on the batch's lengths (``kv_indptr``), not on which pages
+the requests read. So layers whose lists have equal lengths share one plan: per forward, the
+executor groups the :class:`RaggedKV` lists it is called with by ``kv_indptr`` and plans each group
+once, on the group's first layer; for a later layer of the same group it only copies that layer's
+indices into the group's index buffer (a device copy of ``n`` int32) before running. With nothing
+compressed every layer reads ``meta.kv`` and the whole forward costs one plan; with VL-Cache's
+per-layer budgets the lengths differ per layer and it costs up to one plan per layer.
+``plan_count`` / ``plan_seconds`` count the host time spent in ``plan`` (the GPU suite reports it
+per decode step).
+
+CUDA graphs. ``FlashInferAttentionExecutor(cuda_graph=True, max_batch_size=..., max_kv_tokens=...,
+num_layers=...)`` keeps one wrapper per (layer, batch size) over fixed buffers; call
+:meth:`plan_decode` outside the graph (before capture and before every replay), then ``decode`` inside
+it does no planning, no allocation and no host synchronisation. In that mode layer ``l`` reads
+``meta.layer_kv[l]`` (or ``meta.kv``) through its own buffers, so pass ``layer_id=`` to ``decode``
+(otherwise the i-th call after :meth:`plan_decode` is taken as layer i), and give every layer the
+same ``k_cache`` tensor in capture and replay (the global K/V storage with global row ids).
+
+``flashinfer`` is imported on first use only: importing this module needs neither flashinfer nor
+SGLang (nor CUDA).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV
+
+__all__ = ["FlashInferAttentionExecutor", "flashinfer_available"]
+
+_WORKSPACE_BYTES = 256 * 1024 * 1024
+
+
+def _import_flashinfer():
+    try:
+        import flashinfer  # noqa: F401
+        from flashinfer.decode import BatchDecodeWithPagedKVCacheWrapper
+        from flashinfer.prefill import BatchPrefillWithPagedKVCacheWrapper
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise RuntimeError(
+            "FlashInferAttentionExecutor needs the `flashinfer-python` package (and CUDA); "
+            "see docs/gpu-suite.md for an offline install"
+        ) from exc
+    return BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper
+
+
+def flashinfer_available() -> bool:
+    """CUDA present and ``flashinfer`` importable."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        _import_flashinfer()
+    except RuntimeError:
+        return False
+    return True
+
+
+class _Slot:
+    """One plan: a wrapper and the index buffers it reads."""
+
+    def __init__(self, device: torch.device, capacity_bs: int, capacity_tokens: int) -> None:
+        self.device = device
+        self.wrappers: dict[Any, Any] = {}
+        self.indices = torch.empty(max(capacity_tokens, 1), dtype=torch.int32, device=device)
+        self.indptr = torch.zeros(capacity_bs + 1, dtype=torch.int32, device=device)
+        self.last_page_len = torch.ones(max(capacity_bs, 1), dtype=torch.int32, device=device)
+        self.qo_indptr = torch.zeros(capacity_bs + 1, dtype=torch.int32, device=device)
+        self.key: tuple | None = None  # what the current plan was made for
+        self.holder: RaggedKV | None = None  # whose indices are in self.indices now
+        self.wrapper = None  # wrapper of the current plan
+
+    def fit(self, bs: int, tokens: int) -> None:
+        if tokens > self.indices.numel():
+            self.indices = torch.empty(max(tokens, 2 * self.indices.numel()), dtype=torch.int32, device=self.device)
+            self.key, self.holder = None, None
+        if bs + 1 > self.indptr.numel():
+            n = max(bs, 2 * (self.indptr.numel() - 1))
+            self.indptr = torch.zeros(n + 1, dtype=torch.int32, device=self.device)
+            self.qo_indptr = torch.zeros(n + 1, dtype=torch.int32, device=self.device)
+            self.last_page_len = torch.ones(n, dtype=torch.int32, device=self.device)
+            self.key, self.holder = None, None
+
+
+class FlashInferAttentionExecutor:
+    """Extend (causal, ragged prefix) and decode attention over ragged page-size-1 lists."""
+
+    def __init__(self, device: torch.device | str | None = None, *, workspace_bytes: int = _WORKSPACE_BYTES,
+                 use_tensor_cores: bool | None = None, cuda_graph: bool = False,
+                 max_batch_size: int | None = None, max_kv_tokens: int | None = None,
+                 num_layers: int | None = None) -> None:
+        self.device = torch.device(device) if device is not None else None
+        self.workspace_bytes = workspace_bytes
+        self.use_tensor_cores = use_tensor_cores
+        self.cuda_graph = cuda_graph
+        if cuda_graph and (max_batch_size is None or max_kv_tokens is None or num_layers is None):
+            raise ValueError("cuda_graph=True needs max_batch_size, max_kv_tokens and num_layers (fixed buffers)")
+        self.max_batch_size = max_batch_size
+        self.max_kv_tokens = max_kv_tokens
+        self.num_layers = num_layers
+        self._workspace: torch.Tensor | None = None
+        self._classes = None
+        # eager mode: slots reused across forwards; the current forward's grouping
+        self._free: dict[str, list[_Slot]] = {"decode": [], "prefill": []}
+        self._meta: ForwardMetadata | None = None
+        self._groups: dict[tuple, _Slot] = {}
+        self._by_kv: dict[int, _Slot] = {}
+        # graph mode: one slot per layer
+        self._graph_slots: list[_Slot] = []
+        self._graph_bs = 0
+        self._graph_calls = 0
+        self.plan_count = 0
+        self.plan_seconds = 0.0
+
+    # -- public interface -----------------------------------------------------------------------
+    def extend(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               kv: RaggedKV, meta: ForwardMetadata, scaling: float, enable_gqa: bool) -> torch.Tensor:
+        """q/out: ``[tokens, Hq, D]``; request ``b``'s rows are the last ``qo_len`` of its list (causal)."""
+        slot = self._eager_slot("prefill", q, k_cache, kv, meta, scaling)
+        self._load_indices(slot, kv)
+        slot.wrapper.run(q.contiguous(), self._paged(k_cache, v_cache), out=out)
+        return out
+
+    def decode(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               kv: RaggedKV, meta: ForwardMetadata, scaling: float, enable_gqa: bool,
+               layer_id: int | None = None) -> torch.Tensor:
+        """One query row per request over that request's list in ``kv``."""
+        if self.cuda_graph:
+            layer = self._graph_calls if layer_id is None else layer_id
+            self._graph_calls += 1
+            slot = self._graph_slots[layer]
+            wrapper = slot.wrappers[self._graph_bs]
+        else:
+            slot = self._eager_slot("decode", q, k_cache, kv, meta, scaling)
+            self._load_indices(slot, kv)
+            wrapper = slot.wrapper
+        wrapper.run(q.contiguous(), self._paged(k_cache, v_cache), out=out)
+        return out
+
+    def plan_decode(self, meta: ForwardMetadata, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                    q_dtype: torch.dtype, kv_dtype: torch.dtype, scaling: float) -> None:
+        """CUDA-graph mode: plan every layer's decode for this batch (call outside the graph)."""
+        if not self.cuda_graph:
+            raise RuntimeError("plan_decode is for cuda_graph=True; eager executors plan on first use")
+        bs = meta.batch_size
+        if bs > self.max_batch_size:
+            raise ValueError(f"batch of {bs} exceeds max_batch_size={self.max_batch_size}")
+        device = meta.kv.kv_indices.device
+        self.device = self.device or device
+        if not self._graph_slots:
+            self._graph_slots = [_Slot(device, self.max_batch_size, self.max_kv_tokens) for _ in range(self.num_layers)]
+        Decode, _ = self._wrapper_classes()
+        tc = self._tensor_cores(num_q_heads, num_kv_heads)
+        for layer, slot in enumerate(self._graph_slots):
+            kv = meta.layer_kv.get(layer, meta.kv)
+            n = kv.kv_indptr_cpu[-1]
+            if n > self.max_kv_tokens:
+                raise ValueError(f"layer {layer} reads {n} tokens, more than max_kv_tokens={self.max_kv_tokens}")
+            w = slot.wrappers.get(bs)
+            if w is None:
+                w = slot.wrappers[bs] = Decode(
+                    self._workspace_for(device), "NHD", use_cuda_graph=True, use_tensor_cores=tc,
+                    paged_kv_indptr_buffer=slot.indptr[: bs + 1], paged_kv_indices_buffer=slot.indices,
+                    paged_kv_last_page_len_buffer=slot.last_page_len[:bs])
+            t0 = time.perf_counter()
+            w.plan(torch.tensor(kv.kv_indptr_cpu, dtype=torch.int32), kv.kv_indices,
+                   torch.ones(bs, dtype=torch.int32), num_q_heads, num_kv_heads, head_dim, 1,
+                   q_data_type=q_dtype, kv_data_type=kv_dtype, sm_scale=scaling)
+            self.plan_seconds += time.perf_counter() - t0
+            self.plan_count += 1
+        self._graph_bs = bs
+        self._graph_calls = 0
+
+    def reset_counters(self) -> None:
+        self.plan_count, self.plan_seconds = 0, 0.0
+
+    # -- internals ------------------------------------------------------------------------------
+    @staticmethod
+    def _paged(k_cache: torch.Tensor, v_cache: torch.Tensor):
+        return k_cache.unsqueeze(1), v_cache.unsqueeze(1)  # [pages, page_size=1, Hkv, D] (NHD)
+
+    def _wrapper_classes(self):
+        if self._classes is None:
+            self._classes = _import_flashinfer()
+        return self._classes
+
+    def _workspace_for(self, device: torch.device) -> torch.Tensor:
+        if self._workspace is None:
+            # one float workspace shared by every wrapper: runs are sequential on one stream
+            self._workspace = torch.zeros(self.workspace_bytes, dtype=torch.uint8, device=device)
+        return self._workspace
+
+    def _tensor_cores(self, hq: int, hkv: int) -> bool:
+        if self.use_tensor_cores is not None:
+            return self.use_tensor_cores
+        return hq // hkv >= 4
+
+    def _new_forward(self, meta: ForwardMetadata) -> None:
+        for (kind, *_), slot in self._groups.items():
+            self._free[kind].append(slot)
+        self._groups, self._by_kv = {}, {}
+        self._meta = meta
+
+    def _eager_slot(self, kind: str, q: torch.Tensor, k_cache: torch.Tensor, kv: RaggedKV,
+                    meta: ForwardMetadata, scaling: float) -> _Slot:
+        if meta is not self._meta:
+            self._new_forward(meta)
+        slot = self._by_kv.get(id(kv))
+        if slot is not None:
+            return slot
+        hq, hkv, d = q.shape[1], k_cache.shape[1], q.shape[2]
+        sig = (hq, hkv, d, k_cache.shape[-1], q.dtype, k_cache.dtype, float(scaling))
+        indptr = tuple(kv.kv_indptr_cpu)
+        qo = tuple(meta.qo_indptr_cpu) if kind == "prefill" else None
+        key = (kind, indptr, qo, sig)
+        slot = self._groups.get(key)
+        if slot is None:
+            slot = self._plan_slot(kind, key, q, k_cache, kv, meta, scaling)
+            self._groups[key] = slot
+        self._by_kv[id(kv)] = slot
+        return slot
+
+    def _plan_slot(self, kind, key, q, k_cache, kv: RaggedKV, meta: ForwardMetadata, scaling) -> _Slot:
+        device = q.device
+        bs = len(kv.kv_indptr_cpu) - 1
+        n = kv.kv_indptr_cpu[-1]
+        free = self._free[kind]
+        slot = free.pop() if free else _Slot(device, max(bs, 8), max(n, 1024))
+        slot.fit(bs, n)
+        Decode, Prefill = self._wrapper_classes()
+        hq, hkv, d = q.shape[1], k_cache.shape[1], q.shape[2]
+        tc = self._tensor_cores(hq, hkv)
+        wkey = (kind, tc)
+        w = slot.wrappers.get(wkey)
+        if w is None:
+            ws = self._workspace_for(device)
+            w = Decode(ws, "NHD", use_tensor_cores=tc) if kind == "decode" else Prefill(ws, "NHD")
+            slot.wrappers[wkey] = w
+        slot.indices[:n].copy_(kv.kv_indices)
+        slot.holder = kv
+        indptr = torch.tensor(kv.kv_indptr_cpu, dtype=torch.int32)
+        last = torch.ones(bs, dtype=torch.int32)
+        t0 = time.perf_counter()
+        if kind == "decode":
+            w.plan(indptr, slot.indices[:n], last, hq, hkv, d, 1,
+                   q_data_type=q.dtype, kv_data_type=k_cache.dtype, sm_scale=scaling)
+        else:
+            qo = torch.tensor(meta.qo_indptr_cpu, dtype=torch.int32)
+            w.plan(qo, indptr, slot.indices[:n], last, hq, hkv, d, 1, causal=True,
+                   q_data_type=q.dtype, kv_data_type=k_cache.dtype, sm_scale=scaling)
+        self.plan_seconds += time.perf_counter() - t0
+        self.plan_count += 1
+        slot.key, slot.wrapper = key, w
+        return slot
+
+    @staticmethod
+    def _load_indices(slot: _Slot, kv: RaggedKV) -> None:
+        """Put this layer's indices where the group's plan reads them (skip if already there)."""
+        if slot.holder is kv:
+            return
+        n = kv.kv_indptr_cpu[-1]
+        slot.indices[:n].copy_(kv.kv_indices)
+        slot.holder = kv

@@ -1,0 +1,256 @@
+"""Virtual token ids: how a compressed position lives in SGLang's rows and radix tree.
+
+After compaction (:mod:`vlcache_sglang.backend.cell_store`) a compressed prompt position ``j`` is
+kept in some layers and dropped in others, and its kept K/V rows sit in *cells* (rows of slots
+that may hold other positions' cells too). SGLang's ``req_to_token`` rows and radix-tree values
+need one id per token, so position ``j`` gets a **virtual id** ``v >= base`` (``base`` = rows per
+layer, above every real slot id):
+
+* ``table[v - base, l]`` is the global K/V row of ``j`` in layer ``l`` (``-1``: dropped there);
+* ``null_id`` (= ``base``) stands for every position dropped in all layers; it owns nothing;
+* each cell slot counts its live cells (``slot_live``); when the last virtual id reading a slot is
+  released the slot goes back to SGLang's allocator.
+
+Every free in SGLang ends in ``allocator.free(ids)`` (finish, abort, retraction, radix dedup,
+eviction), so :func:`install_free_filter` wraps that one method: real ids go to the allocator,
+virtual ids to :meth:`VirtualKV.release`. Rows and tree values therefore stay ordinary id
+tensors that SGLang copies, splits, locks and frees without knowing what they mean.
+
+For the radix tree's accounting each virtual id has a state (request-owned, in the tree and
+evictable, in the tree and locked) and each slot counts its cells per state, so the tree can
+report evictable and protected memory in slots, exactly (see :mod:`vlcache_sglang.radix`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FREE, OWNED, CACHED, LOCKED = 0, 1, 2, 3  # virtual id states
+
+
+@dataclass
+class Compaction:
+    """What :meth:`VirtualKV.compact` did to one request."""
+
+    prefix_ids: list[torch.Tensor]  # per layer: global rows of the kept positions < protected
+    kept_counts: list[int]  # per layer: kept prompt positions (prefix + own)
+    cell_slots: int  # slots now holding the request's cells
+    freed_slots: int  # slots handed back to the allocator
+    new_vids: int  # virtual ids taken (positions kept in at least one layer)
+
+
+class VirtualKV:
+    """Virtual ids over the global K/V storage ``[L * R, heads, dim]`` (plain PyTorch)."""
+
+    def __init__(self, rows_per_layer: int, num_layers: int, capacity: int, device: torch.device | str = "cpu"):
+        if capacity < 2:
+            raise ValueError("need room for the null id and at least one virtual id")
+        self.base = self.null_id = rows_per_layer
+        self.rows_per_layer, self.num_layers, self.capacity = rows_per_layer, num_layers, capacity
+        self.device = torch.device(device)
+        self.free_slots_fn = None  # the allocator's original free (set by install_free_filter)
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every virtual id and cell (SGLang's flush_cache clears the allocator next)."""
+        self.table = torch.full((self.capacity, self.num_layers), -1, dtype=torch.int64, device=self.device)
+        self.state = torch.zeros(self.capacity, dtype=torch.int8)
+        self.state[0] = CACHED  # the null id is never freed and owns nothing
+        self._free = list(range(self.capacity - 1, 0, -1))  # stack of free table indices
+        # per slot: live cells, and cells whose virtual id is request-owned / locked in the tree
+        self.slot_live = torch.zeros(self.rows_per_layer, dtype=torch.int32)
+        self.slot_owned = torch.zeros(self.rows_per_layer, dtype=torch.int32)
+        self.slot_locked = torch.zeros(self.rows_per_layer, dtype=torch.int32)
+        self.slots_freed = 0  # cell slots returned to the allocator by release (a running count)
+
+    # -- queries ---------------------------------------------------------------------------
+    @property
+    def free_ids(self) -> int:
+        return len(self._free)
+
+    @property
+    def live_ids(self) -> int:
+        return self.capacity - 1 - len(self._free)
+
+    def live_cell_slots(self) -> int:
+        return int((self.slot_live > 0).sum())
+
+    def cached_cell_slots(self) -> tuple[int, int]:
+        """(evictable, protected) cell slots: slots all of whose cells belong to tree entries,
+        with no locked cell, resp. with at least one locked cell."""
+        in_tree = (self.slot_live > 0) & (self.slot_owned == 0)
+        locked = self.slot_locked > 0
+        return int((in_tree & ~locked).sum()), int((in_tree & locked).sum())
+
+    def is_virtual(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids >= self.base
+
+    def has_virtual(self, ids: torch.Tensor) -> bool:
+        return bool(ids.numel()) and int(ids.max()) >= self.base
+
+    def layer_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[n, L]`` global K/V row of each id in each layer (``-1`` where dropped)."""
+        ids = ids.to(device=self.device, dtype=torch.int64)
+        layers = torch.arange(self.num_layers, device=self.device) * self.rows_per_layer
+        rows = ids.unsqueeze(1) + layers
+        virtual = ids >= self.base
+        if bool(virtual.any()):
+            rows[virtual] = self.table[ids[virtual] - self.base]
+        return rows
+
+    def resolve(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer ``(present, rows)``: the indices into ``ids`` present in that layer and their
+        global K/V rows, in order."""
+        rows = self.layer_rows(ids)
+        out = []
+        for layer in range(self.num_layers):
+            col = rows[:, layer]
+            present = torch.nonzero(col >= 0).flatten()
+            out.append((present, col[present]))
+        return out
+
+    # -- compaction ------------------------------------------------------------------------
+    def compact(self, k: torch.Tensor, v: torch.Tensor, row: torch.Tensor, kept: list[torch.Tensor],
+                protected: int, prompt_len: int) -> Compaction | None:
+        """Move one request's kept K/V into cells and rewrite its row with virtual ids.
+
+        Args:
+            k, v: the global K/V storage ``[L * R, heads, dim]``.
+            row: the request's ``req_to_token`` row (written in place for ``[protected, prompt_len)``).
+            kept: per layer, sorted kept positions in ``[0, prompt_len)``, all present in that layer.
+            protected: positions ``< protected`` belong to the radix tree: read in place, never moved.
+            prompt_len: ``m``.
+
+        Positions ``[protected, m)`` must hold the request's own real slots. Their kept rows (``k_l``
+        per layer) are packed into ``c = ceil(sum_l k_l / L)`` of those slots; the rest go back to
+        the allocator. Returns None (nothing changed) when there are not enough free virtual ids.
+        """
+        from vlcache_sglang.kernels.dispatch import move_kv_rows_auto
+        from vlcache_sglang.kernels.kv_move import compaction_moves
+
+        dev = self.device
+        slots = row[:prompt_len].to(device=dev, dtype=torch.int64)
+        if self.has_virtual(slots[protected:]):
+            raise AssertionError("a request's own positions must hold real slots before compaction")
+        prefix_rows = self.layer_rows(slots[:protected]) if protected else None
+        owned = prompt_len - protected
+        used = torch.zeros(owned, dtype=torch.bool, device=dev)
+        prefix_ids, own_pos, counts = [], [], []
+        for layer, pos in enumerate(kept):
+            pos = pos.to(device=dev, dtype=torch.int64)
+            in_prefix = pos < protected
+            ids = prefix_rows[pos[in_prefix], layer] if prefix_rows is not None else pos[in_prefix]
+            if bool((ids < 0).any()):
+                raise AssertionError(f"layer {layer} keeps a prefix position it does not hold")
+            prefix_ids.append(ids)
+            own = pos[~in_prefix] - protected
+            own_pos.append(own)
+            used[own] = True
+            counts.append(int(pos.numel()))
+        n_vids = int(used.sum())
+        if n_vids > len(self._free):
+            logger.warning("vlcache: %d virtual ids needed, %d free; request left uncompressed", n_vids, len(self._free))
+            return None
+        moves = compaction_moves(self.num_layers, self.rows_per_layer, slots, kept, protected, prompt_len, device=dev)
+        if moves.src.numel():  # sources are read before any cell is written
+            move_kv_rows_auto(k, v, moves.src, moves.dst)
+        # virtual ids for positions kept somewhere; the null id for the rest
+        vid_index = torch.zeros(owned, dtype=torch.int64, device=dev)
+        taken = [self._free.pop() for _ in range(n_vids)]
+        vid_index[used] = torch.tensor(taken, dtype=torch.int64, device=dev)
+        for layer, own in enumerate(own_pos):
+            self.table[vid_index[own], layer] = moves.own_dst[layer]
+        if taken:
+            self.state[torch.tensor(taken)] = OWNED
+        cell_slot_ids = (moves.dst % self.rows_per_layer).cpu()
+        ones = torch.ones_like(cell_slot_ids, dtype=torch.int32)
+        self.slot_live.index_add_(0, cell_slot_ids, ones)
+        self.slot_owned.index_add_(0, cell_slot_ids, ones)
+        row[protected:prompt_len] = (vid_index + self.base).to(row.dtype)
+        if moves.freed.numel():
+            self._free_slots(moves.freed)
+        return Compaction(prefix_ids=prefix_ids, kept_counts=counts, cell_slots=moves.cell_slots,
+                          freed_slots=int(moves.freed.numel()), new_vids=n_vids)
+
+    # -- state changes (radix tree) --------------------------------------------------------
+    def set_state(self, ids: torch.Tensor, old: int, new: int) -> int:
+        """Move the virtual ids among ``ids`` that are in state ``old`` to ``new``; returns how many."""
+        idx = self._indices(ids)
+        if idx.numel() == 0:
+            return 0
+        idx = idx[self.state[idx] == old]
+        if idx.numel() == 0:
+            return 0
+        self._count_cells(idx, old, -1)
+        self._count_cells(idx, new, +1)
+        self.state[idx] = new
+        return int(idx.numel())
+
+    def release(self, ids: torch.Tensor) -> None:
+        """Free virtual ids (the null id is ignored); slots whose last cell goes are freed."""
+        idx = self._indices(ids)
+        if idx.numel() == 0:
+            return
+        states = self.state[idx]
+        if bool((states == FREE).any()):
+            raise AssertionError(f"double free of virtual ids {(idx[states == FREE] + self.base).tolist()[:8]}")
+        for s in (OWNED, LOCKED):
+            self._count_cells(idx[states == s], s, -1)
+        cells = self.table[idx.to(self.device)]
+        cells = cells[cells >= 0]
+        slot_ids = (cells % self.rows_per_layer).cpu()
+        self.slot_live.index_add_(0, slot_ids, -torch.ones_like(slot_ids, dtype=torch.int32))
+        emptied = torch.unique(slot_ids)
+        emptied = emptied[self.slot_live[emptied] == 0]
+        self.table[idx.to(self.device)] = -1
+        self.state[idx] = FREE
+        self._free.extend(idx.tolist())
+        if emptied.numel():
+            self.slots_freed += int(emptied.numel())
+            self._free_slots(emptied.to(self.device))
+
+    # -- internals -------------------------------------------------------------------------
+    def _indices(self, ids: torch.Tensor) -> torch.Tensor:
+        """Table indices (CPU int64) of the non-null virtual ids among ``ids``."""
+        ids = ids.reshape(-1).to(device="cpu", dtype=torch.int64)
+        idx = ids[ids > self.base] - self.base
+        return idx
+
+    def _count_cells(self, idx: torch.Tensor, state: int, sign: int) -> None:
+        counter = {OWNED: self.slot_owned, LOCKED: self.slot_locked}.get(state)
+        if counter is None or idx.numel() == 0:
+            return
+        cells = self.table[idx.to(self.device)]
+        slot_ids = (cells[cells >= 0] % self.rows_per_layer).cpu()
+        counter.index_add_(0, slot_ids, torch.full_like(slot_ids, sign, dtype=torch.int32))
+
+    def _free_slots(self, slots: torch.Tensor) -> None:
+        if self.free_slots_fn is None:
+            raise RuntimeError("VirtualKV has no allocator: call install_free_filter first")
+        self.free_slots_fn(slots.to(torch.int64))
+
+
+def install_free_filter(allocator, vkv: VirtualKV) -> None:
+    """Route virtual ids in every ``allocator.free`` call to ``vkv.release`` (idempotent)."""
+    if getattr(allocator, "_vlcache_free_filter", None) is vkv:
+        return
+    original = allocator.free
+    vkv.free_slots_fn = original
+
+    def free(free_index: torch.Tensor):
+        if free_index.numel() == 0:
+            return original(free_index)
+        virtual = free_index >= vkv.base
+        if not bool(virtual.any()):
+            return original(free_index)
+        vkv.release(free_index[virtual])
+        real = free_index[~virtual]
+        if real.numel():
+            original(real)
+
+    allocator.free = free
+    allocator._vlcache_free_filter = vkv
