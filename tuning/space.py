@@ -1,0 +1,172 @@
+"""The policy search space as Optuna distributions, and the mapping of a trial to a PolicyConfig.
+
+Searched (PolicyConfig field names): ``alpha`` (budget ratio, log scale), ``window_mode`` with its
+length (``window_size`` for ``last_w``; ``max_window`` cap for ``post_vision``, 0 = no cap),
+``sparsity_threshold`` (log), ``recent_share``, ``clip_min``, ``clip_max``, ``granularity``,
+``pool_kernel``, ``redistribute``. ``--fix name=value`` pins a parameter (or any other
+PolicyConfig field) and removes it from the search. The clip ranges follow the alpha range so
+every sampled point is a valid policy (``clip_min <= alpha <= clip_max``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+    distribution_to_json,
+)
+
+from vlcache_sglang.policy import PolicyConfig, PolicyConfigError
+
+#: parameters that only exist for one window mode
+CONDITIONAL = {"window_size": "last_w", "max_window": "post_vision"}
+
+
+class SpaceError(ValueError):
+    """A bad ``--fix`` value or alpha range."""
+
+
+def default_distributions(alpha_lo: float = 0.02, alpha_hi: float = 0.5) -> dict[str, BaseDistribution]:
+    """The full search space for an alpha range."""
+    if not 0.0 < alpha_lo < alpha_hi <= 1.0:
+        raise SpaceError(f"alpha range must satisfy 0 < low < high <= 1, got [{alpha_lo}, {alpha_hi}]")
+    return {
+        "alpha": FloatDistribution(alpha_lo, alpha_hi, log=True),
+        "window_mode": CategoricalDistribution(["post_vision", "last_w"]),
+        "window_size": IntDistribution(8, 64, step=8),
+        "max_window": CategoricalDistribution([0, 8, 16, 32]),
+        "sparsity_threshold": FloatDistribution(1e-3, 0.1, log=True),
+        "recent_share": FloatDistribution(0.0, 0.3),
+        "clip_min": FloatDistribution(0.0, min(0.02, alpha_lo)),
+        "clip_max": FloatDistribution(max(0.5, alpha_hi), 1.0) if alpha_hi < 1.0 else CategoricalDistribution([1.0]),
+        "granularity": CategoricalDistribution(["layer", "head"]),
+        "pool_kernel": CategoricalDistribution([1, 3, 5, 7]),
+        "redistribute": CategoricalDistribution([True, False]),
+    }
+
+
+def parse_fixed(pairs: list[str] | None) -> dict[str, Any]:
+    """``["granularity=layer", "alpha=0.1"]`` -> ``{"granularity": "layer", "alpha": 0.1}`` (JSON values)."""
+    out: dict[str, Any] = {}
+    names = set(PolicyConfig().to_dict())
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SpaceError(f"--fix expects name=value, got {pair!r}")
+        if key not in names:
+            raise SpaceError(f"--fix {key}: not a policy field; allowed: {', '.join(sorted(names))}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Distributions to sample plus fixed PolicyConfig fields (``method`` among them)."""
+
+    distributions: Mapping[str, BaseDistribution]
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, method: str = "vlcache", fixed: Mapping[str, Any] | None = None,
+              alpha_range: tuple[float, float] = (0.02, 0.5)) -> "SearchSpace":
+        fixed = {"method": method, **dict(fixed or {})}
+        dists = {k: v for k, v in default_distributions(*alpha_range).items() if k not in fixed}
+        if fixed.get("window_mode") == "last_w":
+            dists.pop("max_window", None)
+        if fixed.get("window_mode") == "post_vision":
+            dists.pop("window_size", None)
+        if "budget" in fixed and fixed["budget"] is not None:
+            raise SpaceError("--fix budget: the budget function cannot be set per request; leave it unset")
+        space = cls(dists, fixed)
+        try:  # fail now, not in trial 1: fixed values with the widest sampled values
+            for extreme in (0, -1):
+                space.to_policy({k: _edge(d, extreme) for k, d in dists.items()})
+        except PolicyConfigError as exc:
+            raise SpaceError(f"--fix values do not make a valid policy with this search space: {exc}") from None
+        return space
+
+    def sample(self, trial: optuna.Trial) -> dict[str, Any]:
+        """Ask the trial for every active parameter (window length conditional on the mode)."""
+        params: dict[str, Any] = {}
+        for name, dist in self.distributions.items():
+            if name in CONDITIONAL:
+                continue
+            params[name] = suggest(trial, name, dist)
+        mode = params.get("window_mode", self.fixed.get("window_mode", "post_vision"))
+        for name, needs in CONDITIONAL.items():
+            if name in self.distributions and mode == needs:
+                params[name] = suggest(trial, name, self.distributions[name])
+        return params
+
+    def to_policy(self, params: Mapping[str, Any]) -> PolicyConfig:
+        """The PolicyConfig of a parameter set (``max_window`` 0 means no cap)."""
+        values = {**self.fixed, **params}
+        if values.get("max_window") == 0:
+            values["max_window"] = None
+        mode = values.get("window_mode", "post_vision")
+        for name, needs in CONDITIONAL.items():  # inactive conditionals keep the default
+            if name in params and mode != needs:
+                values.pop(name)
+        return PolicyConfig().replace(**values)
+
+    def params_for(self, policy: PolicyConfig) -> dict[str, Any] | None:
+        """The parameters that reproduce ``policy`` in this space, or None if it lies outside."""
+        fields = policy.to_dict()
+        if any(fields.get(k) != v for k, v in self.fixed.items()):
+            return None
+        if fields.get("max_window") is None:
+            fields["max_window"] = 0
+        fields["pool_kernel"] = policy.resolved_pool_kernel()
+        params = {}
+        for name, dist in self.distributions.items():
+            if name in CONDITIONAL and fields["window_mode"] != CONDITIONAL[name]:
+                continue
+            if not _inside(dist, fields[name]):
+                return None
+            params[name] = fields[name]
+        return params
+
+    def signature(self) -> dict[str, Any]:
+        """JSON-able description used to refuse resuming a study with another space."""
+        return {"distributions": {k: json.loads(distribution_to_json(d)) for k, d in sorted(self.distributions.items())},
+                "fixed": dict(sorted(self.fixed.items()))}
+
+
+def suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
+    """``trial.suggest_*`` for ``dist``."""
+    if isinstance(dist, FloatDistribution):
+        return trial.suggest_float(name, dist.low, dist.high, log=dist.log, step=dist.step)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, log=dist.log, step=dist.step)
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, list(dist.choices))
+    raise TypeError(f"unsupported distribution {dist!r}")
+
+
+def _inside(dist: BaseDistribution, value: Any) -> bool:
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if not dist.low <= value <= dist.high:
+        return False
+    return not (isinstance(dist, IntDistribution) and (value - dist.low) % dist.step)
+
+
+def _edge(dist: BaseDistribution, which: int) -> Any:
+    if isinstance(dist, CategoricalDistribution):
+        return dist.choices[which]
+    if isinstance(dist, (FloatDistribution, IntDistribution)):
+        return dist.low if which == 0 else dist.high
+    raise TypeError(f"unsupported distribution {dist!r}")
