@@ -4,15 +4,35 @@ plan's positions, decode greedily. What the server must reproduce token for toke
 The first output token comes from the prefill logits (full cache), as in SGLang; each later
 token attends, in layer ``l``, to ``plan.kept[l]`` plus the generated tail. Keys are stored
 after RoPE, so cropping moves no position.
+
+The pieces are public so that one prefill can serve many plans (``vlcache_sglang.hf_eval``):
+:func:`prefill` -> :func:`crop_cache_positions` -> :func:`decode_steps` (greedy or
+teacher forced); :func:`greedy_with_plan` chains them for one plan.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from vlcache_sglang.tinyvlm.kvcache import decode_positions, rope_positions
+
+
+@dataclass
+class Prefill:
+    """A batch-of-one full-attention prefill: its cache, prefill logits and M-RoPE deltas."""
+
+    cache: DynamicCache
+    logits: torch.Tensor  # [vocab] logits of the last prompt position (full cache)
+    rope_deltas: torch.Tensor  # [1, 1]
+    prompt_len: int
+
+    @property
+    def first_token(self) -> int:
+        """The first generated token (greedy, from the prefill logits, as SGLang does)."""
+        return int(self.logits.argmax(-1))
 
 
 def crop_cache_positions(cache: DynamicCache, kept: Sequence[torch.Tensor], config) -> DynamicCache:
@@ -26,32 +46,77 @@ def crop_cache_positions(cache: DynamicCache, kept: Sequence[torch.Tensor], conf
 
 
 @torch.no_grad()
-def greedy_with_plan(model, inputs: dict, kept: Sequence[torch.Tensor] | None, max_new_tokens: int,
-                     eos_token_ids: Sequence[int] = ()) -> list[int]:
-    """Greedy tokens of ``model`` on processor ``inputs`` with each layer's cache cut to ``kept``
-    after prefill (``kept=None``: full cache). Stops after an EOS token, like SGLang."""
+def prefill(model, inputs: dict) -> Prefill:
+    """Full-attention prefill of processor ``inputs`` (batch of one) with the model's M-RoPE positions."""
     input_ids = inputs["input_ids"]
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"prefill takes a batch of one prompt, got {input_ids.shape[0]}")
     image_grid_thw = inputs.get("image_grid_thw")
-    image_pad_id = model.config.image_token_id
     if image_grid_thw is not None:
-        pos, deltas = rope_positions(model, input_ids, image_grid_thw, image_pad_id)
+        pos, deltas = rope_positions(model, input_ids, image_grid_thw, model.config.image_token_id)
     else:
         pos = torch.arange(input_ids.shape[1]).view(1, 1, -1).expand(3, 1, -1)
         deltas = torch.zeros(1, 1, dtype=torch.long)
     cache = DynamicCache(config=model.config.text_config)
     out = model(input_ids=input_ids, pixel_values=inputs.get("pixel_values"), image_grid_thw=image_grid_thw,
                 position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    first = out.logits[:, -1].argmax(-1)
-    if kept is not None:
-        cache = crop_cache_positions(cache, kept, model.config.text_config)
+    return Prefill(cache, out.logits[0, -1], deltas, int(input_ids.shape[1]))
+
+
+@torch.no_grad()
+def decode_steps(model, cache: DynamicCache, first_token: int, prompt_len: int, rope_deltas: torch.Tensor,
+                 max_new_tokens: int, eos_token_ids: Sequence[int] = (),
+                 forced: Sequence[int] | None = None) -> tuple[list[int], list[torch.Tensor]]:
+    """Decode from ``cache`` (consumed: it grows), the first token given: the tokens, and per decode
+    step ``i`` (which reads token ``i``) the next-token logits ``[vocab]``. Greedy, stopping after
+    an EOS token or ``max_new_tokens`` tokens like SGLang; with ``forced`` (teacher forcing) token
+    ``i + 1`` is ``forced[i + 1]`` instead of the argmax."""
+    if forced is not None and (not forced or forced[0] != first_token):
+        raise ValueError("forced tokens must start with first_token")
     tokens: list[int] = []
-    current = first
+    logits: list[torch.Tensor] = []
+    current = torch.tensor([first_token], device=rope_deltas.device)
     for step in range(max_new_tokens):
         tokens.append(int(current))
         if int(current) in eos_token_ids or step == max_new_tokens - 1:
             break
         # generated token `step` sits at prompt position m + step (plus the image's M-RoPE delta)
-        position = decode_positions(input_ids.shape[1], deltas, step, 1)
+        position = decode_positions(prompt_len, rope_deltas, step, 1)
         o = model(input_ids=current[:, None], position_ids=position, past_key_values=cache, use_cache=True)
-        current = o.logits[:, -1].argmax(-1)
-    return tokens
+        logits.append(o.logits[0, -1])
+        if forced is None:
+            current = logits[-1].argmax(-1, keepdim=True)
+        else:
+            current = torch.tensor([forced[step + 1]], device=current.device)
+    return tokens, logits
+
+
+def decode_greedy(model, cache: DynamicCache, first_token: int, prompt_len: int, rope_deltas: torch.Tensor,
+                  max_new_tokens: int, eos_token_ids: Sequence[int] = ()) -> list[int]:
+    """Greedy tokens from ``cache`` (consumed), the first token given; see :func:`decode_steps`."""
+    return decode_steps(model, cache, first_token, prompt_len, rope_deltas, max_new_tokens, eos_token_ids)[0]
+
+
+def teacher_forced_logits(model, cache: DynamicCache, tokens: Sequence[int], prompt_len: int,
+                          rope_deltas: torch.Tensor) -> torch.Tensor:
+    """``[len(tokens) - 1, vocab]``: the next-token logits of decode steps ``0 .. len(tokens) - 2``
+    when ``tokens`` (generated tokens 0, 1, ...) are fed to ``cache`` (consumed) one at a time.
+    One token per forward: the layers' caches may differ in length, which one multi-token mask
+    cannot express."""
+    if len(tokens) < 2:
+        raise ValueError("teacher_forced_logits needs at least two tokens")
+    _, logits = decode_steps(model, cache, tokens[0], prompt_len, rope_deltas, len(tokens), forced=tokens)
+    return torch.stack(logits)
+
+
+@torch.no_grad()
+def greedy_with_plan(model, inputs: dict, kept: Sequence[torch.Tensor] | None, max_new_tokens: int,
+                     eos_token_ids: Sequence[int] = ()) -> list[int]:
+    """Greedy tokens of ``model`` on processor ``inputs`` with each layer's cache cut to ``kept``
+    after prefill (``kept=None``: full cache). Stops after an EOS token, like SGLang."""
+    pre = prefill(model, inputs)
+    cache = pre.cache
+    if kept is not None:
+        cache = crop_cache_positions(cache, kept, model.config.text_config)
+    return decode_greedy(model, cache, pre.first_token, pre.prompt_len, pre.rope_deltas, max_new_tokens,
+                         eos_token_ids)
