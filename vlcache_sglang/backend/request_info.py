@@ -105,6 +105,10 @@ def prepare_prefix_match(req, settings: CompressionSettings) -> int | None:
         user = req._vlcache_user_extra_key
         req.extra_key = namespace if user is None else f"{user}|{namespace}"
         return None
+    from vlcache_sglang.policy.methods import get_method
+
+    if get_method(policy.method).rows == "all":
+        return 0  # H2O scores every row: a reused prefix would leave its statistics incomplete
     return locate_window(prompt_len, spans, policy).start
 
 
