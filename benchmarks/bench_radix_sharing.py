@@ -7,8 +7,8 @@ the cache is flushed, then the ten questions of a page are asked
 
 * one after the other (streaming), to time the first token of each: the first question pays for
   the image, the next nine show what sharing saves;
-* all at once with a long answer, sampling the pool while they run: peak KV in use / 10 is the
-  memory per request (shared tree prefixes included).
+* the first alone, then all ten at once (16-token answers), sampling the pool while they run:
+  peak KV in use / 10 is the memory per request (shared tree prefixes included).
 
 Configurations: full cache (budget 1.0: stock radix sharing of the uncompressed prompt), unshared
 compression (budget 0.1, ``sharing=off``), and the two sharing modes at budget 0.1 (``prefix``:
@@ -81,7 +81,9 @@ def pool_used(url: str) -> int:
 
 
 def peak_memory(url: str, texts: list[str], image: str, vlcache: dict) -> int:
-    """Peak KV slots in use while all questions run at once (64-token answers)."""
+    """Peak KV slots in use while all questions run at once (16-token answers), after the first
+    question was asked alone (so whatever a mode shares is in the tree, as for an image that
+    was asked about before)."""
     peak, stop = [0], threading.Event()
 
     def poll():
@@ -91,10 +93,11 @@ def peak_memory(url: str, texts: list[str], image: str, vlcache: dict) -> int:
 
     def run(text):
         payload = {"text": text, "image_data": image,
-                   "sampling_params": {"max_new_tokens": 64, "temperature": 0, "ignore_eos": True,
+                   "sampling_params": {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True,
                                        "custom_params": {"vlcache": vlcache}}}
         requests.post(f"{url}/generate", json=payload, timeout=600).raise_for_status()
 
+    run(texts[0])
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     with cf.ThreadPoolExecutor(max_workers=len(texts)) as pool:
