@@ -63,7 +63,7 @@ def _add_cli_args(result, parser, *args, **kwargs):
     group.add_argument("--vlcache-config", type=str, default=None,
                        help="a tuned policy configuration (JSON) written by tune.py")
     group.add_argument("--vlcache-sharing", type=str, default=None,
-                       help="radix sharing of compressing requests: prefix (default), compressed or off")
+                       help="radix sharing of compressing requests: off (default), prefix or compressed")
     return result
 
 

@@ -31,14 +31,16 @@ REQUEST_KEY = "vlcache"
 #: picks how the radix tree shares this request's KV (see :data:`SHARING_MODES`).
 REQUEST_ONLY_KEYS = frozenset({"return_plan", "sharing"})
 #: Radix sharing of compressing requests (with the ``vlcache`` radix cache):
-#: ``prefix`` (default): only the uncompressed prefix before the statistics window enters the tree
-#: (shared with every request); each request selects from it as if nothing were shared and
-#: compresses only its own tokens, so its answer never depends on what is cached;
+#: ``off`` (default): nothing of a compressing request enters the tree; all of its own prompt is
+#: compacted, so it holds only its kept cells, and its answer never depends on what is cached;
+#: ``prefix``: the uncompressed prefix before the statistics window enters the tree (shared with
+#: every request) and stays in place: each question selects from the full image exactly as
+#: unshared, but the image is held uncompressed (good for many questions on one image, no memory
+#: saving for an image asked about once);
 #: ``compressed``: the compressed prompt and answer enter the tree under a namespace keyed by the
-#: policy, so repeats and later turns reuse the compressed KV (smaller, but selected without their
-#: question: a repeat's first token is computed over the compressed cache);
-#: ``off``: nothing of a compressing request enters the tree.
-SHARING_MODES = ("prefix", "compressed", "off")
+#: policy, so later turns and repeats reuse the compressed KV (smallest, but selected without the
+#: new question: a repeat's first token is computed over the compressed cache).
+SHARING_MODES = ("off", "prefix", "compressed")
 
 #: Compression methods the backend can be asked for (policy registry names).
 METHODS = ("vlcache", "snapkv", "pyramidkv", "h2o", "streamingllm", "random", "full")
@@ -55,7 +57,7 @@ class CompressionSettings:
     budget: float = 1.0
     method: str = "vlcache"
     config_path: str | None = None
-    sharing: str = "prefix"
+    sharing: str = "off"
     policy_overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "CompressionSettings":

@@ -58,11 +58,11 @@ def test_request_overrides_take_precedence_and_are_validated():
 
 
 def test_sharing_mode_from_env_request_and_bad_values():
-    base = CompressionSettings.from_env({"VLCACHE_SHARING": "off"})
-    assert base.sharing == "off" and CompressionSettings().sharing == "prefix"
+    base = CompressionSettings.from_env({"VLCACHE_SHARING": "prefix"})
+    assert base.sharing == "prefix" and CompressionSettings().sharing == "off"
     assert base.with_request({"vlcache": {"sharing": "compressed"}}).sharing == "compressed"
     assert "sharing" not in base.with_request({"vlcache": {"sharing": "compressed"}}).policy_overrides
-    with pytest.raises(SettingsError, match="sharing must be one of prefix, compressed, off"):
+    with pytest.raises(SettingsError, match="sharing must be one of off, prefix, compressed"):
         parse_request_overrides({"vlcache": {"sharing": "always"}})
     with pytest.raises(SettingsError, match="sharing"):
         CompressionSettings.from_env({"VLCACHE_SHARING": "yes"})
