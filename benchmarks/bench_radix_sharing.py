@@ -18,9 +18,7 @@ question's compressed image shared). Figures are CPU ratios from one run; accura
 from __future__ import annotations
 
 import argparse
-import base64
 import concurrent.futures as cf
-import io
 import json
 import statistics
 import sys
@@ -33,7 +31,9 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tests.conftest import png_base64  # noqa: E402
 from vlcache_sglang.bundled import bundled_model_dir  # noqa: E402
+from vlcache_sglang.hf_eval.items import ChatPrompter  # noqa: E402
 from vlcache_sglang.serving import running_server  # noqa: E402
 from vlcache_sglang.tasks.shared_page import questions_on_one_page  # noqa: E402
 
@@ -43,20 +43,6 @@ CONFIGS = {
     "prefix 0.1": {"budget": 0.1, "sharing": "prefix"},
     "compressed 0.1": {"budget": 0.1, "sharing": "compressed"},
 }
-
-
-def png(rgb) -> str:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def prompt(processor, question: str) -> str:
-    return processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-        add_generation_prompt=True, tokenize=False)
 
 
 def first_token_time(url: str, text: str, image: str, vlcache: dict) -> tuple[float, str]:
@@ -112,13 +98,13 @@ def main() -> None:
     p.add_argument("--pages", type=int, default=3, help="pages (ten questions each) per configuration")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "radix_sharing.json")
     args = p.parse_args()
-    from transformers import AutoProcessor
+    from PIL import Image
 
-    processor = AutoProcessor.from_pretrained(bundled_model_dir())
+    prompter = ChatPrompter.from_pretrained(bundled_model_dir())
     pages = []
     for seed in range(args.pages):
         rgb, qa = questions_on_one_page(seed=200 + seed, n=10)
-        pages.append((png(rgb), [prompt(processor, q) for q, _ in qa], [a for _, a in qa]))
+        pages.append((png_base64(Image.fromarray(rgb)), [prompter.text(q) for q, _ in qa], [a for _, a in qa]))
     results: dict[str, dict] = {}
     with running_server(bundled_model_dir(), attention_backend="vlcache", max_running_requests=10) as server:
         flush = lambda: requests.post(f"{server.url}/flush_cache", timeout=60).raise_for_status()  # noqa: E731

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
+from vlcache_sglang.hf_reference import crop_cache_positions, decode_greedy
 from vlcache_sglang.tinyvlm.kvcache import decode_positions, rope_positions
 
 
@@ -25,17 +26,16 @@ class PositionedCache:
         self.positions = [torch.arange(length) for _ in range(num_layers)]
 
     def keep(self, kept: Sequence[torch.Tensor]) -> None:
-        new = DynamicCache(config=self.config)
+        rows = []
         for layer, want in enumerate(kept):
             want = torch.as_tensor(want, dtype=torch.long).sort().values
             have = self.positions[layer]
             idx = torch.searchsorted(have, want)
             if bool((idx >= have.numel()).any()) or not torch.equal(have[idx.clamp(max=have.numel() - 1)], want):
                 raise ValueError(f"layer {layer} is asked to keep positions it no longer holds")
-            k, v = self.cache.layers[layer].keys, self.cache.layers[layer].values
-            new.update(k.index_select(2, idx.to(k.device)), v.index_select(2, idx.to(k.device)), layer)
+            rows.append(idx)
             self.positions[layer] = want
-        self.cache = new
+        self.cache = crop_cache_positions(self.cache, rows, self.config)
 
     def appended(self, position: int) -> None:
         for layer in range(len(self.positions)):
@@ -76,13 +76,4 @@ def greedy_after_turns(model, inputs: dict, turns: Sequence[tuple[int, Sequence[
         logits = o.logits[:, -1]
         if t + 1 in boundaries:
             pc.keep(boundaries[t + 1])
-    tokens: list[int] = []
-    current = logits.argmax(-1)
-    for step in range(max_new_tokens):
-        tokens.append(int(current))
-        if int(current) in eos_token_ids or step == max_new_tokens - 1:
-            break
-        o = model(input_ids=current[:, None], position_ids=decode_positions(m1, deltas, m - m1 + step, 1),
-                  past_key_values=pc.cache, use_cache=True)
-        current = o.logits[:, -1].argmax(-1)
-    return tokens
+    return decode_greedy(model, pc.cache, int(logits.argmax(-1)), m, deltas, max_new_tokens, eos_token_ids)

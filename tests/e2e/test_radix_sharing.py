@@ -9,17 +9,19 @@
 """
 from __future__ import annotations
 
-import base64
 import concurrent.futures as cf
-import io
 import random
 import time
 
 import pytest
 import requests
 import torch
+from PIL import Image
+
+from tests.conftest import png_base64
 
 from vlcache_sglang.bundled import bundled_model_dir
+from vlcache_sglang.hf_eval.items import ChatPrompter
 from vlcache_sglang.serving import running_server
 from vlcache_sglang.tasks.shared_page import questions_on_one_page
 
@@ -44,18 +46,13 @@ def processor():
     return AutoProcessor.from_pretrained(bundled_model_dir())
 
 
+@pytest.fixture(scope="module")
+def prompter(processor):
+    return ChatPrompter(processor)
+
+
 def png(rgb) -> str:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def first_turn(processor, question: str) -> str:
-    return processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-        add_generation_prompt=True, tokenize=False)
+    return png_base64(Image.fromarray(rgb))
 
 
 def next_turn(previous: str, answer: str, question: str) -> str:
@@ -83,7 +80,7 @@ def test_vlcache_radix_cache_is_selected_by_the_backend(server):
     assert state(server)["radix_cache"] == "VLCacheRadixCache"
 
 
-def test_turn_two_reuses_turn_one_compressed_and_matches_hf(server, processor):
+def test_turn_two_reuses_turn_one_compressed_and_matches_hf(server, processor, prompter):
     from transformers import Qwen2VLForConditionalGeneration
 
     from vlcache_sglang.hf_multiturn import greedy_after_turns
@@ -91,7 +88,7 @@ def test_turn_two_reuses_turn_one_compressed_and_matches_hf(server, processor):
     flush(server)
     rgb, qa = questions_on_one_page(seed=3, n=2)
     image = png(rgb)
-    text1 = first_turn(processor, qa[0][0])
+    text1 = prompter.text(qa[0][0])
     one = generate(server, text1, image, budget=0.1, return_plan=True, sharing="compressed")
     encoded = state(server)["images_encoded"]
     text2 = next_turn(text1, one["text"], qa[1][0])
@@ -120,11 +117,11 @@ def test_turn_two_reuses_turn_one_compressed_and_matches_hf(server, processor):
     assert two["output_ids"] == expected
 
 
-def ask_all(server, image, questions, processor, **vlcache):
-    return [generate(server, first_turn(processor, q), image, return_plan=True, **vlcache) for q in questions]
+def ask_all(server, image, questions, prompter, **vlcache):
+    return [generate(server, prompter.text(q), image, return_plan=True, **vlcache) for q in questions]
 
 
-def test_ten_questions_on_one_image_per_sharing_mode(server, processor):
+def test_ten_questions_on_one_image_per_sharing_mode(server, processor, prompter):
     rgb, qa = questions_on_one_page(seed=1, n=10)
     image = png(rgb)
     questions = [q for q, _ in qa]
@@ -132,7 +129,7 @@ def test_ten_questions_on_one_image_per_sharing_mode(server, processor):
     for mode in ("off", "prefix", "compressed"):
         flush(server)
         before = state(server)["images_encoded"]
-        runs[mode] = ask_all(server, image, questions, processor, budget=0.1, sharing=mode)
+        runs[mode] = ask_all(server, image, questions, prompter, budget=0.1, sharing=mode)
         encodes[mode] = state(server)["images_encoded"] - before
     acc = {mode: sum(r["text"].strip() == a for r, (_, a) in zip(out, qa)) for mode, out in runs.items()}
     cached = {mode: [r["meta_info"]["cached_tokens"] for r in out] for mode, out in runs.items()}
@@ -140,7 +137,7 @@ def test_ten_questions_on_one_image_per_sharing_mode(server, processor):
     # SGLang's own multimodal embedding cache already runs the vision tower once per image in every
     # mode; what sharing saves is the language model's prefill over the image tokens (cached_tokens)
     assert sum(encodes.values()) <= 1
-    ids = processor(text=[first_turn(processor, questions[0])], images=[rgb], return_tensors="pt")["input_ids"][0]
+    ids = prompter.inputs(Image.fromarray(rgb), questions[0])["input_ids"][0]
     last_visual = int((ids == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).nonzero().max())
     # questions 2-10 reuse the image: no visual token is prefilled again
     assert all(c > last_visual for c in cached["prefix"][1:] + cached["compressed"][1:])
@@ -155,12 +152,12 @@ def test_ten_questions_on_one_image_per_sharing_mode(server, processor):
     assert max(saved) < runs["off"][1]["meta_info"]["vlcache_kv_tokens_saved"][0]
 
 
-def _conversation(server, processor, pages, rng: random.Random, i: int) -> str:
+def _conversation(server, prompter, pages, rng: random.Random, i: int) -> str:
     rgb, image, qa = pages[rng.randrange(len(pages))]
     mode = rng.choice(["compressed", "compressed", "prefix", "off"])
     budget = rng.choice([1.0, 0.2, 0.1, 0.1])
     method = rng.choice(["vlcache", "vlcache", "snapkv", "h2o"])
-    text = first_turn(processor, qa[rng.randrange(len(qa))][0])
+    text = prompter.text(qa[rng.randrange(len(qa))][0])
     if rng.random() < 0.1:  # a client that hangs up mid-stream: SGLang aborts the request
         payload = {"text": text, "image_data": image, "stream": True, "rid": f"abort-{i}",
                    "sampling_params": {"max_new_tokens": 64, "temperature": 0,
@@ -176,7 +173,7 @@ def _conversation(server, processor, pages, rng: random.Random, i: int) -> str:
     return "ok"
 
 
-def test_small_pool_long_mixed_workload_evicts_and_leaks_nothing(server, processor):
+def test_small_pool_long_mixed_workload_evicts_and_leaks_nothing(server, prompter):
     flush(server)
     start = state(server)
     pages = []
@@ -185,7 +182,7 @@ def test_small_pool_long_mixed_workload_evicts_and_leaks_nothing(server, process
         pages.append((rgb, png(rgb), qa))
     rng = random.Random(7)
     with cf.ThreadPoolExecutor(max_workers=6) as pool:
-        futures = [pool.submit(_conversation, server, processor, pages, random.Random(rng.random()), i)
+        futures = [pool.submit(_conversation, server, prompter, pages, random.Random(rng.random()), i)
                    for i in range(90)]
         outcomes = [f.result() for f in futures]
     assert outcomes.count("ok") > 60
