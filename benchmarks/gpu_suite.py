@@ -30,6 +30,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -125,7 +126,13 @@ def bench_stats(args, device, lengths, results):
         q_all = torch.randn(n, hq, d, generator=g).to(dtype).to(device)
         k_seq, v_seq = k_pool[idx].contiguous(), v_pool[idx].contiguous()
         prefill, prefill_impl = prefill_attention_fn(q_all, k_seq, v_seq, scale, device, use_fi)
-        t_prefill = timeit(prefill, device, iters=args.iters)
+        try:
+            t_prefill = timeit(prefill, device, iters=args.iters)
+        except Exception as exc:  # noqa: BLE001 - a FlashInfer build failure still leaves the stats timing
+            print(f"FlashInfer prefill failed ({exc!r}); timing torch SDPA instead", file=sys.stderr)
+            use_fi = False
+            prefill, prefill_impl = prefill_attention_fn(q_all, k_seq, v_seq, scale, device, use_fi)
+            t_prefill = timeit(prefill, device, iters=args.iters)
         wn = min(w, n)
         qw = q_all[n - wn:].contiguous()
         pos = torch.arange(n - wn, n, device=device)
@@ -158,14 +165,33 @@ def _decode_meta(lists, device):
     return kv, ForwardMetadata(is_decode=True, kv=kv, qo_indptr_cpu=list(range(bsz + 1)), prefix_lens_cpu=[0] * bsz)
 
 
-def bench_decode(args, device, lengths, copy_bw, results):
+def graph_time(fn, device, iters: int) -> float:
+    """Median GPU seconds of ``fn`` replayed from a CUDA graph (no host overhead in the figure)."""
     import torch
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timeit(graph.replay, device, iters=iters)
+
+
+def bench_decode(args, device, lengths, copy_bw, results):
+    """Decode attention of one layer for a batch: all tokens vs ``--budget`` of them (scattered).
+
+    On CUDA each variant is timed twice: eager (what a Python loop sees, host overhead included)
+    and replayed from a CUDA graph (the GPU's time, what a server with CUDA graphs sees). Kept
+    lists run through FlashInfer (planned) and through the plan-free Triton kernel."""
+    import torch
+
+    from vlcache_sglang.kernels.ragged_decode import choose_num_splits, ragged_decode
 
     use_fi = device.type == "cuda" and have_flashinfer()
     if use_fi:
         from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
 
-        ex, impl = FlashInferAttentionExecutor(device), "flashinfer"
+        ex, impl = FlashInferAttentionExecutor(device, compressed_decode="flashinfer"), "flashinfer"
     else:
         from vlcache_sglang.backend.executors.torch_executor import TorchAttentionExecutor
 
@@ -173,6 +199,8 @@ def bench_decode(args, device, lengths, copy_bw, results):
     hq, hkv, d, bsz = args.heads, args.kv_heads, args.head_dim, args.decode_batch
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     esize = torch.tensor([], dtype=dtype).element_size()
+    scale = d ** -0.5
+    sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     for n in lengths:
         rows = bsz * n + 1
         try:
@@ -187,15 +215,35 @@ def bench_decode(args, device, lengths, copy_bw, results):
         kept = [torch.randperm(n, generator=g)[:kept_n].sort().values + b * n for b in range(bsz)]
         q = torch.randn(bsz, hq, d, dtype=dtype, device=device)
         out = torch.empty_like(q)
-        times = {}
+        t = {}
         for name, lists in (("full", full), ("kept", kept)):
             kv, meta = _decode_meta(lists, device)
-            times[name] = timeit(lambda: ex.decode(q, out, k, v, kv, meta, d ** -0.5, True), device, iters=args.iters)
+            t[f"{name}_s"] = timeit(lambda: ex.decode(q, out, k, v, kv, meta, scale, True), device, iters=args.iters)
+            splits = choose_num_splits(max(x.numel() for x in lists), bsz, hkv, sm_count=sm)
+            t[f"triton_{name}_s"] = timeit(lambda: ragged_decode(q, k, v, kv.kv_indptr, kv.kv_indices, scale, out=out,
+                                                                  num_splits=splits), device, iters=args.iters)
+            if use_fi:
+                gex = FlashInferAttentionExecutor(device, cuda_graph=True, max_batch_size=bsz, num_layers=1,
+                                                  max_kv_tokens=kv.kv_indptr_cpu[-1], compressed_decode="flashinfer")
+                gmeta = type(meta)(is_decode=True, kv=kv, qo_indptr_cpu=meta.qo_indptr_cpu,
+                                   prefix_lens_cpu=meta.prefix_lens_cpu, layer_kv={0: kv})
+                gex.plan_decode(gmeta, hq, hkv, d, dtype, dtype, scale)
+                t[f"graph_{name}_s"] = graph_time(lambda: gex.decode(q, out, k, v, kv, gmeta, scale, True, layer_id=0),
+                                                  device, args.iters)
+                ws = (torch.empty(bsz, hq, splits, d, dtype=torch.float32, device=device),
+                      torch.empty(bsz, hq, splits, dtype=torch.float32, device=device))
+                t[f"graph_triton_{name}_s"] = graph_time(
+                    lambda: ragged_decode(q, k, v, kv.kv_indptr, kv.kv_indices, scale, out=out, num_splits=splits,
+                                          workspace=ws), device, args.iters)
         read_kept = bsz * kept_n * hkv * d * esize * 2
         read_full = bsz * n * hkv * d * esize * 2
+        base = t.get("graph_full_s", t["full_s"])
+        best_kept = min(t.get("graph_kept_s", t["kept_s"]), t.get("graph_triton_kept_s", t["triton_kept_s"]))
         entry = {"figure": "decode_speedup", "n": n, "batch": bsz, "budget": args.budget, "impl": impl,
-                 "full_s": times["full"], "kept_s": times["kept"], "speedup": times["full"] / times["kept"],
-                 "bw_full_GBps": read_full / times["full"] / 1e9, "bw_kept_GBps": read_kept / times["kept"] / 1e9,
+                 **t, "timing": "cuda-graph replay" if use_fi else "eager",
+                 "speedup": base / best_kept,
+                 "speedup_eager": t["full_s"] / t["kept_s"],
+                 "bw_full_GBps": read_full / base / 1e9, "bw_kept_GBps": read_kept / best_kept / 1e9,
                  "copy_bw_GBps": copy_bw / 1e9}
         entry["bw_kept_frac_of_copy"] = entry["bw_kept_GBps"] / entry["copy_bw_GBps"]
         if n >= 32768:
@@ -222,8 +270,8 @@ def bench_planning(args, device, results):
     q = torch.randn(1, hq, d, dtype=dtype, device=device)
     for bsz in args.plan_batches:
         qb, out = q.expand(bsz, hq, d).contiguous(), torch.empty(bsz, hq, d, dtype=dtype, device=device)
-        for compressed in (False, True):
-            ex = FlashInferAttentionExecutor(device)
+        for compressed, mode in ((False, "flashinfer"), (True, "flashinfer"), (True, "triton")):
+            ex = FlashInferAttentionExecutor(device, compressed_decode=mode)
             steps = 20
             wall = []
             for step in range(steps + 2):
@@ -250,6 +298,7 @@ def bench_planning(args, device, results):
                 if step >= 2:
                     wall.append(time.perf_counter() - t0)
             entry = {"figure": "plan_us_per_step", "batch": bsz, "layers": L, "compressed": compressed,
+                     "compressed_decode": mode if compressed else "flashinfer",
                      "plans_per_step": ex.plan_count / steps, "plan_us_per_step": ex.plan_seconds / steps * 1e6,
                      "step_attn_wall_us": statistics.median(wall) * 1e6}
             results.append(entry)
@@ -286,17 +335,76 @@ def bench_kv_move(args, device, copy_bw, results):
 # ----------------------------------------------------------------------------------------------
 # tests and report
 # ----------------------------------------------------------------------------------------------
-def run_tests(out_dir: Path, cpu_smoke: bool) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    targets = ["tests/kernels", "tests/unit/test_executors.py"]
-    junit = out_dir / "gpu_tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", f"--junitxml={junit}", *targets]
-    if cpu_smoke:
-        cmd += ["-k", "kv_move or empty_batch"]
+# FlashInfer JIT-compiles one module per (kernel family, dtype, head dim) on first use, a minute or
+# more of nvcc each. These are the modules the executor tests and the benchmarks need (bf16): built
+# in parallel processes while the Triton tests run, so no test or timing waits on nvcc serially.
+WARM_CONFIGS = ("decode,4,2,64", "decode,4,4,128", "extend,4,2,64", "extend,28,4,128")
+
+
+def warm_one(spec: str) -> None:
+    """Build (or load) one FlashInfer module by running one call of that shape: ``kind,hq,hkv,d``."""
+    import torch
+
+    from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
+    from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV
+
+    kind, hq, hkv, d = spec.split(",")
+    hq, hkv, d = int(hq), int(hkv), int(d)
+    dev = torch.device("cuda")
+    k = torch.randn(64, hkv, d, dtype=torch.bfloat16, device=dev)
+    kv = RaggedKV(torch.tensor([0, 64], device=dev), torch.arange(64, device=dev), [0, 64])
+    ex = FlashInferAttentionExecutor(dev)
+    if kind == "decode":
+        q = torch.randn(1, hq, d, dtype=torch.bfloat16, device=dev)
+        meta = ForwardMetadata(is_decode=True, kv=kv, qo_indptr_cpu=[0, 1], prefix_lens_cpu=[0])
+        ex.decode(q, torch.empty_like(q), k, k, kv, meta, d ** -0.5, True)
+    else:
+        q = torch.randn(64, hq, d, dtype=torch.bfloat16, device=dev)
+        meta = ForwardMetadata(is_decode=False, kv=kv, qo_indptr_cpu=[0, 64], prefix_lens_cpu=[0])
+        ex.extend(q, torch.empty_like(q), k, k, kv, meta, d ** -0.5, True)
+    torch.cuda.synchronize()
+
+
+def start_warmup(out_dir: Path) -> list:
+    procs = []
+    for spec in WARM_CONFIGS:
+        log = open(out_dir / "flashinfer_jit.log", "a")  # noqa: SIM115 - closed with the process
+        procs.append((spec, time.time(), subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--warm-one", spec],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env())))
+    return procs
+
+
+def wait_warmup(procs: list, timeout_s: float) -> dict:
+    deadline = time.time() + timeout_s
+    done = {}
+    for spec, t0, proc in procs:
+        try:
+            rc = proc.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = "timeout"
+        done[spec] = {"returncode": rc, "seconds": round(time.time() - t0, 1)}
+    print(json.dumps({"flashinfer_jit": done}), flush=True)
+    return done
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+
+
+def run_tests(out_dir: Path, name: str, targets: list[str], extra: list[str] = (), timeout_s: float = 600) -> dict:
+    junit = Path(tempfile.mkdtemp()) / f"{name}.xml"  # $OUT returns at most 8 files: keep the XML out
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", f"--junitxml={junit}", *targets,
+           *extra]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    (out_dir / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
-    summary = {"returncode": proc.returncode, "seconds": round(time.time() - t0, 1), "command": " ".join(cmd)}
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout_s)
+        rc, log = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, log = "timeout", f"{exc.stdout or ''}{exc.stderr or ''}\nTIMEOUT after {timeout_s} s"
+    (out_dir / f"{name}.log").write_text(log if isinstance(log, str) else log.decode(errors="replace"))
+    summary = {"returncode": rc, "seconds": round(time.time() - t0, 1), "command": " ".join(cmd)}
     try:
         import xml.etree.ElementTree as ET
 
@@ -306,7 +414,7 @@ def run_tests(out_dir: Path, cpu_smoke: bool) -> dict:
             summary[key] = int(suite.get(key, 0))
     except Exception as exc:  # noqa: BLE001
         summary["parse_error"] = repr(exc)
-    print(json.dumps({"tests": summary}), flush=True)
+    print(json.dumps({name: summary}), flush=True)
     return summary
 
 
@@ -326,9 +434,12 @@ def markdown(report: dict) -> str:
     lines = [f"# GPU suite ({report['mode']})", "",
              f"device: {report['device']}; torch {report['torch']}; triton {report['triton']}; "
              f"flashinfer {report['flashinfer']}; {report['when']}", ""]
-    t = report.get("tests", {})
-    lines += [f"tests: {t.get('tests', '?')} run, {t.get('failures', '?')} failed, {t.get('errors', '?')} errors, "
-              f"{t.get('skipped', '?')} skipped (rc {t.get('returncode')}, {t.get('seconds')} s)", ""]
+    for name, t in report.get("tests", {}).items():
+        lines += [f"{name}: {t.get('tests', '?')} run, {t.get('failures', '?')} failed, {t.get('errors', '?')} errors, "
+                  f"{t.get('skipped', '?')} skipped (rc {t.get('returncode')}, {t.get('seconds')} s)", ""]
+    if report.get("flashinfer_jit"):
+        jit = ", ".join(f"{k}: {v['seconds']} s (rc {v['returncode']})" for k, v in report["flashinfer_jit"].items())
+        lines += [f"FlashInfer JIT builds (parallel, before the executor tests): {jit}", ""]
     lines += ["| figure | setting | value | detail | target | pass |", "|---|---|---|---|---|---|"]
     for r in report["results"]:
         f = r["figure"]
@@ -342,13 +453,22 @@ def markdown(report: dict) -> str:
             if "stats_torch_s" in r:
                 detail += f"; torch ref {_fmt(r['stats_torch_s'], 'ms')}"
             lines.append(f"| stats share of prefill attn | n={r['n']}, window={r['window']} | {_fmt(r['share'], '%')} | {detail} | {target} | {ok} |")
+        elif f == "decode_speedup" and "graph_full_s" in r:
+            detail = (f"CUDA graph: FlashInfer full {_fmt(r['graph_full_s'], 'ms')}, FlashInfer kept "
+                      f"{_fmt(r['graph_kept_s'], 'ms')}, Triton kept {_fmt(r['graph_triton_kept_s'], 'ms')} "
+                      f"(Triton full {_fmt(r['graph_triton_full_s'], 'ms')}); eager: FlashInfer full "
+                      f"{_fmt(r['full_s'], 'ms')}, kept {_fmt(r['kept_s'], 'ms')}, Triton kept "
+                      f"{_fmt(r['triton_kept_s'], 'ms')}; BW kept {r['bw_kept_GBps']:.0f} GB/s = "
+                      f"{100 * r['bw_kept_frac_of_copy']:.0f} % of copy {r['copy_bw_GBps']:.0f} GB/s")
+            lines.append(f"| decode speed-up, budget {r['budget']} | n={r['n']}, batch={r['batch']} | {r['speedup']:.2f}x | {detail} | {target} | {ok} |")
         elif f == "decode_speedup":
             detail = (f"full {_fmt(r['full_s'], 'ms')}, kept {_fmt(r['kept_s'], 'ms')} ({r['impl']}); "
                       f"BW kept {r['bw_kept_GBps']:.0f} GB/s = {100 * r['bw_kept_frac_of_copy']:.0f} % of copy "
                       f"{r['copy_bw_GBps']:.0f} GB/s, BW full {r['bw_full_GBps']:.0f} GB/s")
             lines.append(f"| decode speed-up, budget {r['budget']} | n={r['n']}, batch={r['batch']} | {r['speedup']:.2f}x | {detail} | {target} | {ok} |")
         elif f == "plan_us_per_step":
-            kind = "compressed" if r["compressed"] else "uncompressed"
+            kind = (f"compressed ({r.get('compressed_decode', 'flashinfer')})" if r["compressed"]
+                    else "uncompressed")
             lines.append(f"| FlashInfer planning per decode step | {kind}, batch={r['batch']}, {r['layers']} layers | "
                          f"{_fmt(r['plan_us_per_step'], 'us')} | {r['plans_per_step']:.1f} plans/step; step attention wall "
                          f"{_fmt(r['step_attn_wall_us'], 'us')} | | |")
@@ -378,7 +498,12 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--move-tokens", type=int, default=32768, help="prompt tokens per layer in the KV-move benchmark")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--test-timeout", type=float, default=300, help="seconds for each pytest run")
+    p.add_argument("--warm-one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.warm_one:
+        warm_one(args.warm_one)
+        return 0
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -412,8 +537,26 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "triton": triton_version, "flashinfer": fi_version,
         "when": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args), "results": [],
     }
+
+    def save() -> None:  # after every step, so a run cut short still leaves its figures
+        (out_dir / "gpu_suite.json").write_text(json.dumps(report, indent=2, default=str))
+        (out_dir / "gpu_suite.md").write_text(markdown(report))
+
+    warm = start_warmup(out_dir) if device.type == "cuda" and fi_version != "absent" else []
+    report["tests"] = {}
     if not args.skip_tests:
-        report["tests"] = run_tests(out_dir, args.cpu_smoke)
+        smoke = ["-k", "kv_move or empty_batch"] if args.cpu_smoke else []
+        report["tests"]["kernel tests"] = run_tests(out_dir, "kernel_tests", ["tests/kernels"], smoke,
+                                                    args.test_timeout)
+        save()
+    if warm:
+        report["flashinfer_jit"] = wait_warmup(warm, args.test_timeout)
+        save()
+    if not args.skip_tests:
+        report["tests"]["executor tests"] = run_tests(out_dir, "executor_tests", ["tests/unit/test_executors.py"],
+                                                      ["-k", "torch and decode_ragged"] if args.cpu_smoke else [],
+                                                      args.test_timeout)
+        save()
     if not args.skip_bench:
         copy_bw = copy_bandwidth(device, 1 << (30 if device.type == "cuda" else 24))
         report["copy_bw_GBps"] = copy_bw / 1e9
@@ -429,11 +572,10 @@ def main(argv=None) -> int:
                 print(f"benchmark {name} failed: {exc!r}", file=sys.stderr)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    (out_dir / "gpu_suite.json").write_text(json.dumps(report, indent=2, default=str))
-    md = markdown(report)
-    (out_dir / "gpu_suite.md").write_text(md)
-    print(md)
-    tests_ok = args.skip_tests or report.get("tests", {}).get("returncode") == 0
+            save()
+    save()
+    print(markdown(report))
+    tests_ok = all(t.get("returncode") in (0, 5) for t in report["tests"].values())
     return 0 if tests_ok else 1
 
 

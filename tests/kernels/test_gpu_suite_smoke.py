@@ -7,9 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the suite itself runs, compiled; the GPU "
+                    "image's triton 3.6 interpreter cannot run the statistics kernel (numpy 2 scalar conversion)")
 def test_gpu_suite_cpu_smoke(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--cpu-smoke", "--skip-tests",
@@ -17,7 +22,7 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     figures = {r["figure"] for r in report["results"]}
-    assert {"stats_share", "decode_speedup", "plan_us_per_step", "kv_move"} <= figures
+    assert {"stats_share", "decode_speedup", "plan_us_per_step", "kv_move"} <= figures, report["results"]
     assert not [r for r in report["results"] if str(r.get("skipped", "")).startswith("error")], report["results"]
     md = (tmp_path / "gpu_suite.md").read_text()
     assert "| figure |" in md and "stats share" in md

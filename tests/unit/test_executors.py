@@ -28,6 +28,11 @@ EXECUTORS = [
         pytest.mark.gpu,
         pytest.mark.skipif(not _flashinfer_ok(), reason="needs CUDA and flashinfer"),
     ]),
+    # FlashInfer for uncompressed steps, the plan-free Triton kernel for steps with per-layer lists
+    pytest.param("flashinfer+triton", id="flashinfer+triton", marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not _flashinfer_ok(), reason="needs CUDA and flashinfer"),
+    ]),
 ]
 
 
@@ -39,8 +44,11 @@ class Env:
         else:
             from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
 
-            self.executor = FlashInferAttentionExecutor()
-            self.device, self.dtypes, self.tol = torch.device("cuda"), [torch.bfloat16, torch.float16], 2e-2
+            mode = "triton" if name == "flashinfer+triton" else "flashinfer"
+            self.executor = FlashInferAttentionExecutor(compressed_decode=mode)
+            # bf16 only: each dtype is a separate FlashInfer JIT build (minutes of nvcc on first use),
+            # and fp16 runs the same templates
+            self.device, self.dtypes, self.tol = torch.device("cuda"), [torch.bfloat16], 2e-2
 
 
 @pytest.fixture(params=EXECUTORS)
@@ -112,7 +120,7 @@ def test_decode_per_layer_kept_lists(env):
         base = ragged([torch.arange(n) for n in (70, 70, 70)], env.device)  # unused for compressed layers
         meta = ForwardMetadata(is_decode=True, kv=base, qo_indptr_cpu=[0, 1, 2, 3], prefix_lens_cpu=[0, 0, 0],
                                layer_kv=layer_kv)
-        if env.name == "flashinfer":
+        if env.name != "torch":
             env.executor.reset_counters()
         for layer in range(L):
             q = torch.randn(3, hq, d, generator=g).to(dtype).to(env.device)
@@ -123,6 +131,8 @@ def test_decode_per_layer_kept_lists(env):
                 torch.testing.assert_close(out[b:b + 1].cpu().double(), ref, rtol=env.tol, atol=env.tol)
         if env.name == "flashinfer":
             assert env.executor.plan_count == 3  # layers 1 and 3 share a plan
+        elif env.name == "flashinfer+triton":
+            assert env.executor.plan_count == 0  # per-layer lists: no FlashInfer plan at all
 
 
 @pytest.mark.parametrize("compressed_prefix", [False, True])
@@ -155,6 +165,55 @@ def test_extend_with_prefix(env, hq, hkv, compressed_prefix):
             ref = dense(q[qo[b]:qo[b + 1]].cpu(), k_cache[sl].cpu(), v_cache[sl].cpu(), d ** -0.5,
                         causal_offset=prefix[b])
             torch.testing.assert_close(out[qo[b]:qo[b + 1]].cpu().double(), ref, rtol=env.tol, atol=env.tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _flashinfer_ok(), reason="needs CUDA and flashinfer")
+@pytest.mark.parametrize("mode", ["flashinfer", "triton"])
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (4, 2)])  # tensor-core decode and the plain decode kernel
+def test_flashinfer_cuda_graph_decode_replans_between_replays(hq, hkv, mode):
+    """CUDA-graph mode: plan every layer outside the graph, capture one decode step of all layers,
+    then re-plan with other per-layer lists (other lengths, other rows) and replay: each replay must
+    equal dense attention over that step's lists."""
+    from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
+
+    L, R, d, bs, dtype, tol = 3, 256, 64, 3, torch.bfloat16, 2e-2
+    dev = torch.device("cuda")
+    k_glob, v_glob = make_pool(L * R, hkv, d, dtype, dev, seed=11)
+    ex = FlashInferAttentionExecutor(cuda_graph=True, max_batch_size=4, max_kv_tokens=bs * R, num_layers=L,
+                                     compressed_decode=mode)
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(L, bs, hq, d, generator=g).to(dtype).to(dev)
+    out = torch.zeros_like(q)
+
+    def step_meta(lens_by_layer):
+        lists = {l: [torch.randperm(R, generator=g)[:n] + l * R for n in lens] for l, lens in enumerate(lens_by_layer)}
+        layer_kv = {l: ragged(ls, dev) for l, ls in lists.items()}
+        meta = ForwardMetadata(is_decode=True, kv=layer_kv[0], qo_indptr_cpu=list(range(bs + 1)),
+                               prefix_lens_cpu=[0] * bs, layer_kv=layer_kv)
+        return lists, meta
+
+    def run_all(meta):
+        for l in range(L):
+            ex.decode(q[l], out[l], k_glob, v_glob, meta.layer_kv[l], meta, d ** -0.5, True, layer_id=l)
+
+    lists, meta = step_meta([[5, 40, 1], [12, 3, 60], [30, 30, 30]])
+    ex.plan_decode(meta, hq, hkv, d, dtype, dtype, d ** -0.5)
+    run_all(meta)  # eager warm-up before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run_all(meta)
+    for lens in ([[5, 40, 1], [12, 3, 60], [30, 30, 30]], [[200, 7, 64], [1, 1, 1], [90, 256, 17]]):
+        lists, meta = step_meta(lens)
+        out.fill_(float("nan"))
+        ex.plan_decode(meta, hq, hkv, d, dtype, dtype, d ** -0.5)
+        graph.replay()
+        torch.cuda.synchronize()
+        for l in range(L):
+            for b, sl in enumerate(lists[l]):
+                ref = dense(q[l, b:b + 1].cpu(), k_glob[sl].cpu(), v_glob[sl].cpu(), d ** -0.5)
+                torch.testing.assert_close(out[l, b:b + 1].cpu().double(), ref, rtol=tol, atol=tol)
 
 
 def test_flashinfer_module_imports_without_flashinfer_or_sglang():

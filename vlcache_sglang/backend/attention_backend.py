@@ -180,9 +180,11 @@ def _host(cpu_value, device_value) -> list:
 def create_vlcache_backend(model_runner: ModelRunner) -> AttentionBackend:
     """Factory registered as ``--attention-backend vlcache``.
 
-    Everywhere but CUDA the torch executor runs. On CUDA the per-layer FlashInfer executor
-    (``VLCACHE_CUDA_EXECUTOR=flashinfer``) is opt-in until a GPU run has validated it inside a
-    server; by default SGLang's stock FlashInfer backend serves attention there, uncompressed.
+    Everywhere but CUDA the torch executor runs. On CUDA the per-layer executor (FlashInfer for
+    uncompressed steps, the plan-free Triton kernel for steps with per-layer lists) is opt-in with
+    ``VLCACHE_CUDA_EXECUTOR=flashinfer``: it passed its tests on an H200 (docs/gpu-suite.md), but no
+    whole SGLang server has run it on CUDA yet, so by default SGLang's stock FlashInfer backend
+    serves attention there, uncompressed.
     """
     settings = CompressionSettings.from_env()
     if str(model_runner.device).startswith("cuda"):

@@ -23,11 +23,22 @@ it does no planning, no allocation and no host synchronisation. In that mode lay
 (otherwise the i-th call after :meth:`plan_decode` is taken as layer i), and give every layer the
 same ``k_cache`` tensor in capture and replay (the global K/V storage with global row ids).
 
+Compressed decode without plans. ``compressed_decode="triton"`` (the default; env
+``VLCACHE_COMPRESSED_DECODE=flashinfer`` restores per-layer plans) runs decode steps that carry
+per-layer lists (``meta.layer_kv``, i.e. some request in the batch is compressed) through
+:func:`vlcache_sglang.kernels.ragged_decode.ragged_decode`, a split-KV Triton kernel that reads each
+request's range from the device ``kv_indptr`` and so needs no plan at all. Measured on an H200
+(``benchmarks/gpu_suite.py``): one FlashInfer plan costs 80-160 us of host time, i.e. 2.2-4.5 ms
+per 28-layer step when every layer has its own lengths, more than the step's attention; through
+this kernel a compressed step's attention took 1.9-2.0 ms against 4.2-4.9 ms (eager, batch 1-32).
+Uncompressed steps keep FlashInfer (one plan per step).
+
 ``flashinfer`` is imported on first use only: importing this module needs neither flashinfer nor
 SGLang (nor CUDA).
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -38,6 +49,10 @@ from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV
 __all__ = ["FlashInferAttentionExecutor", "flashinfer_available"]
 
 _WORKSPACE_BYTES = 256 * 1024 * 1024
+# FlashInfer's FA2 kernels for both wrappers, as SGLang's own FlashInfer backend does
+# (`prefill_backend = decode_backend = "fa2"`): "auto" would pick FA3 on Hopper for prefill, a
+# second (and much slower to compile) kernel family for the same page-size-1 layout.
+_BACKEND = "fa2"
 
 
 def _import_flashinfer():
@@ -96,8 +111,14 @@ class FlashInferAttentionExecutor:
     def __init__(self, device: torch.device | str | None = None, *, workspace_bytes: int = _WORKSPACE_BYTES,
                  use_tensor_cores: bool | None = None, cuda_graph: bool = False,
                  max_batch_size: int | None = None, max_kv_tokens: int | None = None,
-                 num_layers: int | None = None) -> None:
+                 num_layers: int | None = None, compressed_decode: str | None = None) -> None:
         self.device = torch.device(device) if device is not None else None
+        self.compressed_decode = compressed_decode or os.environ.get("VLCACHE_COMPRESSED_DECODE", "triton")
+        if self.compressed_decode not in ("triton", "flashinfer"):
+            raise ValueError(f"compressed_decode must be 'triton' or 'flashinfer', not {self.compressed_decode!r}")
+        self._graph_triton = False
+        self._graph_splits = 1
+        self._graph_ws: tuple[torch.Tensor, torch.Tensor] | None = None
         self.workspace_bytes = workspace_bytes
         self.use_tensor_cores = use_tensor_cores
         self.cuda_graph = cuda_graph
@@ -137,7 +158,13 @@ class FlashInferAttentionExecutor:
             layer = self._graph_calls if layer_id is None else layer_id
             self._graph_calls += 1
             slot = self._graph_slots[layer]
+            if self._graph_triton:
+                return self._ragged(q, out, k_cache, v_cache, slot.indptr[: self._graph_bs + 1], slot.indices,
+                                    scaling, self._graph_splits, self._graph_ws)
             wrapper = slot.wrappers[self._graph_bs]
+        elif meta.layer_kv and self.compressed_decode == "triton":
+            return self._ragged(q, out, k_cache, v_cache, kv.kv_indptr, kv.kv_indices, scaling,
+                                self._splits(kv.kv_indptr_cpu, k_cache.shape[1], q.device), None)
         else:
             slot = self._eager_slot("decode", q, k_cache, kv, meta, scaling)
             self._load_indices(slot, kv)
@@ -157,6 +184,26 @@ class FlashInferAttentionExecutor:
         self.device = self.device or device
         if not self._graph_slots:
             self._graph_slots = [_Slot(device, self.max_batch_size, self.max_kv_tokens) for _ in range(self.num_layers)]
+        self._graph_triton = bool(meta.layer_kv) and self.compressed_decode == "triton"
+        if self._graph_triton:
+            # no plan: copy every layer's lists into its fixed buffers; a fixed split count (from
+            # the capacity) and a fixed workspace keep the captured launches valid for any lengths
+            self._graph_splits = self._splits([0, self.max_kv_tokens], num_kv_heads, device, bs=self.max_batch_size)
+            if self._graph_ws is None:
+                self._graph_ws = (
+                    torch.empty(self.max_batch_size, num_q_heads, self._graph_splits, head_dim,
+                                dtype=torch.float32, device=device),
+                    torch.empty(self.max_batch_size, num_q_heads, self._graph_splits, dtype=torch.float32,
+                                device=device))
+            for layer, slot in enumerate(self._graph_slots):
+                kv = meta.layer_kv.get(layer, meta.kv)
+                n = kv.kv_indptr_cpu[-1]
+                if n > self.max_kv_tokens:
+                    raise ValueError(f"layer {layer} reads {n} tokens, more than max_kv_tokens={self.max_kv_tokens}")
+                slot.indptr[: bs + 1].copy_(kv.kv_indptr, non_blocking=True)
+                slot.indices[:n].copy_(kv.kv_indices, non_blocking=True)
+            self._graph_bs, self._graph_calls = bs, 0
+            return
         Decode, _ = self._wrapper_classes()
         tc = self._tensor_cores(num_q_heads, num_kv_heads)
         for layer, slot in enumerate(self._graph_slots):
@@ -169,7 +216,7 @@ class FlashInferAttentionExecutor:
                 w = slot.wrappers[bs] = Decode(
                     self._workspace_for(device), "NHD", use_cuda_graph=True, use_tensor_cores=tc,
                     paged_kv_indptr_buffer=slot.indptr[: bs + 1], paged_kv_indices_buffer=slot.indices,
-                    paged_kv_last_page_len_buffer=slot.last_page_len[:bs])
+                    paged_kv_last_page_len_buffer=slot.last_page_len[:bs], backend=_BACKEND)
             t0 = time.perf_counter()
             w.plan(torch.tensor(kv.kv_indptr_cpu, dtype=torch.int32), kv.kv_indices,
                    torch.ones(bs, dtype=torch.int32), num_q_heads, num_kv_heads, head_dim, 1,
@@ -183,6 +230,23 @@ class FlashInferAttentionExecutor:
         self.plan_count, self.plan_seconds = 0, 0.0
 
     # -- internals ------------------------------------------------------------------------------
+    @staticmethod
+    def _ragged(q, out, k_cache, v_cache, indptr, indices, scaling, splits, workspace):
+        from vlcache_sglang.kernels.ragged_decode import ragged_decode
+
+        return ragged_decode(q, k_cache, v_cache, indptr, indices, scaling, out=out, num_splits=splits,
+                             workspace=workspace)
+
+    def _splits(self, indptr_cpu, kv_heads: int, device: torch.device, bs: int | None = None) -> int:
+        from vlcache_sglang.kernels.ragged_decode import choose_num_splits
+
+        bs = bs if bs is not None else len(indptr_cpu) - 1
+        max_len = max((b - a for a, b in zip(indptr_cpu, indptr_cpu[1:])), default=1)
+        if not hasattr(self, "_sm_count"):
+            self._sm_count = (torch.cuda.get_device_properties(device).multi_processor_count
+                              if device.type == "cuda" else 4)
+        return choose_num_splits(max_len, bs, kv_heads, sm_count=self._sm_count)
+
     @staticmethod
     def _paged(k_cache: torch.Tensor, v_cache: torch.Tensor):
         return k_cache.unsqueeze(1), v_cache.unsqueeze(1)  # [pages, page_size=1, Hkv, D] (NHD)
@@ -242,7 +306,8 @@ class FlashInferAttentionExecutor:
         w = slot.wrappers.get(wkey)
         if w is None:
             ws = self._workspace_for(device)
-            w = Decode(ws, "NHD", use_tensor_cores=tc) if kind == "decode" else Prefill(ws, "NHD")
+            w = (Decode(ws, "NHD", use_tensor_cores=tc, backend=_BACKEND) if kind == "decode"
+                 else Prefill(ws, "NHD", backend=_BACKEND))
             slot.wrappers[wkey] = w
         slot.indices[:n].copy_(kv.kv_indices)
         slot.holder = kv

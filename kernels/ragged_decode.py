@@ -1,0 +1,187 @@
+"""Plan-free decode attention over ragged page-size-1 lists (FlashInfer's indptr + indices layout).
+
+Why: with VL-Cache every layer keeps a different number of tokens, so a decode step reads 28
+lists of 28 different lengths. FlashInfer plans per list length (host work, 80-160 us per plan on
+the H200 machine, measured by ``benchmarks/gpu_suite.py``), so a compressed 28-layer step spends
+milliseconds planning. This kernel needs no plan: everything it needs (each request's range in
+the list) is read from the device ``kv_indptr`` inside the kernel, so a layer costs two launches
+and works unchanged inside a CUDA graph.
+
+Split-KV ("flash decoding"): pass 1, grid (request, KV head, split), keeps an online max and
+normaliser for the GROUP query heads of one KV head over its split of the list and writes the
+partial output and its log2-sum-exp2; pass 2, grid (request, query head), merges the splits.
+Each split covers ``ceil(len / splits)`` keys rounded up to a key block; a split past the end
+of a short list writes an empty state (weight 0). fp32 accumulation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from vlcache_sglang.kernels._triton import interpret_for, kernel, next_pow2
+
+__all__ = ["ragged_decode", "ragged_decode_torch", "choose_num_splits"]
+
+_LOG2E = 1.4426950408889634
+_EMPTY = -1.0e30
+
+
+def _decode_pass1(Q, K, V, KV_IDX, KV_PTR, O_PART, LSE_PART,
+                  stride_qb, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh,
+                  stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                  scale_log2, num_splits,
+                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAST_F32: tl.constexpr,
+                  IEEE: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    kv_beg = tl.load(KV_PTR + b)
+    n = tl.load(KV_PTR + b + 1) - kv_beg
+    span = num_splits * BLOCK_N
+    chunk = (n + span - 1) // span * BLOCK_N
+    lo = sp * chunk
+    hi = tl.minimum(lo + chunk, n)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < GROUP
+    heads = kvh * GROUP + offs_h
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+    if CAST_F32:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
+    l_i = tl.full([BLOCK_H], 0.0, tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for k0 in range(lo, hi, BLOCK_N):
+        offs_n = k0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        slot = tl.load(KV_IDX + kv_beg + offs_n, mask=n_ok, other=0).to(tl.int64)
+        k = tl.load(K + slot[:, None] * stride_kr + kvh * stride_kh + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + slot[:, None] * stride_vr + kvh * stride_vh + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if CAST_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(n_ok[None, :], s * scale_log2, -1.0e30)
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, tl.standard._elementwise_max))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.where(n_ok[None, :], tl.exp2(s - m_new[:, None]), 0.0)
+        l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
+        if IEEE:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), -1.0e30)
+    tl.store(O_PART + b * stride_ob + heads[:, None] * stride_oh + sp * stride_os + offs_d[None, :], o,
+             mask=h_ok[:, None] & d_ok[None, :])
+    tl.store(LSE_PART + b * stride_lb + heads * stride_lh + sp, lse, mask=h_ok)
+
+
+def _decode_pass2(O_PART, LSE_PART, OUT, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                  stride_outb, stride_outh, num_splits,
+                  HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < num_splits
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    lse = tl.load(LSE_PART + b * stride_lb + h * stride_lh + offs_s, mask=s_ok, other=-1.0e30)
+    m = tl.reduce(lse, 0, tl.standard._elementwise_max)
+    w = tl.where(s_ok & (lse > -1.0e29), tl.exp2(lse - m), 0.0)
+    o = tl.load(O_PART + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
+                mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.reduce(o * w[:, None], 0, tl.standard._sum_combine) / tl.reduce(w, 0, tl.standard._sum_combine)
+    tl.store(OUT + b * stride_outb + h * stride_outh + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
+
+
+def choose_num_splits(max_len: int, batch: int, kv_heads: int, *, block_n: int = 64, sm_count: int = 132,
+                      max_splits: int = 32) -> int:
+    """Enough splits to give every SM work (about two programs each), never splits of under
+    four key blocks. Depends only on host-known sizes; fix it for CUDA-graph capture."""
+    want = math.ceil(2 * sm_count / max(1, batch * kv_heads))
+    cap = max(1, math.ceil(max_len / (4 * block_n)))
+    return int(max(1, min(want, cap, max_splits)))
+
+
+def ragged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_indptr: torch.Tensor,
+                  kv_indices: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
+                  num_splits: int | None = None, max_len: int | None = None, block_n: int = 64,
+                  workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``out[b] = softmax(q[b] K_b^T * scale) V_b`` where ``K_b = k_cache[kv_indices[indptr[b]:indptr[b+1]]]``.
+
+    q/out ``[B, Hq, D]``; k_cache/v_cache ``[rows, Hkv, D]`` (GQA: ``Hq % Hkv == 0``); every list
+    non-empty. ``num_splits`` (or ``max_len``, the longest list, to choose it) is host-side;
+    ``workspace`` = preallocated ``(o_part [B, Hq, S, D] fp32, lse_part [B, Hq, S] fp32)`` for
+    CUDA-graph use.
+    """
+    bsz, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache/v_cache need a contiguous head dimension")
+    if out is None:
+        out = torch.empty_like(q)
+    if bsz == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    device = q.device
+    if num_splits is None:
+        if max_len is None:
+            max_len = int((kv_indptr[1:] - kv_indptr[:-1]).max())
+        sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        num_splits = choose_num_splits(max_len, bsz, hkv, block_n=block_n, sm_count=sm)
+    if workspace is None:
+        o_part = torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=device)
+        lse_part = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=device)
+    else:
+        o_part, lse_part = workspace[0][:bsz, :, :num_splits], workspace[1][:bsz, :, :num_splits]
+    cast = (q.dtype != k_cache.dtype or q.dtype == torch.float32
+            or (interpret_for(device) and q.dtype == torch.bfloat16))
+    group = hq // hkv
+    block_d = max(16, next_pow2(d))
+    kernel(_decode_pass1, device)[(bsz, hkv, num_splits)](
+        q, k_cache, v_cache, kv_indices, kv_indptr, o_part, lse_part,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+        float(scale) * _LOG2E, num_splits,
+        GROUP=group, HEAD_DIM=d, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        CAST_F32=cast, IEEE=cast,
+    )
+    kernel(_decode_pass2, device)[(bsz, hq)](
+        o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0),
+        lse_part.stride(1), out.stride(0), out.stride(1), num_splits,
+        HEAD_DIM=d, BLOCK_S=max(2, next_pow2(num_splits)), BLOCK_D=block_d,
+    )
+    return out
+
+
+def ragged_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_indptr_cpu,
+                        kv_indices: torch.Tensor, scale: float) -> torch.Tensor:
+    """Reference: request by request, fp32 softmax."""
+    out = torch.empty_like(q)
+    g = q.shape[1] // k_cache.shape[1]
+    for b in range(q.shape[0]):
+        rows = kv_indices[int(kv_indptr_cpu[b]):int(kv_indptr_cpu[b + 1])].to(torch.int64)
+        k = k_cache[rows].float().repeat_interleave(g, 1)
+        v = v_cache[rows].float().repeat_interleave(g, 1)
+        s = torch.einsum("hd,khd->hk", q[b].float(), k) * scale
+        out[b] = torch.einsum("hk,khd->hd", torch.softmax(s, -1), v).to(q.dtype)
+    return out

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Everything this project checks on a lent GPU, as one command (docs/gpu-suite.md):
+#
+#   bash scripts/gpu_session.sh            # on the GPU machine, with out/gpu-pack carried along
+#
+# Unpacks FlashInfer (scripts/build_gpu_pack.sh made the pack), then runs benchmarks/gpu_suite.py:
+# the FlashInfer JIT builds in parallel with the compiled Triton kernel tests, the executor tests,
+# then the benchmarks. Results (markdown, JSON, logs) go to $OUT (or out/gpu_suite).
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/out/gpu_suite}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export FLASHINFER_CUDA_ARCH_LIST="${FLASHINFER_CUDA_ARCH_LIST:-9.0a}"   # H100/H200: build for sm_90a only
+{
+  date -u; nvidia-smi -L; nvcc --version | tail -n 2
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+if [ -d out/gpu-pack ]; then
+  eval "$(bash scripts/gpu_install_pack.sh out/gpu-pack)" || echo "FlashInfer pack failed to install: FlashInfer parts skip"
+fi
+timeout "${SUITE_TIMEOUT:-540}" python3 benchmarks/gpu_suite.py --out "$OUT" "$@" 2>&1 | tee "$OUT/suite.log"
+exit "${PIPESTATUS[0]}"

@@ -1,0 +1,109 @@
+"""Plan-free ragged decode (kernels/ragged_decode.py) against float64 attention over each list.
+
+On CPU-only machines the kernel runs in Triton's interpreter (small shapes); on CUDA compiled,
+plus large shapes. Poisoned outputs catch rows the kernel never writes.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vlcache_sglang.kernels.ragged_decode import choose_num_splits, ragged_decode, ragged_decode_torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def batch(lens, hq, hkv, d, dtype, device, seed=0, rows=None):
+    g = torch.Generator().manual_seed(seed)
+    rows = rows or sum(lens) + 13
+    k = torch.randn(rows, hkv, d, generator=g).to(dtype).to(device)
+    v = torch.randn(rows, hkv, d, generator=g).to(dtype).to(device)
+    perm = torch.randperm(rows, generator=g)
+    lists, off = [], 0
+    for n in lens:
+        lists.append(perm[off:off + n])
+        off += n
+    indptr = [0]
+    for n in lens:
+        indptr.append(indptr[-1] + n)
+    q = torch.randn(len(lens), hq, d, generator=g).to(dtype).to(device)
+    return q, k, v, torch.tensor(indptr, device=device), torch.cat(lists).to(device), indptr
+
+
+def oracle(q, k, v, indptr, idx, scale):
+    g = q.shape[1] // k.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for b in range(q.shape[0]):
+        rows = idx[indptr[b]:indptr[b + 1]].cpu().long()
+        kk = k[rows].cpu().double().repeat_interleave(g, 1)
+        vv = v[rows].cpu().double().repeat_interleave(g, 1)
+        s = torch.einsum("hd,khd->hk", q[b].cpu().double(), kk) * scale
+        out[b] = torch.einsum("hk,khd->hd", torch.softmax(s, -1), vv)
+    return out
+
+
+CASES = [  # lens, hq, hkv, d
+    ([1, 7, 33, 130], 4, 2, 16),
+    ([64, 1, 200], 8, 1, 32),     # MQA, group 8
+    ([5, 90], 7, 1, 16),          # group 7 (Qwen2-VL-7B's 28/4), padded head block
+    ([17], 2, 2, 8),              # no GQA, head dim below the 16-wide dot
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [None, 1, 3, 40])
+def test_matches_oracle(case, dtype, splits, device):
+    lens, hq, hkv, d = CASES[case]
+    q, k, v, indptr, idx, indptr_cpu = batch(lens, hq, hkv, d, dtype, device, seed=case)
+    out = torch.full_like(q, float("nan"))
+    ragged_decode(q, k, v, indptr, idx, d ** -0.5, out=out, num_splits=splits, max_len=max(lens), block_n=16)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.cpu().double(), oracle(q, k, v, indptr_cpu, idx, d ** -0.5), rtol=tol, atol=tol)
+
+
+def test_torch_reference_and_strided_pool(device):
+    """K/V as head slices of a wider storage (strided rows), int32 indices."""
+    q, k, v, indptr, idx, indptr_cpu = batch([9, 40, 3], 4, 2, 16, torch.float32, device, seed=4)
+    wide = torch.zeros(k.shape[0], 5, 16, device=device)
+    wide[:, 1:3] = k
+    kv_view = wide[:, 1:3]
+    out = ragged_decode(q, kv_view, v, indptr.to(torch.int32), idx.to(torch.int32), 0.3, num_splits=2)
+    ref = ragged_decode_torch(q.cpu(), k.cpu(), v.cpu(), indptr_cpu, idx.cpu(), 0.3)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_extreme_logits_and_preallocated_workspace(device):
+    q, k, v, indptr, idx, indptr_cpu = batch([50, 8], 4, 2, 16, torch.float32, device, seed=2)
+    q = q * 40  # logits in the thousands: the online max must keep exp2 finite
+    ws = (torch.full((4, 4, 8, 16), float("nan"), device=device), torch.full((4, 4, 8), float("nan"), device=device))
+    out = ragged_decode(q, k, v, indptr, idx, 0.25, num_splits=5, workspace=ws)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.cpu().double(), oracle(q, k, v, indptr_cpu, idx, 0.25), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_inputs_and_empty_batch(device):
+    q, k, v, indptr, idx, _ = batch([4], 3, 2, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="multiple"):
+        ragged_decode(q, k, v, indptr, idx, 1.0)
+    empty = torch.empty(0, 4, 16, device=device)
+    assert ragged_decode(empty, k, v, indptr[:1], idx[:0], 1.0).shape == (0, 4, 16)
+
+
+def test_choose_num_splits():
+    assert choose_num_splits(100, 8, 4) == 1          # short lists: one split
+    assert choose_num_splits(13000, 8, 4) == 9        # 2 x 132 SMs / 32 programs
+    assert choose_num_splits(10 ** 6, 1, 1) == 32     # capped
+    assert math.isclose(choose_num_splits(13000, 1, 4, sm_count=8), 4)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="large shapes need CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv,d", [(28, 4, 128), (32, 8, 128), (16, 16, 64)])
+def test_large_shapes_cuda(hq, hkv, d, dtype):
+    lens = [1, 300, 4099, 33000, 777]
+    q, k, v, indptr, idx, indptr_cpu = batch(lens, hq, hkv, d, dtype, torch.device("cuda"), seed=hq)
+    out = ragged_decode(q, k, v, indptr, idx, d ** -0.5, max_len=max(lens))
+    torch.testing.assert_close(out.cpu().double(), oracle(q, k, v, indptr_cpu, idx, d ** -0.5), rtol=2e-2, atol=2e-2)
