@@ -51,6 +51,8 @@ def register() -> None:
     HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _export_sharing, HookType.AFTER)
     HookRegistry.register("sglang.srt.models.qwen2_vl.Qwen2VLForConditionalGeneration.get_image_feature",
                           _count_image_encodes, HookType.AFTER)
+    HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill",
+                          _reopen_admission_after_compaction, HookType.BEFORE)
 
 
 # -- launch flags -------------------------------------------------------------------------
@@ -187,6 +189,29 @@ def _cap_prefix_match(*args, **kwargs):
     current = kwargs.get("max_prefix_len")
     kwargs["max_prefix_len"] = cap if current is None else min(current, cap)
     return args, kwargs
+
+
+def _reopen_admission_after_compaction(scheduler, running_batch=None, *args, **kwargs):
+    """Let the scheduler try admission again once compaction has returned KV to the pool.
+
+    When a prefill pass runs out of tokens, SGLang latches ``running_batch.batch_is_full`` and
+    clears it only when a request *leaves* the batch: stock requests free memory only by
+    finishing. A compressed request frees most of its prompt right after its prefill, so with the
+    latch alone a whole wave of compressed requests decodes to the end while the pool stands
+    half empty (measured: 44 running, 60 % of the pool free, 84 queued). Clearing the latch is
+    safe: the next pass still checks every request against the pool."""
+    from vlcache_sglang.backend import state
+
+    compressor = state.active_compressor()
+    batch = running_batch if running_batch is not None else getattr(scheduler, "running_batch", None)
+    if compressor is None or batch is None:
+        return None
+    freed = compressor.counters.kv_tokens_saved
+    if freed != getattr(scheduler, "_vlcache_freed_seen", 0):
+        scheduler._vlcache_freed_seen = freed
+        if getattr(batch, "batch_is_full", False):
+            batch.batch_is_full = False
+    return None
 
 
 def _free_kv_row(original, tree_cache, kv, ranges, *args, **kwargs):
