@@ -2,6 +2,9 @@
 127.0.0.1, ask a question about an image through the OpenAI API, print the answer, stop.
 
     python -m vlcache_sglang.demo [--budget 0.1] [--method vlcache] [--model PATH]
+
+Without ``--budget``/``--method`` the server compresses with the model's tuned default policy
+(``vlcache_policy.json`` next to the weights, written by ``tune.py``).
 """
 from __future__ import annotations
 
@@ -36,8 +39,9 @@ def demo_image_and_question(model_dir):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model directory (default: the bundled model)")
-    parser.add_argument("--budget", type=float, default=0.1, help="vlcache budget ratio alpha in (0, 1]")
-    parser.add_argument("--method", default="vlcache")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="vlcache budget ratio alpha in (0, 1] (default: the model's tuned policy)")
+    parser.add_argument("--method", default=None, help="compression method (default: the tuned policy's)")
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args()
 
@@ -49,10 +53,17 @@ def main() -> None:
     image.save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     print(f"model: {model_dir}")
-    print(f"starting SGLang with --attention-backend vlcache (budget {args.budget}, method {args.method}) ...",
-          flush=True)
+    extra = []
+    if args.budget is not None:
+        extra += ["--vlcache-budget", str(args.budget)]
+    if args.method is not None:
+        extra += ["--vlcache-method", args.method]
+    from vlcache_sglang.tuned_configs import find_default_config
+
+    tuned = find_default_config(str(model_dir))
+    setting = " ".join(extra) or (f"tuned policy {tuned}" if tuned else "budget 1.0")
+    print(f"starting SGLang with --attention-backend vlcache ({setting}) ...", flush=True)
     t0 = time.monotonic()
-    extra = ["--vlcache-budget", str(args.budget), "--vlcache-method", args.method]
     with running_server(model_dir, attention_backend="vlcache", extra_args=extra) as server:
         print(f"server ready at {server.url} after {time.monotonic() - t0:.0f} s", flush=True)
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
