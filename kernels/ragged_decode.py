@@ -57,7 +57,7 @@ def _decode_pass1(Q, K, V, KV_IDX, KV_PTR, O_PART, LSE_PART,
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
     l_i = tl.full([BLOCK_H], 0.0, tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    acc = tl.full([BLOCK_H, BLOCK_D], 0.0, tl.float32)  # not tl.zeros: a @jit helper (see _triton.py)
     for k0 in range(lo, hi, BLOCK_N):
         offs_n = k0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi

@@ -107,3 +107,26 @@ def test_large_shapes_cuda(hq, hkv, d, dtype):
     q, k, v, indptr, idx, indptr_cpu = batch(lens, hq, hkv, d, dtype, torch.device("cuda"), seed=hq)
     out = ragged_decode(q, k, v, indptr, idx, d ** -0.5, max_len=max(lens))
     torch.testing.assert_close(out.cpu().double(), oracle(q, k, v, indptr_cpu, idx, d ** -0.5), rtol=2e-2, atol=2e-2)
+
+
+def test_interpreter_after_a_plain_triton_import():
+    """In one pytest process SGLang imports triton first (no TRITON_INTERPRET); the kernels must still
+    run in the interpreter on CPU tensors (no @jit helpers such as tl.zeros inside them)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import vlcache_sglang
+
+    code = ("import triton, triton.language, torch\n"
+            "from vlcache_sglang.kernels.ragged_decode import ragged_decode, ragged_decode_torch\n"
+            "q = torch.randn(2, 4, 16); k = torch.randn(30, 2, 16); v = torch.randn(30, 2, 16)\n"
+            "out = ragged_decode(q, k, v, torch.tensor([0, 10, 30]), torch.arange(30), 0.25, num_splits=3)\n"
+            "ref = ragged_decode_torch(q, k, v, [0, 10, 30], torch.arange(30), 0.25)\n"
+            "torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(vlcache_sglang.__file__).parents[1])
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
