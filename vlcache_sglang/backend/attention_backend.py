@@ -177,6 +177,18 @@ def _host(cpu_value, device_value) -> list:
     return device_value.tolist()
 
 
+CUDA_GRAPH_FLAGS = "--cuda-graph-backend-decode=disabled --cuda-graph-backend-prefill=disabled"
+
+
+def require_cuda_graphs_disabled(fully_disabled: bool) -> None:
+    """The compressing backend has no CUDA-graph hooks yet (its executor has a graph mode, the
+    SGLang glue for capture/replay is not written): refuse at launch with the flags to use, rather
+    than fail inside SGLang's graph capture."""
+    if not fully_disabled:
+        raise RuntimeError("VLCACHE_CUDA_EXECUTOR=flashinfer: the vlcache backend does not support CUDA graphs "
+                           f"yet; launch with {CUDA_GRAPH_FLAGS} (or --disable-cuda-graph)")
+
+
 def create_vlcache_backend(model_runner: ModelRunner) -> AttentionBackend:
     """Factory registered as ``--attention-backend vlcache``.
 
@@ -189,7 +201,11 @@ def create_vlcache_backend(model_runner: ModelRunner) -> AttentionBackend:
     settings = CompressionSettings.from_env()
     if str(model_runner.device).startswith("cuda"):
         if os.environ.get("VLCACHE_CUDA_EXECUTOR", "stock") == "flashinfer":
+            from sglang.srt.model_executor.cuda_graph_config import cuda_graph_fully_disabled
+
             from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
+
+            require_cuda_graphs_disabled(cuda_graph_fully_disabled())
 
             return VLCacheAttnBackend(model_runner, executor=FlashInferAttentionExecutor(model_runner.device),
                                       settings=settings)
