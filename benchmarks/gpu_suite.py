@@ -24,6 +24,7 @@ Imports only the policy, kernels, executors and metadata modules: no SGLang.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -185,7 +186,7 @@ def bench_decode(args, device, lengths, copy_bw, results):
     lists run through FlashInfer (planned) and through the plan-free Triton kernel."""
     import torch
 
-    from vlcache_sglang.kernels.ragged_decode import choose_num_splits, ragged_decode
+    from vlcache_sglang.kernels.ragged_decode import num_splits_for, ragged_decode
 
     use_fi = device.type == "cuda" and have_flashinfer()
     if use_fi:
@@ -200,7 +201,6 @@ def bench_decode(args, device, lengths, copy_bw, results):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     esize = torch.tensor([], dtype=dtype).element_size()
     scale = d ** -0.5
-    sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     for n in lengths:
         rows = bsz * n + 1
         try:
@@ -219,14 +219,13 @@ def bench_decode(args, device, lengths, copy_bw, results):
         for name, lists in (("full", full), ("kept", kept)):
             kv, meta = _decode_meta(lists, device)
             t[f"{name}_s"] = timeit(lambda: ex.decode(q, out, k, v, kv, meta, scale, True), device, iters=args.iters)
-            splits = choose_num_splits(max(x.numel() for x in lists), bsz, hkv, sm_count=sm)
+            splits = num_splits_for(max(x.numel() for x in lists), bsz, hkv, device)
             t[f"triton_{name}_s"] = timeit(lambda: ragged_decode(q, k, v, kv.kv_indptr, kv.kv_indices, scale, out=out,
                                                                   num_splits=splits), device, iters=args.iters)
             if use_fi:
                 gex = FlashInferAttentionExecutor(device, cuda_graph=True, max_batch_size=bsz, num_layers=1,
                                                   max_kv_tokens=kv.kv_indptr_cpu[-1], compressed_decode="flashinfer")
-                gmeta = type(meta)(is_decode=True, kv=kv, qo_indptr_cpu=meta.qo_indptr_cpu,
-                                   prefix_lens_cpu=meta.prefix_lens_cpu, layer_kv={0: kv})
+                gmeta = dataclasses.replace(meta, layer_kv={0: kv})
                 gex.plan_decode(gmeta, hq, hkv, d, dtype, dtype, scale)
                 t[f"graph_{name}_s"] = graph_time(lambda: gex.decode(q, out, k, v, kv, gmeta, scale, True, layer_id=0),
                                                   device, args.iters)
@@ -346,33 +345,26 @@ def warm_one(spec: str) -> None:
     import torch
 
     from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
-    from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV
 
     kind, hq, hkv, d = spec.split(",")
     hq, hkv, d = int(hq), int(hkv), int(d)
     dev = torch.device("cuda")
     k = torch.randn(64, hkv, d, dtype=torch.bfloat16, device=dev)
-    kv = RaggedKV(torch.tensor([0, 64], device=dev), torch.arange(64, device=dev), [0, 64])
-    ex = FlashInferAttentionExecutor(dev)
     if kind == "decode":
         q = torch.randn(1, hq, d, dtype=torch.bfloat16, device=dev)
-        meta = ForwardMetadata(is_decode=True, kv=kv, qo_indptr_cpu=[0, 1], prefix_lens_cpu=[0])
-        ex.decode(q, torch.empty_like(q), k, k, kv, meta, d ** -0.5, True)
+        kv, meta = _decode_meta([torch.arange(64)], dev)
+        FlashInferAttentionExecutor(dev).decode(q, torch.empty_like(q), k, k, kv, meta, d ** -0.5, True)
     else:
         q = torch.randn(64, hq, d, dtype=torch.bfloat16, device=dev)
-        meta = ForwardMetadata(is_decode=False, kv=kv, qo_indptr_cpu=[0, 64], prefix_lens_cpu=[0])
-        ex.extend(q, torch.empty_like(q), k, k, kv, meta, d ** -0.5, True)
+        prefill_attention_fn(q, k, k, d ** -0.5, dev, True)[0]()
     torch.cuda.synchronize()
 
 
 def start_warmup(out_dir: Path) -> list:
-    procs = []
-    for spec in WARM_CONFIGS:
-        log = open(out_dir / "flashinfer_jit.log", "a")  # noqa: SIM115 - closed with the process
-        procs.append((spec, time.time(), subprocess.Popen(
+    with open(out_dir / "flashinfer_jit.log", "a") as log:  # the children keep their own descriptors
+        return [(spec, time.time(), subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--warm-one", spec],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env())))
-    return procs
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env())) for spec in WARM_CONFIGS]
 
 
 def wait_warmup(procs: list, timeout_s: float) -> dict:
@@ -575,7 +567,7 @@ def main(argv=None) -> int:
             save()
     save()
     print(markdown(report))
-    tests_ok = all(t.get("returncode") in (0, 5) for t in report["tests"].values())
+    tests_ok = all(t.get("returncode") == 0 for t in report["tests"].values())
     return 0 if tests_ok else 1
 
 

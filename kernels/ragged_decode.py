@@ -23,7 +23,7 @@ import triton.language as tl
 
 from vlcache_sglang.kernels._triton import interpret_for, kernel, next_pow2
 
-__all__ = ["ragged_decode", "ragged_decode_torch", "choose_num_splits"]
+__all__ = ["ragged_decode", "ragged_decode_torch", "choose_num_splits", "num_splits_for"]
 
 _LOG2E = 1.4426950408889634
 _EMPTY = -1.0e30
@@ -119,6 +119,12 @@ def choose_num_splits(max_len: int, batch: int, kv_heads: int, *, block_n: int =
     return int(max(1, min(want, cap, max_splits)))
 
 
+def num_splits_for(max_len: int, batch: int, kv_heads: int, device: torch.device, *, block_n: int = 64) -> int:
+    """:func:`choose_num_splits` with ``device``'s SM count (4 off CUDA, where the interpreter runs)."""
+    sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return choose_num_splits(max_len, batch, kv_heads, block_n=block_n, sm_count=sm)
+
+
 def ragged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_indptr: torch.Tensor,
                   kv_indices: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
                   num_splits: int | None = None, max_len: int | None = None, block_n: int = 64,
@@ -146,8 +152,7 @@ def ragged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if num_splits is None:
         if max_len is None:
             max_len = int((kv_indptr[1:] - kv_indptr[:-1]).max())
-        sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        num_splits = choose_num_splits(max_len, bsz, hkv, block_n=block_n, sm_count=sm)
+        num_splits = num_splits_for(max_len, bsz, hkv, device, block_n=block_n)
     if workspace is None:
         o_part = torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=device)
         lse_part = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=device)

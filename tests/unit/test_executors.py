@@ -230,3 +230,35 @@ def test_flashinfer_module_imports_without_flashinfer_or_sglang():
             "FlashInferAttentionExecutor()\n")
     env = dict(os.environ, PYTHONPATH=str(Path(vlcache_sglang.__file__).parents[1]))
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("graph_mode", [False, True])
+def test_triton_compressed_decode_path_without_flashinfer(graph_mode):
+    """The FlashInfer executor sends steps with per-layer lists to the plan-free Triton kernel, which
+    needs no FlashInfer: here it runs on the CPU (Triton's interpreter), eager and through the
+    fixed buffers of CUDA-graph mode (no graph captured), against dense attention."""
+    from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
+
+    L, R, hq, hkv, d, bs = 2, 64, 4, 2, 16, 3
+    dev = torch.device("cpu")
+    g = torch.Generator().manual_seed(13)
+    k_glob, v_glob = make_pool(L * R, hkv, d, torch.float32, dev, seed=17)
+    lists = {l: [torch.randperm(R, generator=g)[:n] + l * R for n in lens]
+             for l, lens in enumerate([[5, 40, 1], [12, 3, 60]])}
+    layer_kv = {l: ragged(ls, dev) for l, ls in lists.items()}
+    meta = ForwardMetadata(is_decode=True, kv=layer_kv[0], qo_indptr_cpu=list(range(bs + 1)),
+                           prefix_lens_cpu=[0] * bs, layer_kv=layer_kv)
+    if graph_mode:
+        ex = FlashInferAttentionExecutor(dev, cuda_graph=True, max_batch_size=4, max_kv_tokens=bs * R, num_layers=L,
+                                         compressed_decode="triton")
+        ex.plan_decode(meta, hq, hkv, d, torch.float32, torch.float32, d ** -0.5)
+    else:
+        ex = FlashInferAttentionExecutor(dev, compressed_decode="triton")
+    for layer in range(L):
+        q = torch.randn(bs, hq, d, generator=g)
+        out = torch.full_like(q, float("nan"))
+        ex.decode(q, out, k_glob, v_glob, layer_kv[layer], meta, d ** -0.5, True, layer_id=layer if graph_mode else None)
+        for b, sl in enumerate(lists[layer]):
+            ref = dense(q[b:b + 1], k_glob[sl], v_glob[sl], d ** -0.5)
+            torch.testing.assert_close(out[b:b + 1].double(), ref, rtol=1e-4, atol=1e-4)
+    assert ex.plan_count == 0

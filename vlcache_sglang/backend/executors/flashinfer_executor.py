@@ -160,11 +160,12 @@ class FlashInferAttentionExecutor:
             slot = self._graph_slots[layer]
             if self._graph_triton:
                 return self._ragged(q, out, k_cache, v_cache, slot.indptr[: self._graph_bs + 1], slot.indices,
-                                    scaling, self._graph_splits, self._graph_ws)
+                                    scaling, splits=self._graph_splits, workspace=self._graph_ws)
             wrapper = slot.wrappers[self._graph_bs]
         elif meta.layer_kv and self.compressed_decode == "triton":
+            lens = kv.kv_indptr_cpu
             return self._ragged(q, out, k_cache, v_cache, kv.kv_indptr, kv.kv_indices, scaling,
-                                self._splits(kv.kv_indptr_cpu, k_cache.shape[1], q.device), None)
+                                max_len=max(b - a for a, b in zip(lens, lens[1:])))
         else:
             slot = self._eager_slot("decode", q, k_cache, kv, meta, scaling)
             self._load_indices(slot, kv)
@@ -188,7 +189,9 @@ class FlashInferAttentionExecutor:
         if self._graph_triton:
             # no plan: copy every layer's lists into its fixed buffers; a fixed split count (from
             # the capacity) and a fixed workspace keep the captured launches valid for any lengths
-            self._graph_splits = self._splits([0, self.max_kv_tokens], num_kv_heads, device, bs=self.max_batch_size)
+            from vlcache_sglang.kernels.ragged_decode import num_splits_for
+
+            self._graph_splits = num_splits_for(self.max_kv_tokens, self.max_batch_size, num_kv_heads, device)
             if self._graph_ws is None:
                 self._graph_ws = (
                     torch.empty(self.max_batch_size, num_q_heads, self._graph_splits, head_dim,
@@ -231,21 +234,11 @@ class FlashInferAttentionExecutor:
 
     # -- internals ------------------------------------------------------------------------------
     @staticmethod
-    def _ragged(q, out, k_cache, v_cache, indptr, indices, scaling, splits, workspace):
+    def _ragged(q, out, k_cache, v_cache, indptr, indices, scaling, *, splits=None, max_len=None, workspace=None):
         from vlcache_sglang.kernels.ragged_decode import ragged_decode
 
         return ragged_decode(q, k_cache, v_cache, indptr, indices, scaling, out=out, num_splits=splits,
-                             workspace=workspace)
-
-    def _splits(self, indptr_cpu, kv_heads: int, device: torch.device, bs: int | None = None) -> int:
-        from vlcache_sglang.kernels.ragged_decode import choose_num_splits
-
-        bs = bs if bs is not None else len(indptr_cpu) - 1
-        max_len = max((b - a for a, b in zip(indptr_cpu, indptr_cpu[1:])), default=1)
-        if not hasattr(self, "_sm_count"):
-            self._sm_count = (torch.cuda.get_device_properties(device).multi_processor_count
-                              if device.type == "cuda" else 4)
-        return choose_num_splits(max_len, bs, kv_heads, sm_count=self._sm_count)
+                             max_len=max_len, workspace=workspace)
 
     @staticmethod
     def _paged(k_cache: torch.Tensor, v_cache: torch.Tensor):
