@@ -545,7 +545,9 @@ def main(argv=None) -> int:
         report["flashinfer_jit"] = wait_warmup(warm, args.test_timeout)
         save()
     if not args.skip_tests:
-        report["tests"]["executor tests"] = run_tests(out_dir, "executor_tests", ["tests/unit/test_executors.py"],
+        # the backend's CUDA-graph hooks run where SGLang is importable (skipped otherwise)
+        report["tests"]["executor tests"] = run_tests(out_dir, "executor_tests", ["tests/unit/test_executors.py",
+                                                                                 "tests/unit/test_backend_cuda_graph.py"],
                                                       ["-k", "torch and decode_ragged"] if args.cpu_smoke else [],
                                                       args.test_timeout)
         save()

@@ -53,6 +53,8 @@ def register() -> None:
                           _count_image_encodes, HookType.AFTER)
     HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill",
                           _reopen_admission_after_compaction, HookType.BEFORE)
+    HookRegistry.register("sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
+                          ".can_run_graph", _graph_fits_buffers, HookType.AFTER)
 
 
 # -- launch flags -------------------------------------------------------------------------
@@ -212,6 +214,15 @@ def _reopen_admission_after_compaction(scheduler, running_batch=None, *args, **k
         if getattr(batch, "batch_is_full", False):
             batch.batch_is_full = False
     return None
+
+
+def _graph_fits_buffers(result, runner, forward_batch, *args, **kwargs):
+    """A decode batch whose per-layer lists could overflow the vlcache backend's CUDA-graph buffers
+    runs eagerly (only heavy radix sharing can make a batch read more keys than the pool holds)."""
+    if not result:
+        return result
+    fits = getattr(getattr(runner, "attn_backend", None), "graph_can_run", None)
+    return result if fits is None else bool(fits(forward_batch))
 
 
 def _free_kv_row(original, tree_cache, kv, ranges, *args, **kwargs):

@@ -262,3 +262,73 @@ def test_triton_compressed_decode_path_without_flashinfer(graph_mode):
             ref = dense(q[b:b + 1], k_glob[sl], v_glob[sl], d ** -0.5)
             torch.testing.assert_close(out[b:b + 1].double(), ref, rtol=1e-4, atol=1e-4)
     assert ex.plan_count == 0
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_graph_mode_one_capture_serves_shared_and_per_layer_lists(device):
+    """The kernel a graph holds is fixed at construction: one capture (here of a step where every
+    layer reads the batch's shared slots, shifted by ``layer * layer_row_stride``) replays steps with
+    per-layer lists and steps with shared slots alike. On CUDA a real graph is captured and
+    replayed; on the CPU (Triton's interpreter) the captured step is re-run over the same buffers.
+    A ``decode`` with a meta that was not planned runs eagerly."""
+    from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
+
+    L, R, hq, hkv, d, bs = 3, 64, 4, 2, 16, 3
+    dev = torch.device(device)
+    tol = 1e-4
+    g = torch.Generator().manual_seed(21)
+    k_glob, v_glob = make_pool(L * R, hkv, d, torch.float32, dev, seed=23)
+    ex = FlashInferAttentionExecutor(dev, compressed_decode="triton")
+    ex.enable_cuda_graph(4, bs * R, L)
+    q = torch.randn(L, bs, hq, d, generator=g).to(dev)
+    out = torch.zeros_like(q)
+
+    def shared(lens):
+        slots = [torch.randperm(R, generator=g)[:n] for n in lens]
+        meta = ForwardMetadata(is_decode=True, kv=ragged(slots, dev), qo_indptr_cpu=list(range(bs + 1)),
+                               prefix_lens_cpu=[0] * bs, layer_row_stride=R)
+        return {l: [s + l * R for s in slots] for l in range(L)}, meta
+
+    def per_layer(lens_by_layer):
+        lists = {l: [torch.randperm(R, generator=g)[:n] + l * R for n in lens] for l, lens in enumerate(lens_by_layer)}
+        layer_kv = {l: ragged(ls, dev) for l, ls in lists.items()}
+        meta = ForwardMetadata(is_decode=True, kv=layer_kv[0], qo_indptr_cpu=list(range(bs + 1)),
+                               prefix_lens_cpu=[0] * bs, layer_kv=layer_kv, layer_row_stride=R)
+        return lists, meta
+
+    lists, meta = shared([4, 9, 30])
+    ex.plan_decode(meta, hq, hkv, d, torch.float32, torch.float32, d ** -0.5)
+    captured = meta
+
+    def step():
+        for l in range(L):
+            ex.decode(q[l], out[l], k_glob, v_glob, captured.kv, captured, d ** -0.5, True, layer_id=l)
+
+    graph = None
+    if device == "cuda":
+        step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    for lists, meta in (shared([60, 1, 17]), per_layer([[5, 40, 1], [12, 3, 60], [64, 2, 9]]), shared([3, 3, 3])):
+        ex.plan_decode(meta, hq, hkv, d, torch.float32, torch.float32, d ** -0.5)
+        out.fill_(float("nan"))
+        if graph is not None:
+            graph.replay()
+            torch.cuda.synchronize()
+        else:
+            captured = meta  # the CPU has no graph: re-run the step over the same fixed buffers
+            step()
+        for l in range(L):
+            for b, sl in enumerate(lists[l]):
+                ref = dense(q[l, b:b + 1].cpu(), k_glob[sl].cpu(), v_glob[sl].cpu(), d ** -0.5)
+                torch.testing.assert_close(out[l, b:b + 1].cpu().double(), ref, rtol=tol, atol=tol)
+    # a meta that was not planned runs eagerly (here: per-layer lists through the Triton kernel)
+    lists, meta = per_layer([[7, 8, 9], [1, 2, 3], [10, 20, 30]])
+    o = torch.full_like(q[1], float("nan"))
+    ex.decode(q[1], o, k_glob, v_glob, meta.layer_kv[1], meta, d ** -0.5, True)
+    for b, sl in enumerate(lists[1]):
+        ref = dense(q[1, b:b + 1].cpu(), k_glob[sl].cpu(), v_glob[sl].cpu(), d ** -0.5)
+        torch.testing.assert_close(o[b:b + 1].cpu().double(), ref, rtol=tol, atol=tol)
+    assert ex.plan_count == 0

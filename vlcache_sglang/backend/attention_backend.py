@@ -21,6 +21,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from vlcache_sglang.backend import state
 from vlcache_sglang.backend.cell_store import rehome_pool_buffers
 from vlcache_sglang.backend.compressor import Compressor
+from vlcache_sglang.backend.cuda_graph import SEQ_LEN_FILL, graph_decode_metadata, graph_fits, graph_kv_capacity
 from vlcache_sglang.backend.executors.torch_executor import TorchAttentionExecutor
 from vlcache_sglang.backend.metadata import ForwardMetadata, build_ragged_kv
 from vlcache_sglang.settings import CompressionSettings
@@ -52,7 +53,7 @@ class VLCacheAttnBackend(AttentionBackend):
         self.debug_checks = os.environ.get("VLCACHE_DEBUG_CHECKS") == "1"
         self.allocator = getattr(model_runner, "token_to_kv_pool_allocator", None)
         allocator = getattr(model_runner, "token_to_kv_pool_allocator", None)
-        model_config = getattr(model_runner, "model_config", None)
+        model_config = self.model_config = getattr(model_runner, "model_config", None)
         if allocator is not None and model_config is not None:
             self.global_kv = rehome_pool_buffers(self.token_to_kv_pool)
             tp = max(1, int(getattr(model_runner, "tp_size", 1)))
@@ -61,6 +62,11 @@ class VLCacheAttnBackend(AttentionBackend):
                 num_q_heads=model_config.num_attention_heads // tp,
                 num_kv_heads=max(1, model_config.get_num_kv_heads(tp)),
             )
+            head_dim = self.global_kv.k.shape[-1]
+            # what the executor's graph buffers are sized by (q heads, KV heads, head dim, dtypes, scale)
+            self.graph_shapes = (self.compressor.num_q_heads, self.compressor.num_kv_heads, head_dim,
+                                 getattr(model_runner, "dtype", self.global_kv.k.dtype), self.global_kv.k.dtype,
+                                 head_dim ** -0.5)
             state.set_active(self)
             logger.info("vlcache backend: %s", self.settings.describe())
 
@@ -102,22 +108,25 @@ class VLCacheAttnBackend(AttentionBackend):
         self.forward_metadata = meta
 
     def _attach_layer_kv(self, meta: ForwardMetadata, forward_batch) -> None:
+        self.attach_layer_kv(meta, forward_batch.req_pool_indices.tolist(), getattr(forward_batch, "rids", None),
+                             forward_batch.out_cache_loc)
+
+    def attach_layer_kv(self, meta: ForwardMetadata, req_pool_indices: list[int], rids, out_cache_loc) -> None:
         """Per-layer key lists when a request is compacted or reads a compressed cached prefix."""
         if self.compressor is None:
             return
-        meta.layer_kv, meta.layer_positions = self.compressor.batch_layer_kv(
-            meta, forward_batch.req_pool_indices.tolist(), getattr(forward_batch, "rids", None))
+        meta.layer_kv, meta.layer_positions = self.compressor.batch_layer_kv(meta, req_pool_indices, rids)
         if self.debug_checks:
-            self._check_reads(meta, forward_batch)
+            self._check_reads(meta, out_cache_loc, rids)
 
-    def _check_reads(self, meta: ForwardMetadata, forward_batch) -> None:
+    def _check_reads(self, meta: ForwardMetadata, out_cache_loc, rids) -> None:
         """Debug (``VLCACHE_DEBUG_CHECKS=1``): count forwards whose key lists touch a slot the
         allocator holds as free or a virtual id that was released."""
         from vlcache_sglang.backend.virtual_kv import FREE
 
         vkv = self.compressor.vkv
         free = self.allocator.get_all_free_pages()
-        new = forward_batch.out_cache_loc.to(torch.int64) if forward_batch.out_cache_loc is not None else None
+        new = out_cache_loc.to(torch.int64) if out_cache_loc is not None else None
         ids = meta.kv.kv_indices
         bad = False
         virtual = ids[ids > vkv.base]
@@ -132,7 +141,7 @@ class VLCacheAttnBackend(AttentionBackend):
             bad = True
         if bad:
             self.freed_reads += 1
-            logger.error("vlcache debug: a forward reads freed KV (rids %s)", getattr(forward_batch, "rids", None))
+            logger.error("vlcache debug: a forward reads freed KV (rids %s)", rids)
 
     # -- attention ------------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch, save_kv_cache=True):
@@ -151,6 +160,11 @@ class VLCacheAttnBackend(AttentionBackend):
             self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
         meta = self.forward_metadata
         q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        if meta.graph:  # every layer reads the global storage through the executor's fixed buffers
+            self.executor.decode(q3, out.view(-1, layer.tp_q_head_num, layer.v_head_dim), self.global_kv.k,
+                                 self.global_kv.v, meta.kv, meta, layer.scaling,
+                                 layer.tp_q_head_num != layer.tp_k_head_num, layer_id=lid)
+            return out
         if lid in meta.layer_kv:
             k_cache, v_cache, kv = self.global_kv.k, self.global_kv.v, meta.layer_kv[lid]
         else:
@@ -169,6 +183,34 @@ class VLCacheAttnBackend(AttentionBackend):
     def support_triton(self):
         return False
 
+    # -- CUDA graphs (decode) -------------------------------------------------------------
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        """Fixed per-layer buffers for decode graphs (:mod:`vlcache_sglang.backend.cuda_graph`)."""
+        enable = getattr(self.executor, "enable_cuda_graph", None)
+        if enable is None or self.compressor is None:
+            raise NotImplementedError(f"vlcache: {type(self.executor).__name__} has no CUDA-graph mode")
+        if getattr(self.executor, "compressed_decode", "triton") != "triton":
+            raise NotImplementedError(
+                "vlcache: CUDA graphs need the plan-free Triton decode (VLCACHE_COMPRESSED_DECODE=triton); "
+                f"per-layer FlashInfer plans would cost milliseconds per replay. Or launch with {CUDA_GRAPH_FLAGS}")
+        context_len = int(getattr(self.model_config, "context_len", 0) or self.req_to_token_pool.req_to_token.shape[1])
+        self.graph_capacity = graph_kv_capacity(max_bs, context_len, self.global_kv.rows_per_layer)
+        self.graph_max_bs = max_bs
+        enable(max_bs, self.graph_capacity, self.global_kv.num_layers)
+        logger.info("vlcache: decode CUDA graphs up to batch %d, %d keys per layer", max_bs, self.graph_capacity)
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return SEQ_LEN_FILL
+
+    def init_forward_metadata_out_graph(self, forward_batch: ForwardBatch, in_capture: bool = False):
+        """Capture and replay: load the step's per-layer lists into the executor's fixed buffers."""
+        self.forward_metadata = graph_decode_metadata(self, forward_batch, in_capture)
+
+    def graph_can_run(self, forward_batch) -> bool:
+        """Whether the batch's lists fit the graph buffers (else SGLang runs it eagerly)."""
+        capacity = getattr(self, "graph_capacity", None)
+        return capacity is not None and graph_fits(capacity, forward_batch.seq_lens_sum, self.graph_max_bs)
+
 
 def _host(cpu_value, device_value) -> list:
     """Prefer SGLang's host copy of a per-request tensor; fall back to one device->host copy."""
@@ -178,15 +220,17 @@ def _host(cpu_value, device_value) -> list:
 
 
 CUDA_GRAPH_FLAGS = "--cuda-graph-backend-decode=disabled --cuda-graph-backend-prefill=disabled"
+PREFILL_GRAPH_FLAG = "--cuda-graph-backend-prefill=disabled"
 
 
-def require_cuda_graphs_disabled(fully_disabled: bool) -> None:
-    """The compressing backend has no CUDA-graph hooks yet (its executor has a graph mode, the
-    SGLang glue for capture/replay is not written): refuse at launch with the flags to use, rather
-    than fail inside SGLang's graph capture."""
-    if not fully_disabled:
-        raise RuntimeError("VLCACHE_CUDA_EXECUTOR=flashinfer: the vlcache backend does not support CUDA graphs "
-                           f"yet; launch with {CUDA_GRAPH_FLAGS} (or --disable-cuda-graph)")
+def require_prefill_graphs_disabled(prefill_disabled: bool) -> None:
+    """Decode CUDA graphs are supported (:mod:`vlcache_sglang.backend.cuda_graph`); prefill graphs
+    (SGLang's default breakable graphs on CUDA) are not: the prefill forward gathers statistics
+    and compacts requests on the host. Refuse at launch with the flag to use, rather than fail
+    inside SGLang's graph capture."""
+    if not prefill_disabled:
+        raise RuntimeError("VLCACHE_CUDA_EXECUTOR=flashinfer: the vlcache backend runs prefill eagerly; "
+                           f"launch with {PREFILL_GRAPH_FLAG} (decode CUDA graphs stay on)")
 
 
 def create_vlcache_backend(model_runner: ModelRunner) -> AttentionBackend:
@@ -194,18 +238,19 @@ def create_vlcache_backend(model_runner: ModelRunner) -> AttentionBackend:
 
     Everywhere but CUDA the torch executor runs. On CUDA the per-layer executor (FlashInfer for
     uncompressed steps, the plan-free Triton kernel for steps with per-layer lists) is opt-in with
-    ``VLCACHE_CUDA_EXECUTOR=flashinfer``: it passed its tests on an H200 (docs/gpu-suite.md), but no
-    whole SGLang server has run it on CUDA yet, so by default SGLang's stock FlashInfer backend
-    serves attention there, uncompressed.
+    ``VLCACHE_CUDA_EXECUTOR=flashinfer`` (with ``--cuda-graph-backend-prefill=disabled``; decode
+    CUDA graphs are supported): it passed its tests on an H200 (docs/gpu-suite.md), but no whole
+    SGLang server has run it on CUDA yet, so by default SGLang's stock FlashInfer backend serves
+    attention there, uncompressed.
     """
     settings = CompressionSettings.from_env()
     if str(model_runner.device).startswith("cuda"):
         if os.environ.get("VLCACHE_CUDA_EXECUTOR", "stock") == "flashinfer":
-            from sglang.srt.model_executor.cuda_graph_config import cuda_graph_fully_disabled
+            from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, check_cuda_graph_backend
 
             from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
 
-            require_cuda_graphs_disabled(cuda_graph_fully_disabled())
+            require_prefill_graphs_disabled(check_cuda_graph_backend(Phase.PREFILL, Backend.DISABLED))
 
             return VLCacheAttnBackend(model_runner, executor=FlashInferAttentionExecutor(model_runner.device),
                                       settings=settings)

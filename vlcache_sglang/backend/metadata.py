@@ -41,6 +41,10 @@ class ForwardMetadata:
     # per layer, per request: prompt positions of that layer's keys (None: positions 0..n-1)
     layer_positions: dict[int, list] = field(default_factory=dict)
     requests: list | None = None  # extend: per-request RequestInfo (compression settings, spans)
+    # a layer without its own list reads meta.kv's slots at row l * layer_row_stride of the global
+    # K/V storage (CUDA-graph mode, where every layer reads that storage); None: not given
+    layer_row_stride: int | None = None
+    graph: bool = False  # decode through the executor's CUDA-graph buffers (planned for this meta)
 
     @property
     def batch_size(self) -> int:

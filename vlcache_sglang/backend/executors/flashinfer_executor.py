@@ -16,12 +16,17 @@ per-layer budgets the lengths differ per layer and it costs up to one plan per l
 per decode step).
 
 CUDA graphs. ``FlashInferAttentionExecutor(cuda_graph=True, max_batch_size=..., max_kv_tokens=...,
-num_layers=...)`` keeps one wrapper per (layer, batch size) over fixed buffers; call
-:meth:`plan_decode` outside the graph (before capture and before every replay), then ``decode`` inside
-it does no planning, no allocation and no host synchronisation. In that mode layer ``l`` reads
-``meta.layer_kv[l]`` (or ``meta.kv``) through its own buffers, so pass ``layer_id=`` to ``decode``
-(otherwise the i-th call after :meth:`plan_decode` is taken as layer i), and give every layer the
-same ``k_cache`` tensor in capture and replay (the global K/V storage with global row ids).
+num_layers=...)`` (or :meth:`enable_cuda_graph` later) keeps fixed per-layer buffers; call
+:meth:`plan_decode` outside the graph (before capture and before every replay), then ``decode``
+with that same ``meta`` inside it does no planning, no allocation and no host synchronisation
+(a ``decode`` with any other ``meta`` runs eagerly, so one executor serves both). In that mode layer
+``l`` reads ``meta.layer_kv[l]`` (or ``meta.kv`` shifted by ``l * meta.layer_row_stride``) through
+its own buffers, so pass ``layer_id=`` to ``decode`` (otherwise the i-th call after
+:meth:`plan_decode` is taken as layer i), and give every layer the same ``k_cache`` tensor in
+capture and replay (the global K/V storage with global row ids). Which kernel the graph holds is
+fixed at construction, never per step (a captured graph replays what it captured): the plan-free
+Triton kernel with ``compressed_decode="triton"``, FlashInfer wrappers planned per layer and per
+replay otherwise.
 
 Compressed decode without plans. ``compressed_decode="triton"`` (the default; env
 ``VLCACHE_COMPRESSED_DECODE=flashinfer`` restores per-layer plans) runs decode steps that carry
@@ -116,17 +121,18 @@ class FlashInferAttentionExecutor:
         self.compressed_decode = compressed_decode or os.environ.get("VLCACHE_COMPRESSED_DECODE", "triton")
         if self.compressed_decode not in ("triton", "flashinfer"):
             raise ValueError(f"compressed_decode must be 'triton' or 'flashinfer', not {self.compressed_decode!r}")
-        self._graph_triton = False
+        self._graph_triton = self.compressed_decode == "triton"  # fixed: what a captured graph holds
+        self._graph_meta: ForwardMetadata | None = None  # the meta of the last plan_decode
         self._graph_splits = 1
         self._graph_ws: tuple[torch.Tensor, torch.Tensor] | None = None
         self.workspace_bytes = workspace_bytes
         self.use_tensor_cores = use_tensor_cores
-        self.cuda_graph = cuda_graph
-        if cuda_graph and (max_batch_size is None or max_kv_tokens is None or num_layers is None):
-            raise ValueError("cuda_graph=True needs max_batch_size, max_kv_tokens and num_layers (fixed buffers)")
-        self.max_batch_size = max_batch_size
-        self.max_kv_tokens = max_kv_tokens
-        self.num_layers = num_layers
+        self.cuda_graph = False
+        self.max_batch_size = self.max_kv_tokens = self.num_layers = None
+        if cuda_graph:
+            if max_batch_size is None or max_kv_tokens is None or num_layers is None:
+                raise ValueError("cuda_graph=True needs max_batch_size, max_kv_tokens and num_layers (fixed buffers)")
+            self.enable_cuda_graph(max_batch_size, max_kv_tokens, num_layers)
         self._workspace: torch.Tensor | None = None
         self._classes = None
         # eager mode: slots reused across forwards; the current forward's grouping
@@ -142,6 +148,15 @@ class FlashInferAttentionExecutor:
         self.plan_seconds = 0.0
 
     # -- public interface -----------------------------------------------------------------------
+    def enable_cuda_graph(self, max_batch_size: int, max_kv_tokens: int, num_layers: int) -> None:
+        """Switch on CUDA-graph mode: fixed buffers for up to ``max_batch_size`` requests reading up
+        to ``max_kv_tokens`` keys per layer (allocated on the first :meth:`plan_decode`)."""
+        if min(max_batch_size, max_kv_tokens, num_layers) < 1:
+            raise ValueError("max_batch_size, max_kv_tokens and num_layers must be positive")
+        self.cuda_graph = True
+        self.max_batch_size, self.max_kv_tokens, self.num_layers = max_batch_size, max_kv_tokens, num_layers
+        self._graph_slots, self._graph_ws, self._graph_meta = [], None, None
+
     def extend(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                kv: RaggedKV, meta: ForwardMetadata, scaling: float, enable_gqa: bool) -> torch.Tensor:
         """q/out: ``[tokens, Hq, D]``; request ``b``'s rows are the last ``qo_len`` of its list (causal)."""
@@ -154,7 +169,7 @@ class FlashInferAttentionExecutor:
                kv: RaggedKV, meta: ForwardMetadata, scaling: float, enable_gqa: bool,
                layer_id: int | None = None) -> torch.Tensor:
         """One query row per request over that request's list in ``kv``."""
-        if self.cuda_graph:
+        if self.cuda_graph and meta is self._graph_meta:
             layer = self._graph_calls if layer_id is None else layer_id
             self._graph_calls += 1
             slot = self._graph_slots[layer]
@@ -175,7 +190,9 @@ class FlashInferAttentionExecutor:
 
     def plan_decode(self, meta: ForwardMetadata, num_q_heads: int, num_kv_heads: int, head_dim: int,
                     q_dtype: torch.dtype, kv_dtype: torch.dtype, scaling: float) -> None:
-        """CUDA-graph mode: plan every layer's decode for this batch (call outside the graph)."""
+        """CUDA-graph mode: load every layer's lists for this batch into the fixed buffers (and, for
+        FlashInfer, plan each layer); call outside the graph. ``decode`` with this ``meta`` then
+        reads them."""
         if not self.cuda_graph:
             raise RuntimeError("plan_decode is for cuda_graph=True; eager executors plan on first use")
         bs = meta.batch_size
@@ -184,11 +201,12 @@ class FlashInferAttentionExecutor:
         device = meta.kv.kv_indices.device
         self.device = self.device or device
         if not self._graph_slots:
-            self._graph_slots = [_Slot(device, self.max_batch_size, self.max_kv_tokens) for _ in range(self.num_layers)]
-        self._graph_triton = bool(meta.layer_kv) and self.compressed_decode == "triton"
+            self._graph_slots = self._new_graph_slots(device)
+        lists = self._load_graph_lists(meta, bs)
+        self._graph_bs, self._graph_calls, self._graph_meta = bs, 0, meta
         if self._graph_triton:
-            # no plan: copy every layer's lists into its fixed buffers; a fixed split count (from
-            # the capacity) and a fixed workspace keep the captured launches valid for any lengths
+            # no plan: a fixed split count (from the capacity) and a fixed workspace keep the
+            # captured launches valid for any lengths
             from vlcache_sglang.kernels.ragged_decode import num_splits_for
 
             self._graph_splits = num_splits_for(self.max_kv_tokens, self.max_batch_size, num_kv_heads, device)
@@ -198,22 +216,11 @@ class FlashInferAttentionExecutor:
                                 dtype=torch.float32, device=device),
                     torch.empty(self.max_batch_size, num_q_heads, self._graph_splits, dtype=torch.float32,
                                 device=device))
-            for layer, slot in enumerate(self._graph_slots):
-                kv = meta.layer_kv.get(layer, meta.kv)
-                n = kv.kv_indptr_cpu[-1]
-                if n > self.max_kv_tokens:
-                    raise ValueError(f"layer {layer} reads {n} tokens, more than max_kv_tokens={self.max_kv_tokens}")
-                slot.indptr[: bs + 1].copy_(kv.kv_indptr, non_blocking=True)
-                slot.indices[:n].copy_(kv.kv_indices, non_blocking=True)
-            self._graph_bs, self._graph_calls = bs, 0
             return
         Decode, _ = self._wrapper_classes()
         tc = self._tensor_cores(num_q_heads, num_kv_heads)
         for layer, slot in enumerate(self._graph_slots):
-            kv = meta.layer_kv.get(layer, meta.kv)
-            n = kv.kv_indptr_cpu[-1]
-            if n > self.max_kv_tokens:
-                raise ValueError(f"layer {layer} reads {n} tokens, more than max_kv_tokens={self.max_kv_tokens}")
+            indptr_cpu, n = lists[layer]
             w = slot.wrappers.get(bs)
             if w is None:
                 w = slot.wrappers[bs] = Decode(
@@ -221,13 +228,54 @@ class FlashInferAttentionExecutor:
                     paged_kv_indptr_buffer=slot.indptr[: bs + 1], paged_kv_indices_buffer=slot.indices,
                     paged_kv_last_page_len_buffer=slot.last_page_len[:bs], backend=_BACKEND)
             t0 = time.perf_counter()
-            w.plan(torch.tensor(kv.kv_indptr_cpu, dtype=torch.int32), kv.kv_indices,
+            w.plan(torch.tensor(indptr_cpu, dtype=torch.int32), slot.indices[:n],
                    torch.ones(bs, dtype=torch.int32), num_q_heads, num_kv_heads, head_dim, 1,
                    q_data_type=q_dtype, kv_data_type=kv_dtype, sm_scale=scaling)
             self.plan_seconds += time.perf_counter() - t0
             self.plan_count += 1
-        self._graph_bs = bs
-        self._graph_calls = 0
+
+    def _new_graph_slots(self, device: torch.device) -> list[_Slot]:
+        """One slot per layer, whose index/indptr buffers are rows of two 2-D tensors (so a step
+        where every layer reads the same slots, shifted per layer, loads them in one operation)."""
+        L = self.num_layers
+        self._graph_indices = torch.zeros(L, self.max_kv_tokens, dtype=torch.int32, device=device)
+        self._graph_indptr = torch.zeros(L, self.max_batch_size + 1, dtype=torch.int32, device=device)
+        slots = []
+        for layer in range(L):
+            slot = _Slot(device, self.max_batch_size, 0)
+            slot.indices, slot.indptr = self._graph_indices[layer], self._graph_indptr[layer]
+            slots.append(slot)
+        return slots
+
+    def _load_graph_lists(self, meta: ForwardMetadata, bs: int) -> list[tuple[list[int], int]]:
+        """Copy each layer's list into its buffers; returns per layer (host indptr, length)."""
+        stride = meta.layer_row_stride
+        out = []
+        shared = [layer for layer in range(self.num_layers) if layer not in meta.layer_kv]
+        for layer in range(self.num_layers):
+            kv = meta.layer_kv.get(layer, meta.kv)
+            n = kv.kv_indptr_cpu[-1]
+            if n > self.max_kv_tokens:
+                raise ValueError(f"layer {layer} reads {n} tokens, more than max_kv_tokens={self.max_kv_tokens}")
+            out.append((kv.kv_indptr_cpu, n))
+            if layer in meta.layer_kv or stride is None:
+                slot = self._graph_slots[layer]
+                slot.indptr[: bs + 1].copy_(kv.kv_indptr, non_blocking=True)
+                slot.indices[:n].copy_(kv.kv_indices, non_blocking=True)
+        if shared and stride is not None:
+            # layers without their own list read meta.kv's slots in their own rows: one broadcast
+            n = meta.kv.kv_indptr_cpu[-1]
+            device = meta.kv.kv_indices.device
+            rows = (torch.arange(self.num_layers, device=device) if len(shared) == self.num_layers
+                    else torch.tensor(shared, device=device))
+            ids = meta.kv.kv_indices.unsqueeze(0) + (rows * stride).unsqueeze(1)
+            if len(shared) == self.num_layers:
+                self._graph_indices[:, :n] = ids
+                self._graph_indptr[:, : bs + 1] = meta.kv.kv_indptr.unsqueeze(0)
+            else:
+                self._graph_indices[rows, :n] = ids.to(torch.int32)
+                self._graph_indptr[rows, : bs + 1] = meta.kv.kv_indptr.to(torch.int32).unsqueeze(0)
+        return out
 
     def reset_counters(self) -> None:
         self.plan_count, self.plan_seconds = 0, 0.0

@@ -1,0 +1,82 @@
+"""CUDA-graph decode for the ``vlcache`` backend: SGLang's capture/replay hooks over the executor's
+fixed buffers.
+
+SGLang's decode graph runner (0.5.23 contract) calls ``init_cuda_graph_state(max_bs, ...)`` once,
+then per captured batch size ``init_forward_metadata_out_graph(fb, in_capture=True)`` before
+capturing the model's forward, and before every replay ``init_forward_metadata_out_graph(view)``
+with a padded view of the live batch (``num_padding`` trailing entries with request row 0, length
+``get_cuda_graph_seq_len_fill_value()``, writing to slot 0; no ``rids``).
+
+What a captured step may not do is change its kernels or their scalar arguments. So, in graph
+mode, every layer of every step reads the *global* K/V storage (:mod:`cell_store`) through its
+own fixed index buffers, through the plan-free Triton kernel with a split count fixed from the
+capacity; a replay only rewrites buffer contents:
+
+* layers of an uncompressed batch read the batch's slots shifted by ``l * rows_per_layer``
+  (one broadcast for all layers);
+* a batch with a compressed request gets per-layer lists from the :class:`Compressor`, as in eager
+  mode;
+* padded entries read one key, the pool's reserved padding slot 0.
+
+The buffers hold ``capacity`` keys per layer: ``min(max_bs * context_len, pool rows)``. A layer's
+list is never longer than the batch's ``seq_lens_sum`` (a compressed request reads its kept
+tokens plus its tail, fewer than its length), so :func:`graph_fits` sends a batch whose
+``seq_lens_sum`` (plus padding) exceeds it to the eager path (only heavy radix sharing, where
+requests share slots, can do that). Prefill stays eager (``--cuda-graph-backend-prefill=disabled``).
+"""
+from __future__ import annotations
+
+import torch
+
+from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV, build_ragged_kv
+
+PADDING_SLOT = 0  # SGLang's allocator never hands out slot 0: padded tokens write (and here read) it
+SEQ_LEN_FILL = 1
+
+
+def graph_kv_capacity(max_bs: int, context_len: int, rows_per_layer: int) -> int:
+    """Keys per layer the fixed buffers hold."""
+    return max(1, min(max_bs * max(1, context_len), rows_per_layer))
+
+
+def graph_fits(capacity: int, seq_lens_sum: int | None, max_bs: int) -> bool:
+    """Whether a decode batch can replay a graph (its lists fit the buffers whatever the padding)."""
+    return seq_lens_sum is not None and seq_lens_sum + max_bs * SEQ_LEN_FILL <= capacity
+
+
+def pad_ragged(kv: RaggedKV, pad: int, row: int) -> RaggedKV:
+    """``kv`` plus ``pad`` entries of one key each, at global row ``row``."""
+    if pad == 0:
+        return kv
+    indptr_cpu = kv.kv_indptr_cpu + [kv.kv_indptr_cpu[-1] + i + 1 for i in range(pad)]
+    device = kv.kv_indices.device
+    indices = torch.cat([kv.kv_indices, torch.full((pad,), row, dtype=kv.kv_indices.dtype, device=device)])
+    return RaggedKV(torch.tensor(indptr_cpu, dtype=torch.int64, device=device), indices, indptr_cpu)
+
+
+def graph_decode_metadata(backend, forward_batch, in_capture: bool) -> ForwardMetadata:
+    """The step's :class:`ForwardMetadata` in graph mode, loaded into the executor's buffers."""
+    mode = forward_batch.forward_mode
+    if not mode.is_decode_or_idle():
+        raise NotImplementedError(f"vlcache: CUDA graphs are supported for decode only, not {mode}; "
+                                  "launch with --cuda-graph-backend-prefill=disabled")
+    bs = int(forward_batch.batch_size)
+    pad = bs if in_capture else int(getattr(forward_batch, "num_padding", 0) or 0)
+    real = bs - pad
+    lens_src = forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None else forward_batch.seq_lens
+    seq_lens = [int(x) for x in lens_src[:real].tolist()]
+    rows = forward_batch.req_pool_indices[:real]
+    kv = build_ragged_kv(backend.req_to_token_pool.req_to_token, rows, seq_lens)
+    meta = ForwardMetadata(is_decode=True, kv=kv, qo_indptr_cpu=list(range(real + 1)),
+                           prefix_lens_cpu=[n - 1 for n in seq_lens])
+    if real:
+        backend.attach_layer_kv(meta, rows.tolist(), None, getattr(forward_batch, "out_cache_loc", None))
+    stride = backend.global_kv.rows_per_layer
+    meta.kv = pad_ragged(meta.kv, pad, PADDING_SLOT)
+    meta.layer_kv = {layer: pad_ragged(kv_l, pad, layer * stride + PADDING_SLOT)
+                     for layer, kv_l in meta.layer_kv.items()}
+    meta.qo_indptr_cpu = list(range(bs + 1))
+    meta.prefix_lens_cpu = meta.prefix_lens_cpu + [SEQ_LEN_FILL - 1] * pad
+    meta.layer_row_stride, meta.graph = stride, True
+    backend.executor.plan_decode(meta, *backend.graph_shapes)
+    return meta
