@@ -67,6 +67,7 @@ def main() -> None:
     with running_server(model_dir, attention_backend="vlcache", extra_args=extra) as server:
         print(f"server ready at {server.url} after {time.monotonic() - t0:.0f} s", flush=True)
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+        before = compression_counters(server.url)  # the server's own warm-up may have compressed one
         t1 = time.monotonic()
         resp = client.chat.completions.create(
             model="default", temperature=0, max_tokens=args.max_tokens,
@@ -79,6 +80,24 @@ def main() -> None:
             print(f"expected: {gold!r}")
         print(f"({resp.usage.prompt_tokens} prompt tokens, {resp.usage.completion_tokens} generated, "
               f"{time.monotonic() - t1:.2f} s)")
+        after = compression_counters(server.url)
+        print(kv_summary(before, after, resp.usage.prompt_tokens))
+
+
+def compression_counters(url: str) -> dict:
+    """The compressor's cumulative counters from the server's ``/server_info``."""
+    import requests
+
+    return requests.get(f"{url}/server_info", timeout=60).json()["internal_states"][0].get("vlcache", {})
+
+
+def kv_summary(before: dict, after: dict, prompt_tokens: int) -> str:
+    """What compression did to one request's KV (the counters' change across it)."""
+    if after.get("requests_compressed", 0) == before.get("requests_compressed", 0):
+        return "KV cache: left whole (nothing compressed)"
+    saved = int(after.get("kv_tokens_saved", 0)) - int(before.get("kv_tokens_saved", 0))
+    return (f"KV cache: {saved} of {prompt_tokens} token slots returned to the pool after prefill "
+            f"(about {100 * (1 - saved / max(1, prompt_tokens)):.0f}% of the prompt's KV kept)")
 
 
 if __name__ == "__main__":
