@@ -22,7 +22,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from vlcache_sglang.backend.attention_backend import VLCacheAttnBackend
-from vlcache_sglang.backend.cell_store import CompressedRow, compact_request
+from vlcache_sglang.backend.compressor import CompressedRow
 
 
 def setup(context: int, batch: int, layers: int, q_heads: int, kv_heads: int, dim: int, compressed: bool):
@@ -44,14 +44,17 @@ def setup(context: int, batch: int, layers: int, q_heads: int, kv_heads: int, di
                 context, kv_heads, dim, generator=g)
             backend.global_kv.v[backend.global_kv.global_ids(layer, slots[:context])] = torch.randn(
                 context, kv_heads, dim, generator=g)
-        if compressed:
+        if compressed:  # a 10% plan per layer, compacted by the same VirtualKV.compact the server uses
             k = max(1, context // 10)
             kept = [torch.randperm(context, generator=g)[:k].sort().values for _ in range(layers)]
-            freed, layer_ids, cells = compact_request(backend.global_kv, req_pool.req_to_token[b], kept, 0, context)
-            allocator.free(freed.clone())
-            backend.compressor.rows[b] = CompressedRow(f"r{b}", b, context, 0, cells, layer_ids, [k] * layers)
+            kv = backend.global_kv
+            res = backend.compressor.vkv.compact(kv.k, kv.v, req_pool.req_to_token[b], kept, 0, context)
+            backend.compressor.rows[b] = CompressedRow(
+                rid=f"r{b}", prompt_len=context, protected=0, prefix_pos=[torch.empty(0, dtype=torch.int64)] * layers,
+                kept_counts=res.kept_counts, tokens_saved=res.freed_slots)
     fb = SimpleNamespace(
-        forward_mode=ForwardMode.DECODE, req_pool_indices=torch.arange(batch), rids=[f"r{b}" for b in range(batch)],
+        forward_mode=ForwardMode.DECODE, batch_size=batch, num_padding=0,
+        req_pool_indices=torch.arange(batch), rids=[f"r{b}" for b in range(batch)],
         seq_lens=torch.full((batch,), context + 1), seq_lens_cpu=torch.full((batch,), context + 1),
         out_cache_loc=req_pool.req_to_token[:batch, context].long(),
     )
@@ -65,6 +68,29 @@ def step(backend, fb, atts, q_heads, kv_heads, dim, batch):
         q = torch.randn(batch, q_heads * dim)
         k = torch.randn(batch, kv_heads, dim)
         backend.forward_decode(q, k, k, att, fb)
+
+
+def metadata_times(backend, fb, batch: int, repeats: int) -> tuple[float, float]:
+    """Host time per step of the eager metadata and of CUDA-graph mode's per-replay preparation
+    (``init_forward_metadata_out_graph``: the same lists, copied into the executor's fixed buffers)."""
+    from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
+
+    eager = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        backend.init_forward_metadata(fb)
+        eager.append(time.perf_counter() - t0)
+    executor, backend.executor = backend.executor, FlashInferAttentionExecutor("cpu")
+    try:
+        backend.init_cuda_graph_state(batch, batch)
+        graph = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            backend.init_forward_metadata_out_graph(fb)
+            graph.append(time.perf_counter() - t0)
+    finally:
+        backend.executor = executor
+    return statistics.median(eager), statistics.median(graph)
 
 
 def main() -> None:
@@ -83,6 +109,7 @@ def main() -> None:
           f"1 thread, median of {args.repeats} interleaved steps")
     print("| context | full cache | budget 0.1 | speed-up | KV slots held full / 0.1 |")
     print("|---|---|---|---|---|")
+    prep = {}
     for context in args.contexts:
         setups = {c: setup(context, args.batch, args.layers, *dims[:3], compressed=c) for c in (False, True)}
         times = {False: [], True: []}
@@ -95,6 +122,13 @@ def main() -> None:
         held = {c: setups[c][3].size - setups[c][3].available_size() for c in setups}
         print(f"| {context} | {full * 1e3:.1f} ms | {comp * 1e3:.1f} ms | {full / comp:.1f}x | "
               f"{held[False]} / {held[True]} ({held[False] / held[True]:.1f}x) |")
+        prep[context] = {c: metadata_times(b, fb, args.batch, args.repeats) for c, (b, fb, _, _) in setups.items()}
+    print("\nper-step host metadata (eager init_forward_metadata / CUDA-graph replay preparation)")
+    print("| context | full cache | budget 0.1 |")
+    print("|---|---|---|")
+    for context, t in prep.items():
+        print(f"| {context} | {t[False][0] * 1e3:.2f} / {t[False][1] * 1e3:.2f} ms | "
+              f"{t[True][0] * 1e3:.2f} / {t[True][1] * 1e3:.2f} ms |")
 
 
 if __name__ == "__main__":
