@@ -266,6 +266,7 @@ def _add_vlcache_state(result, internal_state, state, *args, **kwargs):
         "max_total_num_tokens": int(scheduler.max_total_num_tokens),
         "compressed_requests_live": len(compressor.rows) if compressor else 0,
         "pending_statistics": len(compressor.pending) if compressor else 0,
+        "resolved_rows_live": len(compressor.resolved) if compressor else 0,
         "virtual_ids_live": compressor.vkv.live_ids if compressor else 0,
         "cell_slots_live": compressor.vkv.live_cell_slots() if compressor else 0,
         "radix_cache": type(tree).__name__ if tree is not None else None,

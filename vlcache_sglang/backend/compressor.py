@@ -55,6 +55,16 @@ class CompressedRow:
 
 
 @dataclass
+class ResolvedRow:
+    """A row's last resolution into per-layer (rows, positions), reused while it stays valid."""
+
+    rec: CompressedRow | None
+    ids: torch.Tensor  # the row's ids it was resolved from
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    stamp: int  # VirtualKV.births when it was made
+
+
+@dataclass
 class SharingState:
     mode: str  # "compressed", "prefix" or "off"
     cap: int  # "prefix": positions that may enter the tree
@@ -75,6 +85,7 @@ class Compressor:
         self.pending: dict[int, tuple[str, StatsAccumulator]] = {}  # req_pool_idx -> (rid, stats)
         self.rows: dict[int, CompressedRow] = {}  # req_pool_idx -> compacted request
         self.sharing: dict[int, tuple[str, SharingState]] = {}  # req_pool_idx -> (rid, what the tree may take)
+        self.resolved: dict[int, ResolvedRow] = {}  # req_pool_idx -> its row's last resolution
         self.counters = CompressionCounters()
         self.metrics = CompressionMetrics()
 
@@ -95,25 +106,10 @@ class Compressor:
         for b, rec in enumerate(records):
             slots = meta.kv.slots(b)
             start = rec.protected if rec is not None else 0
-            tail = slots[start:]
-            if rec is None and not self.vkv.has_virtual(tail):
+            if rec is None and not self.vkv.has_virtual(slots):
                 per_request.append(None)
                 continue
-            resolved = self.vkv.resolve(tail)
-            # the selected tree-owned prefix, through the row (the tree may have swapped in its
-            # own ids for identical content since compaction)
-            prefix_rows = self.vkv.layer_rows(slots[:start]) if rec is not None and start else None
-            layers = []
-            for layer, (present, rows) in enumerate(resolved):
-                positions = present + start
-                if prefix_rows is not None:
-                    pos = rec.prefix_pos[layer]
-                    own = prefix_rows[pos, layer]
-                    ok = own >= 0
-                    rows = torch.cat([own[ok], rows])
-                    positions = torch.cat([pos[ok], positions])
-                layers.append((rows, positions))
-            per_request.append(layers)
+            per_request.append(self._request_layers(req_pool_indices[b], rec, slots, start))
         out: dict[int, RaggedKV] = {}
         positions_out: dict[int, list[torch.Tensor | None]] = {}
         for layer in range(self.num_layers):
@@ -131,6 +127,48 @@ class Compressor:
             out[layer] = RaggedKV(torch.tensor(indptr, dtype=torch.int64, device=indices.device), indices, indptr)
             positions_out[layer] = pos_parts
         return out, positions_out
+
+    def _request_layers(self, req_pool_idx: int, rec: CompressedRow | None, slots: torch.Tensor,
+                        start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (global rows, positions) a request reads, resolved from its row.
+
+        Resolving the whole row is an ``[n, L]`` gather and ``L`` nonzero per request per forward,
+        O(length x layers): in decode only the new token is new. So the last resolution is kept
+        per row and reused while the row still starts with the same ids and none of their table
+        entries was rewritten since (no compaction at all since, or :meth:`VirtualKV.newest_birth`);
+        only the new ids are resolved and appended. Anything else (the tree swapped ids in, a new compaction, another
+        request in the row) resolves afresh."""
+        c = self.resolved.get(req_pool_idx)
+        n = 0 if c is None else c.ids.numel()
+        if (c is not None and c.rec is rec and start <= n <= slots.numel() and torch.equal(slots[:n], c.ids)
+                and (c.stamp == self.vkv.births or self.vkv.newest_birth(c.ids) <= c.stamp)):
+            if n == slots.numel():
+                return c.layers
+            add = self.vkv.resolve(slots[n:])
+            layers = [(torch.cat([rows, more]), torch.cat([pos, present + n]))
+                      for (rows, pos), (present, more) in zip(c.layers, add)]
+        else:
+            layers = self._resolve_request(rec, slots, start)
+        self.resolved[req_pool_idx] = ResolvedRow(rec, slots.clone(), layers, self.vkv.births)
+        return layers
+
+    def _resolve_request(self, rec: CompressedRow | None, slots: torch.Tensor,
+                         start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        resolved = self.vkv.resolve(slots[start:])
+        # the selected tree-owned prefix, through the row (the tree may have swapped in its
+        # own ids for identical content since compaction)
+        prefix_rows = self.vkv.layer_rows(slots[:start]) if rec is not None and start else None
+        layers = []
+        for layer, (present, rows) in enumerate(resolved):
+            positions = present + start
+            if prefix_rows is not None:
+                pos = rec.prefix_pos[layer]
+                own = prefix_rows[pos, layer]
+                ok = own >= 0
+                rows = torch.cat([own[ok], rows])
+                positions = torch.cat([pos[ok], positions])
+            layers.append((rows, positions))
+        return layers
 
     # -- prefill ---------------------------------------------------------------------------
     def _accumulator(self, info: RequestInfo) -> StatsAccumulator:
@@ -202,6 +240,7 @@ class Compressor:
                                prefix_pos=prefix_pos, kept_counts=result.kept_counts,
                                tokens_saved=result.freed_slots)
         self.rows[info.req_pool_idx] = record
+        self.resolved.pop(info.req_pool_idx, None)  # the row was rewritten
         self.counters.requests_compressed += 1
         self.counters.prompt_tokens_compressed += info.prompt_len
         self.counters.kv_tokens_saved += record.tokens_saved
@@ -256,6 +295,7 @@ class Compressor:
         self.pending.pop(req_pool_idx, None)
         self.rows.pop(req_pool_idx, None)
         self.sharing.pop(req_pool_idx, None)
+        self.resolved.pop(req_pool_idx, None)
 
 
 def _report(info: RequestInfo, values: dict) -> None:

@@ -53,11 +53,13 @@ class VirtualKV:
         self.rows_per_layer, self.num_layers, self.capacity = rows_per_layer, num_layers, capacity
         self.device = torch.device(device)
         self.free_slots_fn = None  # the allocator's original free (set by install_free_filter)
+        self.births = 0  # compactions so far (never reset: stamps of cached resolutions stay comparable)
         self.clear()
 
     def clear(self) -> None:
         """Forget every virtual id and cell (SGLang's flush_cache clears the allocator next)."""
         self.table = torch.full((self.capacity, self.num_layers), -1, dtype=torch.int64, device=self.device)
+        self.born = torch.zeros(self.capacity, dtype=torch.int64, device=self.device)  # compaction that wrote it
         self.state = torch.zeros(self.capacity, dtype=torch.int8)
         self.state[0] = CACHED  # the null id is never freed and owns nothing
         self._free = list(range(self.capacity - 1, 0, -1))  # stack of free table indices
@@ -101,6 +103,14 @@ class VirtualKV:
         if bool(virtual.any()):
             rows[virtual] = self.table[ids[virtual] - self.base]
         return rows
+
+    def newest_birth(self, ids: torch.Tensor) -> int:
+        """The latest compaction that wrote any of ``ids``' table rows (0: none are virtual). A
+        resolution of ``ids`` made when :attr:`births` was ``b`` still holds while this is ``<= b``
+        (a table row changes only when its id is released and handed out again)."""
+        ids = ids.to(device=self.device, dtype=torch.int64)
+        idx = ids[ids > self.base] - self.base
+        return int(self.born[idx].max()) if idx.numel() else 0
 
     def resolve(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer ``(present, rows)``: the indices into ``ids`` present in that layer and their
@@ -166,6 +176,9 @@ class VirtualKV:
             self.table[vid_index[own], layer] = moves.own_dst[layer]
         if taken:
             self.state[torch.tensor(taken)] = OWNED
+        self.births += 1
+        if taken:
+            self.born[torch.tensor(taken, device=dev)] = self.births
         cell_slot_ids = (moves.dst % self.rows_per_layer).cpu()
         ones = torch.ones_like(cell_slot_ids, dtype=torch.int32)
         self.slot_live.index_add_(0, cell_slot_ids, ones)
