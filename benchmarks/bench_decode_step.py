@@ -22,7 +22,6 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from vlcache_sglang.backend.attention_backend import VLCacheAttnBackend
-from vlcache_sglang.backend.compressor import CompressedRow
 
 
 def setup(context: int, batch: int, layers: int, q_heads: int, kv_heads: int, dim: int, compressed: bool):
@@ -44,14 +43,10 @@ def setup(context: int, batch: int, layers: int, q_heads: int, kv_heads: int, di
                 context, kv_heads, dim, generator=g)
             backend.global_kv.v[backend.global_kv.global_ids(layer, slots[:context])] = torch.randn(
                 context, kv_heads, dim, generator=g)
-        if compressed:  # a 10% plan per layer, compacted by the same VirtualKV.compact the server uses
+        if compressed:  # a 10% plan per layer, compacted as the server compacts a request
             k = max(1, context // 10)
             kept = [torch.randperm(context, generator=g)[:k].sort().values for _ in range(layers)]
-            kv = backend.global_kv
-            res = backend.compressor.vkv.compact(kv.k, kv.v, req_pool.req_to_token[b], kept, 0, context)
-            backend.compressor.rows[b] = CompressedRow(
-                rid=f"r{b}", prompt_len=context, protected=0, prefix_pos=[torch.empty(0, dtype=torch.int64)] * layers,
-                kept_counts=res.kept_counts, tokens_saved=res.freed_slots)
+            backend.compressor.compact_row(b, f"r{b}", kept, 0, context)
     fb = SimpleNamespace(
         forward_mode=ForwardMode.DECODE, batch_size=batch, num_padding=0,
         req_pool_indices=torch.arange(batch), rids=[f"r{b}" for b in range(batch)],

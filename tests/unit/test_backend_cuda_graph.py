@@ -27,7 +27,6 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.model_executor.runner.decode_cuda_graph_runner import build_replay_fb_view
 
 from vlcache_sglang.backend.attention_backend import VLCacheAttnBackend
-from vlcache_sglang.backend.compressor import CompressedRow
 from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
 from vlcache_sglang.backend.executors.torch_executor import TorchAttentionExecutor
 from vlcache_sglang.plugin import _graph_fits_buffers
@@ -66,11 +65,7 @@ class Server:
         if compress:  # each layer keeps its own subset (as a plan would), the rest is freed
             kept = [torch.randperm(n, generator=self.g)[: max(1, n // (l + 2))].sort().values.to(self.device)
                     for l in range(L)]
-            comp = self.backend.compressor
-            res = comp.vkv.compact(kv.k, kv.v, self.req_pool.req_to_token[row], kept, 0, n)
-            comp.rows[row] = CompressedRow(rid=f"r{row}", prompt_len=n, protected=0,
-                                           prefix_pos=[torch.empty(0, dtype=torch.int64, device=self.device)] * L,
-                                           kept_counts=res.kept_counts, tokens_saved=res.freed_slots)
+            assert self.backend.compressor.compact_row(row, f"r{row}", kept, 0, n) is not None
         self.lens[row] = n
         return row
 

@@ -14,8 +14,8 @@ from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
 from vlcache_sglang.backend.cell_store import rehome_pool_buffers
-from vlcache_sglang.backend.compressor import CompressedRow, Compressor
-from vlcache_sglang.backend.metadata import ForwardMetadata, build_ragged_kv
+from vlcache_sglang.backend.compressor import Compressor
+from vlcache_sglang.backend.metadata import decode_metadata
 
 L, HKV, D, POOL = 3, 2, 8, 512
 
@@ -34,17 +34,12 @@ def add_compressed(s, row: int, n: int, g: torch.Generator) -> None:
     slots = s.allocator.alloc(n)
     s.req_pool.req_to_token[row, :n] = slots.to(torch.int32)
     kept = [torch.randperm(n, generator=g)[: max(1, n // (l + 2))].sort().values for l in range(L)]
-    res = s.comp.vkv.compact(s.kv.k, s.kv.v, s.req_pool.req_to_token[row], kept, 0, n)
-    s.comp.rows[row] = CompressedRow(rid=f"r{row}", prompt_len=n, protected=0, prefix_pos=[torch.empty(0)] * L,
-                                     kept_counts=res.kept_counts, tokens_saved=res.freed_slots)
-    s.comp.resolved.pop(row, None)
+    assert s.comp.compact_row(row, f"r{row}", kept, 0, n) is not None
     s.lens[row] = n
 
 
 def layer_lists(s, rows: list[int]):
-    kv = build_ragged_kv(s.req_pool.req_to_token, torch.tensor(rows), [s.lens[r] for r in rows])
-    meta = ForwardMetadata(is_decode=True, kv=kv, qo_indptr_cpu=list(range(len(rows) + 1)),
-                           prefix_lens_cpu=[s.lens[r] - 1 for r in rows])
+    meta = decode_metadata(s.req_pool.req_to_token, torch.tensor(rows), [s.lens[r] for r in rows])
     layer_kv, positions = s.comp.batch_layer_kv(meta, rows, [f"r{r}" for r in rows])
     return {l: (layer_kv[l].kv_indices.clone(), layer_kv[l].kv_indptr_cpu) for l in layer_kv}, positions
 

@@ -23,7 +23,7 @@ from vlcache_sglang.backend.cell_store import rehome_pool_buffers
 from vlcache_sglang.backend.compressor import Compressor
 from vlcache_sglang.backend.cuda_graph import SEQ_LEN_FILL, graph_decode_metadata, graph_fits, graph_kv_capacity
 from vlcache_sglang.backend.executors.torch_executor import TorchAttentionExecutor
-from vlcache_sglang.backend.metadata import ForwardMetadata, build_ragged_kv
+from vlcache_sglang.backend.metadata import ForwardMetadata, build_ragged_kv, decode_metadata, host_ints
 from vlcache_sglang.settings import CompressionSettings
 
 if TYPE_CHECKING:
@@ -51,8 +51,8 @@ class VLCacheAttnBackend(AttentionBackend):
         self.images_encoded = 0  # images through the vision tower (a plugin hook counts them)
         self.freed_reads = 0  # debug checks: forwards that would read a freed slot or virtual id
         self.debug_checks = os.environ.get("VLCACHE_DEBUG_CHECKS") == "1"
-        self.allocator = getattr(model_runner, "token_to_kv_pool_allocator", None)
-        allocator = getattr(model_runner, "token_to_kv_pool_allocator", None)
+        allocator = self.allocator = getattr(model_runner, "token_to_kv_pool_allocator", None)
+        self.graph_capacity: int | None = None  # keys per layer of the CUDA-graph buffers (init_cuda_graph_state)
         model_config = self.model_config = getattr(model_runner, "model_config", None)
         if allocator is not None and model_config is not None:
             self.global_kv = rehome_pool_buffers(self.token_to_kv_pool)
@@ -86,19 +86,16 @@ class VLCacheAttnBackend(AttentionBackend):
         return staged[1]
 
     def init_forward_metadata(self, forward_batch: ForwardBatch):
-        seq_lens_cpu = [int(x) for x in _host(forward_batch.seq_lens_cpu, forward_batch.seq_lens)]
-        kv = build_ragged_kv(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, seq_lens_cpu)
-        mode = forward_batch.forward_mode
-        if mode.is_decode_or_idle():
-            bs = len(seq_lens_cpu)
-            meta = ForwardMetadata(
-                is_decode=True, kv=kv, qo_indptr_cpu=list(range(bs + 1)), prefix_lens_cpu=[n - 1 for n in seq_lens_cpu],
-            )
+        seq_lens_cpu = host_ints(forward_batch.seq_lens_cpu, forward_batch.seq_lens)
+        req_to_token = self.req_to_token_pool.req_to_token
+        if forward_batch.forward_mode.is_decode_or_idle():
+            meta = decode_metadata(req_to_token, forward_batch.req_pool_indices, seq_lens_cpu)
             self._attach_layer_kv(meta, forward_batch)
             self.forward_metadata = meta
             return
-        extend_lens = [int(x) for x in _host(forward_batch.extend_seq_lens_cpu, forward_batch.extend_seq_lens)]
-        prefix_lens = [int(x) for x in _host(forward_batch.extend_prefix_lens_cpu, forward_batch.extend_prefix_lens)]
+        kv = build_ragged_kv(req_to_token, forward_batch.req_pool_indices, seq_lens_cpu)
+        extend_lens = host_ints(forward_batch.extend_seq_lens_cpu, forward_batch.extend_seq_lens)
+        prefix_lens = host_ints(forward_batch.extend_prefix_lens_cpu, forward_batch.extend_prefix_lens)
         qo = [0]
         for n in extend_lens:
             qo.append(qo[-1] + n)
@@ -208,15 +205,8 @@ class VLCacheAttnBackend(AttentionBackend):
 
     def graph_can_run(self, forward_batch) -> bool:
         """Whether the batch's lists fit the graph buffers (else SGLang runs it eagerly)."""
-        capacity = getattr(self, "graph_capacity", None)
-        return capacity is not None and graph_fits(capacity, forward_batch.seq_lens_sum, self.graph_max_bs)
-
-
-def _host(cpu_value, device_value) -> list:
-    """Prefer SGLang's host copy of a per-request tensor; fall back to one device->host copy."""
-    if cpu_value is not None:
-        return cpu_value.tolist() if isinstance(cpu_value, torch.Tensor) else list(cpu_value)
-    return device_value.tolist()
+        return self.graph_capacity is not None and graph_fits(self.graph_capacity, forward_batch.seq_lens_sum,
+                                                              self.graph_max_bs)
 
 
 CUDA_GRAPH_FLAGS = "--cuda-graph-backend-decode=disabled --cuda-graph-backend-prefill=disabled"

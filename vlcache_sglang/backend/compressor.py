@@ -227,20 +227,13 @@ class Compressor:
         kept = plan.kept
         if plan.granularity == "head":  # per-head lists need per-head paging: keep the union for now
             kept = [torch.unique(k.flatten()) for k in kept]
-        row = self.req_to_token[info.req_pool_idx]
         protected = info.compaction_protected
-        kept = self._present_only(row, kept, protected)
-        result = self.vkv.compact(self.kv.k, self.kv.v, row, kept, protected, info.prompt_len)
-        if result is None:
+        kept = self._present_only(self.req_to_token[info.req_pool_idx], kept, protected)
+        record = self.compact_row(info.req_pool_idx, info.rid, kept, protected, info.prompt_len)
+        if record is None:
             _report(info, {"vlcache_kept_ratio": 1.0, "vlcache_kv_tokens_saved": 0,
                            "vlcache_notes": "virtual ids exhausted: left uncompressed"})
             return
-        prefix_pos = [k.to(self.kv.k.device)[k < protected] for k in kept]
-        record = CompressedRow(rid=info.rid, prompt_len=info.prompt_len, protected=protected,
-                               prefix_pos=prefix_pos, kept_counts=result.kept_counts,
-                               tokens_saved=result.freed_slots)
-        self.rows[info.req_pool_idx] = record
-        self.resolved.pop(info.req_pool_idx, None)  # the row was rewritten
         self.counters.requests_compressed += 1
         self.counters.prompt_tokens_compressed += info.prompt_len
         self.counters.kv_tokens_saved += record.tokens_saved
@@ -259,6 +252,21 @@ class Compressor:
             if custom.get("return_plan"):
                 report["vlcache_kept_positions"] = [k.tolist() for k in kept]
         _report(info, report)
+
+    def compact_row(self, req_pool_idx: int, rid: str, kept: list[torch.Tensor], protected: int,
+                    prompt_len: int) -> CompressedRow | None:
+        """Compact a request's row to ``kept`` (per layer, positions it holds) and record it; None
+        when virtual ids ran out (nothing changed)."""
+        result = self.vkv.compact(self.kv.k, self.kv.v, self.req_to_token[req_pool_idx], kept, protected,
+                                  prompt_len)
+        if result is None:
+            return None
+        prefix_pos = [k.to(self.kv.k.device)[k < protected] for k in kept]
+        record = CompressedRow(rid=rid, prompt_len=prompt_len, protected=protected, prefix_pos=prefix_pos,
+                               kept_counts=result.kept_counts, tokens_saved=result.freed_slots)
+        self.rows[req_pool_idx] = record
+        self.resolved.pop(req_pool_idx, None)  # the row was rewritten
+        return record
 
     def _present_only(self, row: torch.Tensor, kept: list[torch.Tensor], protected: int) -> list[torch.Tensor]:
         """Drop kept prefix positions a layer does not hold (its prefix came compressed)."""

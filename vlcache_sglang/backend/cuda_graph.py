@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV, build_ragged_kv
+from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV, decode_metadata, host_ints
 
 PADDING_SLOT = 0  # SGLang's allocator never hands out slot 0: padded tokens write (and here read) it
 SEQ_LEN_FILL = 1
@@ -63,12 +63,9 @@ def graph_decode_metadata(backend, forward_batch, in_capture: bool) -> ForwardMe
     bs = int(forward_batch.batch_size)
     pad = bs if in_capture else int(getattr(forward_batch, "num_padding", 0) or 0)
     real = bs - pad
-    lens_src = forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None else forward_batch.seq_lens
-    seq_lens = [int(x) for x in lens_src[:real].tolist()]
+    seq_lens = host_ints(forward_batch.seq_lens_cpu, forward_batch.seq_lens)[:real]
     rows = forward_batch.req_pool_indices[:real]
-    kv = build_ragged_kv(backend.req_to_token_pool.req_to_token, rows, seq_lens)
-    meta = ForwardMetadata(is_decode=True, kv=kv, qo_indptr_cpu=list(range(real + 1)),
-                           prefix_lens_cpu=[n - 1 for n in seq_lens])
+    meta = decode_metadata(backend.req_to_token_pool.req_to_token, rows, seq_lens)
     if real:
         backend.attach_layer_kv(meta, rows.tolist(), None, getattr(forward_batch, "out_cache_loc", None))
     stride = backend.global_kv.rows_per_layer

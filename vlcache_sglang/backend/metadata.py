@@ -66,3 +66,20 @@ def build_ragged_kv(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, 
         indices = rows[:, : pos.numel()][pos.unsqueeze(0) < lens.unsqueeze(1)].to(torch.int64)
     indptr = torch.tensor(indptr_cpu, dtype=torch.int64, device=device)
     return RaggedKV(kv_indptr=indptr, kv_indices=indices, kv_indptr_cpu=indptr_cpu)
+
+
+def host_ints(cpu_value, device_value) -> list[int]:
+    """Prefer SGLang's host copy of a per-request tensor; fall back to one device->host copy."""
+    if cpu_value is not None:
+        values = cpu_value.tolist() if isinstance(cpu_value, torch.Tensor) else list(cpu_value)
+    else:
+        values = device_value.tolist()
+    return [int(x) for x in values]
+
+
+def decode_metadata(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+                    seq_lens_cpu: list[int]) -> ForwardMetadata:
+    """A decode step: one query row per request, over its positions ``[0, seq_len)``."""
+    kv = build_ragged_kv(req_to_token, req_pool_indices, seq_lens_cpu)
+    return ForwardMetadata(is_decode=True, kv=kv, qo_indptr_cpu=list(range(len(seq_lens_cpu) + 1)),
+                           prefix_lens_cpu=[n - 1 for n in seq_lens_cpu])

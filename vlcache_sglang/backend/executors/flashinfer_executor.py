@@ -205,12 +205,12 @@ class FlashInferAttentionExecutor:
         lists = self._load_graph_lists(meta, bs)
         self._graph_bs, self._graph_calls, self._graph_meta = bs, 0, meta
         if self._graph_triton:
-            # no plan: a fixed split count (from the capacity) and a fixed workspace keep the
-            # captured launches valid for any lengths
-            from vlcache_sglang.kernels.ragged_decode import num_splits_for
-
-            self._graph_splits = num_splits_for(self.max_kv_tokens, self.max_batch_size, num_kv_heads, device)
+            # no plan: a fixed split count (from the capacity) and a fixed workspace, chosen once,
+            # keep the captured launches valid for any lengths
             if self._graph_ws is None:
+                from vlcache_sglang.kernels.ragged_decode import num_splits_for
+
+                self._graph_splits = num_splits_for(self.max_kv_tokens, self.max_batch_size, num_kv_heads, device)
                 self._graph_ws = (
                     torch.empty(self.max_batch_size, num_q_heads, self._graph_splits, head_dim,
                                 dtype=torch.float32, device=device),
@@ -265,16 +265,9 @@ class FlashInferAttentionExecutor:
         if shared and stride is not None:
             # layers without their own list read meta.kv's slots in their own rows: one broadcast
             n = meta.kv.kv_indptr_cpu[-1]
-            device = meta.kv.kv_indices.device
-            rows = (torch.arange(self.num_layers, device=device) if len(shared) == self.num_layers
-                    else torch.tensor(shared, device=device))
-            ids = meta.kv.kv_indices.unsqueeze(0) + (rows * stride).unsqueeze(1)
-            if len(shared) == self.num_layers:
-                self._graph_indices[:, :n] = ids
-                self._graph_indptr[:, : bs + 1] = meta.kv.kv_indptr.unsqueeze(0)
-            else:
-                self._graph_indices[rows, :n] = ids.to(torch.int32)
-                self._graph_indptr[rows, : bs + 1] = meta.kv.kv_indptr.to(torch.int32).unsqueeze(0)
+            rows = torch.tensor(shared, device=meta.kv.kv_indices.device)
+            self._graph_indices[rows, :n] = (meta.kv.kv_indices.unsqueeze(0) + (rows * stride).unsqueeze(1)).to(torch.int32)
+            self._graph_indptr[rows, : bs + 1] = meta.kv.kv_indptr.to(torch.int32).unsqueeze(0)
         return out
 
     def reset_counters(self) -> None:
