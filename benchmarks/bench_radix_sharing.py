@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from tests.conftest import png_base64  # noqa: E402
 from vlcache_sglang.bundled import bundled_model_dir  # noqa: E402
 from vlcache_sglang.hf_eval.items import ChatPrompter  # noqa: E402
-from vlcache_sglang.serving import running_server  # noqa: E402
+from vlcache_sglang.serving import running_server, vlcache_state  # noqa: E402
 from vlcache_sglang.tasks.shared_page import questions_on_one_page  # noqa: E402
 
 CONFIGS = {
@@ -62,7 +62,7 @@ def first_token_time(url: str, text: str, image: str, vlcache: dict) -> tuple[fl
 
 
 def pool_used(url: str) -> int:
-    s = requests.get(f"{url}/server_info", timeout=60).json()["internal_states"][0]["vlcache"]
+    s = vlcache_state(url)
     return s["max_total_num_tokens"] - s["available_kv_tokens"]
 
 

@@ -14,7 +14,7 @@ import io
 import time
 
 from vlcache_sglang.bundled import bundled_model_dir, trained_model_dir
-from vlcache_sglang.serving import running_server
+from vlcache_sglang.serving import running_server, vlcache_state
 
 
 def demo_image_and_question(model_dir):
@@ -67,7 +67,7 @@ def main() -> None:
     with running_server(model_dir, attention_backend="vlcache", extra_args=extra) as server:
         print(f"server ready at {server.url} after {time.monotonic() - t0:.0f} s", flush=True)
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
-        before = compression_counters(server.url)  # the server's own warm-up may have compressed one
+        before = vlcache_state(server.url)  # the server's own warm-up may have compressed one
         t1 = time.monotonic()
         resp = client.chat.completions.create(
             model="default", temperature=0, max_tokens=args.max_tokens,
@@ -80,15 +80,8 @@ def main() -> None:
             print(f"expected: {gold!r}")
         print(f"({resp.usage.prompt_tokens} prompt tokens, {resp.usage.completion_tokens} generated, "
               f"{time.monotonic() - t1:.2f} s)")
-        after = compression_counters(server.url)
+        after = vlcache_state(server.url)
         print(kv_summary(before, after, resp.usage.prompt_tokens))
-
-
-def compression_counters(url: str) -> dict:
-    """The compressor's cumulative counters from the server's ``/server_info``."""
-    import requests
-
-    return requests.get(f"{url}/server_info", timeout=60).json()["internal_states"][0].get("vlcache", {})
 
 
 def kv_summary(before: dict, after: dict, prompt_tokens: int) -> str:

@@ -24,6 +24,12 @@ import requests
 LOOPBACK = "127.0.0.1"
 
 
+def vlcache_state(url: str) -> dict:
+    """The plugin's pool and compression accounting in the server's ``/server_info``
+    (``internal_states[0].vlcache``: free and evictable KV, live compressed rows, counters)."""
+    return requests.get(f"{url}/server_info", timeout=60).json()["internal_states"][0]["vlcache"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))

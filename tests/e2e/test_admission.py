@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.conftest import make_test_image, png_base64
-from vlcache_sglang.serving import running_server
+from vlcache_sglang.serving import running_server, vlcache_state
 
 pytestmark = pytest.mark.server
 POOL = 4000
@@ -44,7 +44,7 @@ def one(server, i: int) -> dict:
 
 
 def pool(server) -> dict:
-    return requests.get(f"{server.url}/server_info", timeout=60).json()["internal_states"][0]["vlcache"]
+    return vlcache_state(server.url)
 
 
 def test_more_requests_run_at_once_than_fit_uncompressed(server):

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from tests.conftest import make_test_image, png_base64
-from vlcache_sglang.serving import running_server
+from vlcache_sglang.serving import running_server, vlcache_state
 
 pytestmark = pytest.mark.server
 MAX_NEW = 10
@@ -43,7 +43,7 @@ def generate(server, text, image=None, max_new=MAX_NEW, **vlcache):
 
 
 def pool_state(server) -> dict:
-    return requests.get(f"{server.url}/server_info", timeout=60).json()["internal_states"][0]["vlcache"]
+    return vlcache_state(server.url)
 
 
 @pytest.fixture(scope="module")

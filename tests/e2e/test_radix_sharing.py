@@ -22,7 +22,7 @@ from tests.conftest import png_base64
 
 from vlcache_sglang.bundled import bundled_model_dir
 from vlcache_sglang.hf_eval.items import ChatPrompter
-from vlcache_sglang.serving import running_server
+from vlcache_sglang.serving import running_server, vlcache_state
 from vlcache_sglang.tasks.shared_page import questions_on_one_page
 
 pytestmark = pytest.mark.server
@@ -69,7 +69,7 @@ def generate(server, text, image_b64, max_new=MAX_NEW, **vlcache):
 
 
 def state(server) -> dict:
-    return requests.get(f"{server.url}/server_info", timeout=60).json()["internal_states"][0]["vlcache"]
+    return vlcache_state(server.url)
 
 
 def flush(server) -> None:
