@@ -48,6 +48,9 @@ def register() -> None:
 
     register_radix_cache_backend(RADIX_NAME, create_vlcache_radix_cache)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.resolve_once", _select_radix_cache, HookType.BEFORE)
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.resolve_once", _refuse_unsupported, HookType.AFTER)
+    HookRegistry.register("sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker"
+                          "._get_total_uncached_sizes", _uncached_in_slots, HookType.AROUND)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _export_sharing, HookType.AFTER)
     HookRegistry.register("sglang.srt.models.qwen2_vl.Qwen2VLForConditionalGeneration.get_image_feature",
                           _count_image_encodes, HookType.AFTER)
@@ -143,15 +146,43 @@ def _from_cli_args(server_args, cls, args, *rest, **kwargs):
     return server_args
 
 
+def _refuse_unsupported(result, server_args, *args, **kwargs):
+    """Stop the launch (before any model load) when a flag cannot be served with the vlcache
+    backend; the message names each flag and what to do instead (:mod:`vlcache_sglang.compatibility`).
+    Also records, for the HTTP process, whether this server compresses at all."""
+    if getattr(server_args, "attention_backend", None) != BACKEND_NAME:
+        return result
+    from vlcache_sglang.compatibility import ENV_SERVER_COMPRESSES, compresses_on, refusals
+
+    settings = CompressionSettings.from_env()
+    problems = refusals(server_args, settings)
+    if problems:
+        raise SettingsError("--attention-backend vlcache cannot serve this launch:\n  "
+                            + "\n  ".join(p.message() for p in problems))
+    compresses = compresses_on(server_args)
+    os.environ[ENV_SERVER_COMPRESSES] = "1" if compresses else "0"
+    if not compresses:
+        logger.warning("vlcache on CUDA without the opt-in: SGLang's FlashInfer backend serves every request "
+                       "uncompressed (budget 1.0); requests asking for compression get a 400")
+    return result
+
+
 # -- per-request overrides ----------------------------------------------------------------
 def _verify_request(result, sampling_params, *args, **kwargs):
-    """Reject a bad ``custom_params["vlcache"]`` in the HTTP process: a 400, not a crash."""
-    from vlcache_sglang.policy_resolution import check_request
+    """Reject a bad ``custom_params["vlcache"]`` in the HTTP process: a 400, not a crash. A
+    request asking for compression from a server that cannot compress is a 400 too."""
+    from vlcache_sglang.compatibility import ENV_SERVER_COMPRESSES, not_compressing_message
+    from vlcache_sglang.policy_resolution import check_request, resolve_policy
 
+    settings = CompressionSettings.from_env()
     try:
-        check_request(CompressionSettings.from_env(), sampling_params.custom_params)
+        check_request(settings, sampling_params.custom_params)
     except SettingsError as exc:
         raise ValueError(str(exc)) from None
+    if os.environ.get(ENV_SERVER_COMPRESSES) == "0" and sampling_params.custom_params:
+        policy = resolve_policy(settings, sampling_params.custom_params)
+        if policy.alpha < 1.0 and policy.method != "full":
+            raise ValueError(not_compressing_message())
     return result
 
 
@@ -225,6 +256,25 @@ def _graph_fits_buffers(result, runner, forward_batch, *args, **kwargs):
     return result if fits is None else bool(fits(forward_batch))
 
 
+def _uncached_in_slots(original, checker, *args, **kwargs):
+    """SGLang's busy memory check (``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY``) counts a row's
+    private *positions*; a compacted row holds virtual ids there, whose cells take fewer slots.
+    Count slots instead: real ids in each owner's private range plus every cell slot that a
+    request-owned virtual id reads (what the tree's sizes leave out)."""
+    full, swa = original(checker, *args, **kwargs)
+    from vlcache_sglang.backend import state
+
+    compressor = state.active_compressor()
+    if compressor is None:
+        return full, swa
+    rows = checker.req_to_token_pool.req_to_token
+    real = 0
+    for req in checker._requests_owning_rows():
+        ids = rows[req.kv.req_pool_idx, req.kv.cache_protected_len:req.kv.kv_allocated_len]
+        real += int((ids < compressor.vkv.base).sum())
+    return real + compressor.vkv.owned_cell_slots(), swa
+
+
 def _free_kv_row(original, tree_cache, kv, ranges, *args, **kwargs):
     """Release through SGLang's own path (virtual ids are filtered in ``allocator.free``); forget
     the request's compression state."""
@@ -270,9 +320,11 @@ def _add_vlcache_state(result, internal_state, state, *args, **kwargs):
         "virtual_ids_live": compressor.vkv.live_ids if compressor else 0,
         "cell_slots_live": compressor.vkv.live_cell_slots() if compressor else 0,
         "radix_cache": type(tree).__name__ if tree is not None else None,
+        "radix_cache_disabled": bool(getattr(tree, "disable", False)),  # --disable-radix-cache
         "evicted_slots": int(getattr(tree, "evicted_slots", 0)),
         "images_encoded": getattr(backend_state.active(), "images_encoded", 0),
         "freed_reads": getattr(backend_state.active(), "freed_reads", 0),
+        "debug_checks": bool(getattr(backend_state.active(), "debug_checks", False)),
         **(asdict(compressor.counters) if compressor else {}),
     }
     return result

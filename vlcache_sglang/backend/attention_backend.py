@@ -60,7 +60,7 @@ class VLCacheAttnBackend(AttentionBackend):
             self.compressor = Compressor(
                 self.global_kv, self.req_to_token_pool.req_to_token, allocator,
                 num_q_heads=model_config.num_attention_heads // tp,
-                num_kv_heads=max(1, model_config.get_num_kv_heads(tp)),
+                num_kv_heads=max(1, model_config.get_num_kv_heads(tp)), debug_checks=self.debug_checks,
             )
             head_dim = self.global_kv.k.shape[-1]
             # what the executor's graph buffers are sized by (q heads, KV heads, head dim, dtypes, scale)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -29,7 +29,7 @@ from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV
 from vlcache_sglang.backend.metrics import CompressionMetrics
 from vlcache_sglang.backend.request_info import RequestInfo
 from vlcache_sglang.backend.virtual_kv import VirtualKV, install_free_filter
-from vlcache_sglang.policy import StatsAccumulator, build_plan, locate_window
+from vlcache_sglang.policy import PolicyError, StatsAccumulator, build_plan, locate_window
 
 logger = logging.getLogger(__name__)
 ENV_VIRTUAL_IDS_PER_SLOT = "VLCACHE_VIRTUAL_IDS_PER_SLOT"
@@ -40,6 +40,13 @@ class CompressionCounters:
     requests_compressed: int = 0
     prompt_tokens_compressed: int = 0
     kv_tokens_saved: int = 0
+    #: requests whose policy asked for compression but that were served as stock, by reason code
+    #: (:data:`~vlcache_sglang.backend.request_info.NOT_COMPRESSED_REASONS`)
+    not_compressed: dict[str, int] = field(default_factory=dict)
+    #: plans made from incomplete statistics (a chunk's rows were never measured)
+    plans_from_incomplete_statistics: int = 0
+    #: decoding requests served inside an extend batch (``--enable-mixed-chunk``)
+    mixed_decode_rows: int = 0
 
 
 @dataclass
@@ -72,8 +79,10 @@ class SharingState:
 
 
 class Compressor:
-    def __init__(self, kv: GlobalKV, req_to_token: torch.Tensor, allocator, num_q_heads: int, num_kv_heads: int):
+    def __init__(self, kv: GlobalKV, req_to_token: torch.Tensor, allocator, num_q_heads: int, num_kv_heads: int,
+                 debug_checks: bool = False):
         self.kv = kv
+        self.debug_checks = debug_checks  # plans from incomplete statistics raise instead of noting
         self.req_to_token = req_to_token
         self.allocator = allocator
         self.num_layers = kv.num_layers
@@ -180,7 +189,7 @@ class Compressor:
                 window = replace(window, start=floor, reason=(window.reason + "; " if window.reason else "")
                                  + f"window starts after the {floor} cached tokens")
             acc = StatsAccumulator(self.num_layers, self.num_q_heads, self.num_kv_heads, info.prompt_len,
-                                   window, info.policy)
+                                   window, info.policy, first_row=info.window_floor)
             entry = self.pending[info.req_pool_idx] = (info.rid, acc)
             self.sharing[info.req_pool_idx] = (info.rid, SharingState(info.sharing, info.compaction_protected))
         return entry[1]
@@ -211,18 +220,43 @@ class Compressor:
             for info in infos:
                 if info.compresses and info.is_last_chunk:
                     self._finish(info)
+                elif info.not_compressed is not None and info.is_last_chunk:
+                    self._not_compressed(info, info.not_compressed)
+
+    def is_decoding(self, req_pool_idx: int, rid: str) -> bool:
+        """Whether this request's prefill is over (planned: compacted or left alone); a forward
+        that carries it again is a decode step mixed into an extend batch, never a new prefill."""
+        entry = self.sharing.get(req_pool_idx)
+        decoding = entry is not None and entry[0] == rid and entry[1].done
+        if decoding:
+            self.counters.mixed_decode_rows += 1
+        return decoding
+
+    def _not_compressed(self, info: RequestInfo, reason: str) -> None:
+        """A request that asked for compression is served as stock: say why (once per request)."""
+        req = info.req
+        if req is not None and "vlcache_not_compressed" in (req.customized_info or {}):
+            return
+        self.counters.not_compressed[reason] = self.counters.not_compressed.get(reason, 0) + 1
+        self.metrics.not_compressed(reason)
+        _report(info, {"vlcache_not_compressed": reason, "vlcache_kept_ratio": 1.0, "vlcache_kv_tokens_saved": 0})
 
     def _finish(self, info: RequestInfo) -> None:
         _, acc = self.pending.pop(info.req_pool_idx)
         entry = self.sharing.get(info.req_pool_idx)
         if entry is not None and entry[0] == info.rid:
             entry[1].done = True
-        # rows served from the radix prefix were never recomputed, so allow incomplete stats
+        incomplete = acc.needs_attention and not acc.stats.complete
+        if incomplete:  # a chunk's rows were never measured: a plan from part of the question
+            self.counters.plans_from_incomplete_statistics += 1
+            if self.debug_checks:
+                raise PolicyError(f"vlcache debug: {info.rid} planned from incomplete statistics "
+                                  f"(rows per layer {acc.stats.rows_seen}, expected {acc.stats.rows_expected})")
         plan = build_plan(acc, allow_incomplete=True)
         if plan.is_identity:
             logger.debug("vlcache: %s left uncompressed (%s)", info.rid, "; ".join(plan.notes))
-            _report(info, {"vlcache_kept_ratio": 1.0, "vlcache_kv_tokens_saved": 0,
-                           "vlcache_notes": "; ".join(plan.notes)})
+            _report(info, {"vlcache_notes": "; ".join(plan.notes)})
+            self._not_compressed(info, "budget_covers_prompt")
             return
         kept = plan.kept
         if plan.granularity == "head":  # per-head lists need per-head paging: keep the union for now
@@ -231,8 +265,8 @@ class Compressor:
         kept = self._present_only(self.req_to_token[info.req_pool_idx], kept, protected)
         record = self.compact_row(info.req_pool_idx, info.rid, kept, protected, info.prompt_len)
         if record is None:
-            _report(info, {"vlcache_kept_ratio": 1.0, "vlcache_kv_tokens_saved": 0,
-                           "vlcache_notes": "virtual ids exhausted: left uncompressed"})
+            _report(info, {"vlcache_notes": "virtual ids exhausted: left uncompressed"})
+            self._not_compressed(info, "virtual_ids_exhausted")
             return
         self.counters.requests_compressed += 1
         self.counters.prompt_tokens_compressed += info.prompt_len
@@ -247,6 +281,8 @@ class Compressor:
             "vlcache_layer_budgets": list(plan.budgets),
             "vlcache_notes": "; ".join(plan.notes),
         }
+        if incomplete:
+            report["vlcache_incomplete_statistics"] = True
         if getattr(info.req, "sampling_params", None) is not None:
             custom = (info.req.sampling_params.custom_params or {}).get("vlcache") or {}
             if custom.get("return_plan"):

@@ -30,6 +30,9 @@ class RequestInfo:
     policy: PolicyConfig | None  # None: leave this request exactly as the stock backend would
     sharing: str = "off"  # effective radix sharing: "compressed", "prefix" or "off" (see settings)
     req: Any = field(default=None, compare=False, repr=False)  # the scheduler's Req (for meta_info)
+    #: why a request that asked for compression is served as stock (a code of
+    #: :data:`NOT_COMPRESSED_REASONS`), None when it compresses or never asked
+    not_compressed: str | None = None
 
     @property
     def compaction_protected(self) -> int:
@@ -60,16 +63,37 @@ def _image_spans(req) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(spans))
 
 
-def compression_policy(req, prompt_len: int, spans, settings: CompressionSettings) -> PolicyConfig | None:
-    """The policy this request is compressed with, or None when it is served as stock."""
+#: Reason codes in ``meta_info["vlcache_not_compressed"]`` (and the ``not_compressed`` counters)
+#: for a request whose policy asked for compression but which was served as stock.
+NOT_COMPRESSED_REASONS = {
+    "invalid_settings": "its custom_params were invalid (offline Engine; HTTP answers 400)",
+    "short_prompt": "the prompt is shorter than the policy's min_prompt_len",
+    "text_only": "no image or video tokens and text_only='identity'",
+    "budget_covers_prompt": "every layer's budget already covers the whole prompt",
+    "virtual_ids_exhausted": "the virtual-id table was full (raise VLCACHE_VIRTUAL_IDS_PER_SLOT)",
+}
+
+
+def compression_decision(req, prompt_len: int, spans, settings: CompressionSettings
+                         ) -> tuple[PolicyConfig | None, str | None]:
+    """(policy this request is compressed with, None when served as stock; the reason code when
+    it asked for compression and is nevertheless served as stock)."""
     try:
         policy = resolve_policy(settings, req.sampling_params.custom_params)
     except SettingsError as exc:  # already rejected over HTTP; offline Engine users land here
         logger.warning("vlcache: request %s served uncompressed: %s", req.rid, exc)
-        return None
-    if policy.alpha >= 1.0 or policy.method == "full" or not locate_window(prompt_len, spans, policy).compress:
-        return None  # budget 1.0, method full, text-only (by default) or too short: stock behaviour
-    return policy
+        return None, "invalid_settings"
+    if policy.alpha >= 1.0 or policy.method == "full":
+        return None, None  # asked for nothing: stock behaviour
+    window = locate_window(prompt_len, spans, policy)
+    if not window.compress:
+        return None, "short_prompt" if prompt_len < max(1, policy.min_prompt_len) else "text_only"
+    return policy, None
+
+
+def compression_policy(req, prompt_len: int, spans, settings: CompressionSettings) -> PolicyConfig | None:
+    """The policy this request is compressed with, or None when it is served as stock."""
+    return compression_decision(req, prompt_len, spans, settings)[0]
 
 
 def effective_sharing(req, settings: CompressionSettings) -> str:
@@ -115,11 +139,19 @@ def prepare_prefix_match(req, settings: CompressionSettings) -> int | None:
 def request_info(req, settings: CompressionSettings) -> RequestInfo:
     prompt_len = len(req.full_untruncated_fill_ids)
     spans = _image_spans(req)
-    policy = compression_policy(req, prompt_len, spans, settings)
+    idx = int(req.kv.req_pool_idx)
+    compressor = state.active_compressor()
+    if compressor is not None and compressor.is_decoding(idx, req.rid):
+        # a decoding request mixed into an extend batch (--enable-mixed-chunk): its prefill is
+        # done (compacted or left alone); this forward only appends its next token
+        policy, reason = None, None
+    else:
+        policy, reason = compression_decision(req, prompt_len, spans, settings)
     return RequestInfo(
-        rid=req.rid, req_pool_idx=int(req.kv.req_pool_idx), prompt_len=prompt_len, image_spans=spans,
+        rid=req.rid, req_pool_idx=idx, prompt_len=prompt_len, image_spans=spans,
         is_last_chunk=req.extend_end == prompt_len, protected_len=int(req.kv.cache_protected_len), policy=policy,
         sharing=effective_sharing(req, settings) if policy is not None else "off", req=req,
+        not_compressed=reason,
     )
 
 

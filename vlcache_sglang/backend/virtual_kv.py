@@ -81,6 +81,10 @@ class VirtualKV:
     def live_cell_slots(self) -> int:
         return int((self.slot_live > 0).sum())
 
+    def owned_cell_slots(self) -> int:
+        """Cell slots at least one request-owned virtual id reads (held by running requests)."""
+        return int((self.slot_owned > 0).sum())
+
     def cached_cell_slots(self) -> tuple[int, int]:
         """(evictable, protected) cell slots: slots all of whose cells belong to tree entries,
         with no locked cell, resp. with at least one locked cell."""

@@ -167,6 +167,9 @@ class PolicyStats:
     below: torch.Tensor | None = None  # [L, Hq] int64
     causal: torch.Tensor | None = None  # [L, Hq] int64
     rows_seen: list[int] = field(default_factory=list)  # per layer
+    #: first row this request computes: rows before it were served from a cache (a later turn
+    #: over a compressed prefix) and cannot be measured, so "all" rows means rows from here on
+    first_row: int = 0
 
     @property
     def rows_expected(self) -> int:
@@ -174,7 +177,7 @@ class PolicyStats:
         if self.rows == "window":
             return self.window.length if self.window.compress else 0
         if self.rows == "all":
-            return self.prompt_len if self.window.compress else 0
+            return self.prompt_len - self.first_row if self.window.compress else 0
         return 0
 
     @property
@@ -202,7 +205,7 @@ class StatsAccumulator:
     """
 
     def __init__(self, num_layers: int, num_q_heads: int, num_kv_heads: int, prompt_len: int,
-                 window: WindowSpec, cfg: "PolicyConfig") -> None:
+                 window: WindowSpec, cfg: "PolicyConfig", first_row: int = 0) -> None:
         from vlcache_sglang.policy.methods import get_method
 
         if num_q_heads % num_kv_heads:
@@ -212,8 +215,10 @@ class StatsAccumulator:
         self.cfg = cfg
         self.method = get_method(cfg.method)
         rows = self.method.rows if window.compress else "none"
+        if not 0 <= first_row < max(1, prompt_len):
+            raise ValueError(f"first_row={first_row} must be in [0, prompt_len={prompt_len})")
         self.stats = PolicyStats(prompt_len, num_layers, num_q_heads, num_kv_heads, window, rows,
-                                 rows_seen=[0] * num_layers)
+                                 rows_seen=[0] * num_layers, first_row=first_row)
         self._dtype = torch.float64 if cfg.stats_dtype == "float64" else torch.float32
 
     @property

@@ -1,0 +1,105 @@
+"""Scheduler flags users combine with compression, in one real server (tiny random Qwen2-VL, CPU):
+
+- ``--enable-mixed-chunk`` with ``--disable-overlap-schedule`` (where a mixed decode row looks
+  exactly like a last prefill chunk): decoding requests ride in extend batches (counted, so the
+  test knows mixing happened), are never planned again, and every request's greedy tokens equal
+  the same request served alone;
+- ``--disable-radix-cache``: compression with the tree disabled (every other server module
+  runs the vlcache radix tree);
+- ``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY=2``: SGLang's busy memory check runs (and logs)
+  every iteration and holds with compressed requests live;
+- ``--enable-metrics``: requests left uncompressed carry a reason code in ``meta_info`` and in
+  ``vlcache_requests_not_compressed_total{reason}``;
+- ``VLCACHE_DEBUG_CHECKS=1``: freed-KV reads are counted (none) and plans from incomplete
+  statistics would raise.
+The pool and every plugin store end where they started.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import pytest
+import requests
+
+from tests.conftest import make_test_image
+from tests.e2e.test_compression import PROMPT, generate
+from vlcache_sglang.serving import running_server, vlcache_state
+
+pytestmark = pytest.mark.server
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    with running_server(tiny_model_dir, attention_backend="vlcache", max_total_tokens=6000, max_running_requests=8,
+                        extra_args=["--enable-mixed-chunk", "--disable-overlap-schedule", "--disable-radix-cache",
+                                    "--chunked-prefill-size", "96",
+                                    "--enable-metrics",
+                                    "--vlcache-budget", "0.1", "--vlcache-config", "none"],
+                        extra_env={"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "2",
+                                   "VLCACHE_DEBUG_CHECKS": "1"}) as handle:
+        yield handle
+
+
+def settled(server) -> dict:
+    deadline = time.monotonic() + 30
+    while True:
+        st = vlcache_state(server.url)
+        if st["compressed_requests_live"] == 0 or time.monotonic() > deadline:
+            return st
+        time.sleep(0.2)
+
+
+def test_mixed_chunks_give_the_unmixed_tokens(server):
+    requests.post(f"{server.url}/flush_cache", timeout=60)
+    start = settled(server)
+    assert start["debug_checks"] is True and start["radix_cache_disabled"] is True
+    cases = [(PROMPT.format(q=f"Question {i}: what is written here?"), make_test_image(70 + i)) for i in range(6)]
+    alone = []
+    for text, image in cases:  # one at a time: nothing to mix with
+        alone.append(generate(server, text, image, max_new=MAX_NEW))
+        requests.post(f"{server.url}/flush_cache", timeout=60)
+    assert all(o["meta_info"]["vlcache_kept_ratio"][0] < 0.5 for o in alone)
+    mixed_before = vlcache_state(server.url)["mixed_decode_rows"]
+
+    def staggered(i):
+        time.sleep(0.4 * i)  # later prefills arrive while earlier requests decode
+        return generate(server, *cases[i], max_new=MAX_NEW)
+
+    with cf.ThreadPoolExecutor(len(cases)) as pool:
+        together = list(pool.map(staggered, range(len(cases))))
+    end = settled(server)
+    assert end["mixed_decode_rows"] > mixed_before, "no decode step was mixed into a prefill batch"
+    assert [o["output_ids"] for o in together] == [o["output_ids"] for o in alone]
+    assert [o["meta_info"]["vlcache_kept_ratio"] for o in together] == \
+        [o["meta_info"]["vlcache_kept_ratio"] for o in alone]
+    assert end["freed_reads"] == 0 and end["plans_from_incomplete_statistics"] == 0
+    requests.post(f"{server.url}/flush_cache", timeout=60)
+    end = settled(server)
+    for key in ("available_kv_tokens", "evictable_kv_tokens", "virtual_ids_live", "cell_slots_live",
+                "pending_statistics", "resolved_rows_live"):
+        assert end[key] == start[key], key
+
+
+def test_busy_memory_check_ran_and_held(server):
+    log = server.log_path.read_text(errors="replace")
+    assert "[Mem Check (BUSY)]" in log  # level 2 logs every busy iteration: the check really ran
+    assert "Mem Leak Detected" not in log
+
+
+def test_uncompressed_requests_say_why(server):
+    before = vlcache_state(server.url)["not_compressed"]
+    text = generate(server, "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+                    max_new=4)
+    assert text["meta_info"]["vlcache_not_compressed"] == ["text_only"]
+    assert text["meta_info"]["vlcache_kept_ratio"] == [1.0]
+    after = vlcache_state(server.url)["not_compressed"]
+    assert after.get("text_only", 0) == before.get("text_only", 0) + 1
+    metrics = requests.get(f"{server.url}/metrics", timeout=60).text
+    line = [ln for ln in metrics.splitlines()
+            if ln.startswith("vlcache_requests_not_compressed_total") and 'reason="text_only"' in ln]
+    assert line and float(line[0].split()[-1]) >= 1.0, metrics[-2000:]
+    # a compressed request carries no reason code
+    image = generate(server, PROMPT.format(q="What is written here?"), make_test_image(5), max_new=4)
+    assert "vlcache_not_compressed" not in image["meta_info"]

@@ -1,0 +1,106 @@
+"""Which SGLang features the ``vlcache`` backend serves, and launch refusals for the rest.
+
+Checked once in the launcher (``ServerArgs.from_cli_args``), before any model is loaded, so an
+unsupported combination stops with a message that names the flag and what to do instead, rather
+than crashing inside a forward or serving uncompressed in silence. The README's compatibility
+matrix lists every row with its test. Pure: reads attributes of ``ServerArgs`` only.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from vlcache_sglang.settings import CompressionSettings
+
+#: Opt-in for the per-layer executor on CUDA (no whole SGLang server has run it on CUDA yet).
+ENV_CUDA_EXECUTOR = "VLCACHE_CUDA_EXECUTOR"
+CUDA_OPT_IN = f"{ENV_CUDA_EXECUTOR}=flashinfer --cuda-graph-backend-prefill=disabled"
+#: Set by the launcher for its HTTP process: "0" when this server's backend cannot compress.
+ENV_SERVER_COMPRESSES = "VLCACHE_SERVER_COMPRESSES"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One unsupported setting: the flag as the user typed it, why, and what to do instead."""
+
+    flag: str
+    why: str
+    instead: str
+
+    def message(self) -> str:
+        return f"{self.flag}: {self.why}; {self.instead}"
+
+
+def _get(server_args: Any, name: str, default: Any = None) -> Any:
+    return getattr(server_args, name, default)
+
+
+def refusals(server_args: Any, settings: CompressionSettings, environ: Mapping[str, str] = os.environ
+             ) -> list[Refusal]:
+    """Every reason this launch of ``--attention-backend vlcache`` cannot be served correctly."""
+    out: list[Refusal] = []
+    if _get(server_args, "speculative_algorithm"):
+        out.append(Refusal(
+            f"--speculative-algorithm {server_args.speculative_algorithm}",
+            "speculative decoding is not supported by the vlcache backend (target-verify forwards "
+            "would be compacted again; the draft worker would wrap the KV allocator twice)",
+            "drop the flag, or serve speculative decoding with --attention-backend flashinfer/triton"))
+    if int(_get(server_args, "pp_size", 1) or 1) > 1:
+        out.append(Refusal(f"--pp-size {server_args.pp_size}",
+                           "pipeline parallelism is not supported (per-layer plans need every layer in one process)",
+                           "use --pp-size 1"))
+    if int(_get(server_args, "page_size", 1) or 1) > 1:
+        out.append(Refusal(f"--page-size {server_args.page_size}",
+                           "compaction moves single KV slots; the paged allocator frees whole pages and "
+                           "would bypass the plugin's virtual-id filter",
+                           "use --page-size 1 (the default)"))
+    if _get(server_args, "enable_lora") or _get(server_args, "lora_paths"):
+        out.append(Refusal("--enable-lora / --lora-paths", "LoRA adapters are not supported with compression yet",
+                           "serve the adapter with another --attention-backend, or merge it into the weights"))
+    if int(_get(server_args, "tp_size", 1) or 1) > 1:
+        out.append(Refusal(f"--tp-size {server_args.tp_size}",
+                           "tensor parallelism is not supported yet (each rank would plan from its own heads)",
+                           "use --tp-size 1, one server per GPU behind SGLang's router"))
+    if int(_get(server_args, "dp_size", 1) or 1) > 1 or _get(server_args, "enable_dp_attention"):
+        out.append(Refusal("--dp-size / --enable-dp-attention",
+                           "data-parallel attention is not supported with compression",
+                           "run one server per GPU behind SGLang's router (sglang_router) instead"))
+    if str(_get(server_args, "disaggregation_mode", "null") or "null") != "null":
+        out.append(Refusal(f"--disaggregation-mode {server_args.disaggregation_mode}",
+                           "prefill/decode disaggregation would transfer the uncompacted pool layout",
+                           "serve without disaggregation"))
+    if _get(server_args, "enable_hierarchical_cache"):
+        out.append(Refusal("--enable-hierarchical-cache", "HiCache's host copies do not know about compacted cells",
+                           "drop the flag (the vlcache radix cache shares compressed prefixes on the device)"))
+    if _get(server_args, "enable_hisparse"):
+        out.append(Refusal("--enable-hisparse", "HiSparse is another KV sparsification; it cannot stack with vlcache",
+                           "choose one: drop --enable-hisparse or serve with another --attention-backend"))
+    if _get(server_args, "enable_torch_compile"):
+        out.append(Refusal("--enable-torch-compile", "the backend's host-side compaction cannot be compiled",
+                           "drop the flag (decode CUDA graphs are supported)"))
+    for phase in ("prefill", "decode"):
+        other = _get(server_args, f"{phase}_attention_backend")
+        if other and other != "vlcache":
+            out.append(Refusal(f"--{phase}-attention-backend {other}",
+                               f"{phase} would run {other}, which neither gathers statistics nor reads compacted cells",
+                               f"drop --{phase}-attention-backend (vlcache serves both phases)"))
+    if str(_get(server_args, "device", "") or "").startswith("cuda") and settings.compresses \
+            and environ.get(ENV_CUDA_EXECUTOR, "stock") != "flashinfer":
+        out.append(Refusal(
+            f"--vlcache-budget {settings.budget:g} on CUDA",
+            "by default CUDA serves SGLang's FlashInfer backend uncompressed (no whole SGLang server has run "
+            "the compressing CUDA executor yet)",
+            f"opt in with {CUDA_OPT_IN}, or launch with --vlcache-budget 1.0"))
+    return out
+
+
+def compresses_on(server_args: Any, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this server's backend compresses at all (CUDA without the opt-in does not)."""
+    on_cuda = str(_get(server_args, "device", "") or "").startswith("cuda")
+    return not on_cuda or environ.get(ENV_CUDA_EXECUTOR, "stock") == "flashinfer"
+
+
+def not_compressing_message() -> str:
+    return ("vlcache: this server does not compress (CUDA without the opt-in serves SGLang's FlashInfer "
+            f"backend uncompressed); relaunch with {CUDA_OPT_IN}, or send the request without a budget below 1.0")
