@@ -159,3 +159,62 @@ def test_sglang_move_kv_cache_moves_data_on_the_rehomed_pool(hooked, monkeypatch
         untouched = torch.ones(rows, dtype=torch.bool)
         untouched[tgt] = False
         assert torch.equal(kv.k[l * rows:(l + 1) * rows][untouched], before_k[l * rows:(l + 1) * rows][untouched])
+
+
+def _configurator_inputs(monkeypatch, attention_backend, device, layers=28):
+    """SGLang's DefaultPoolConfigurator for a Qwen2-VL-7B-like MHA model (4 KV heads of 128,
+    bf16), with the process-wide parallel context SGLang would have published."""
+    from transformers import PretrainedConfig
+
+    import sglang.srt.layers.cp.utils as cp_utils
+    import sglang.srt.model_executor.pool_configurator as pc
+
+    par = SimpleNamespace(attn_tp_size=1, attn_dcp_size=1, attn_cp_size=1, enable_dsa_cache_layer_split=False)
+    monkeypatch.setattr(pc, "get_parallel", lambda: par)
+    monkeypatch.setattr(cp_utils, "get_parallel", lambda: par)
+    model = SimpleNamespace(get_num_kv_heads=lambda tp, dcp=1: 4, head_dim=128, v_head_dim=128,
+                            hf_config=PretrainedConfig(), quantization=None)
+    args = SimpleNamespace(enable_hisparse=False, attention_backend=attention_backend,
+                           prefill_attention_backend=None, decode_attention_backend=None)
+    kvc = SimpleNamespace(model_config=model, kv_cache_dtype=torch.bfloat16, server_args=args, use_mla_backend=False,
+                          device=device, kv_cache_dtype_str="auto", is_draft_worker=False)
+    conf = object.__new__(pc.DefaultPoolConfigurator)
+    conf.kv_cache_dtype_str = "auto"
+    conf._cell_size = conf._compute_cell_size(kvc, layers)
+    conf._fixed_overhead_bytes, conf._zero_kv_max_tokens = 0, 0
+    return conf
+
+
+def test_memory_hook_charges_the_device_tables_in_sglangs_cell_size(monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setattr(memory_budget, "_logged", False)
+    monkeypatch.delenv(memory_budget.ENV_VIRTUAL_IDS_PER_SLOT, raising=False)
+    monkeypatch.setenv("VLCACHE_CUDA_EXECUTOR", "flashinfer")
+    stock = _configurator_inputs(monkeypatch, "flashinfer", "cuda")
+    assert stock._cell_size == 4 * 256 * 28 * 2  # 57,344 B: SGLang's own figure
+    with caplog.at_level(logging.INFO, logger=memory_budget.__name__):
+        ours = _configurator_inputs(monkeypatch, "vlcache", "cuda")
+    extra = ours._cell_size - stock._cell_size
+    assert extra == 28 * 4 * 4 + 4 * 4 + 28 * 4 == 576  # ids table + birth stamps + graph index buffers
+    assert "device tables 576 B/slot (1.0% of the 57,344 B cell) counted in the pool budget" in caplog.text
+    budget = 100 << 30
+    n_stock = stock.calculate_pool_sizes(budget, 1).max_total_num_tokens
+    n_ours = ours.calculate_pool_sizes(budget, 1).max_total_num_tokens
+    # what the smaller pool leaves is what the tables take, to within a slot
+    assert abs((n_stock - n_ours) * stock._cell_size - n_ours * extra) <= ours._cell_size
+    # CPU: no graph buffers; the stock CUDA path (no VLCACHE_CUDA_EXECUTOR) is left alone
+    assert _configurator_inputs(monkeypatch, "vlcache", "cpu")._cell_size - stock._cell_size == 464
+    monkeypatch.delenv("VLCACHE_CUDA_EXECUTOR")
+    assert _configurator_inputs(monkeypatch, "vlcache", "cuda")._cell_size == stock._cell_size
+
+
+def test_install_memory_hooks_is_idempotent():
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator
+
+    create, cell = MHATokenToKVPool._create_buffers_normal, DefaultPoolConfigurator._compute_cell_size
+    memory_budget._installed = False  # as if a second register() ran
+    memory_budget.install_memory_hooks()
+    assert MHATokenToKVPool._create_buffers_normal is create and DefaultPoolConfigurator._compute_cell_size is cell
+    assert getattr(create, "_vlcache_hook", False) and getattr(cell, "_vlcache_hook", False)

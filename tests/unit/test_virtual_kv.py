@@ -123,3 +123,68 @@ def test_running_out_of_virtual_ids_leaves_the_request_alone(pool):
     before = row.clone()
     assert small.compact(kv.k, kv.v, row, [torch.arange(8)] * L, 0, 8) is None
     assert torch.equal(row, before) and small.live_ids == 0
+
+
+def test_device_tables_are_int32_and_their_bytes_are_what_the_pool_budget_charges():
+    from vlcache_sglang.backend.memory_budget import table_bytes_per_slot
+
+    rows = SIZE + 1
+    vkv = VirtualKV(rows, L, capacity=4 * rows)
+    assert vkv.table.dtype == torch.int32 and vkv.born.dtype == torch.int32
+    assert vkv.device_bytes() == rows * table_bytes_per_slot(L, graph_buffers=False)
+
+
+def test_size_counters_equal_a_full_recount_through_a_random_workload_with_eviction(pool):
+    """evictable/protected/live cell slots are running totals (O(1) per query); after every
+    operation a tree and the scheduler do (compact, insert, lock, unlock, free part of a row,
+    evict) they equal a recount over every slot."""
+    kv, allocator, vkv = pool
+    g = torch.Generator().manual_seed(7)
+    live: list[torch.Tensor] = []  # rows of virtual ids still held (request-owned or in the "tree")
+    states: list[int] = []
+
+    seen = set()
+
+    def check():
+        assert (vkv.live_cell_slots(), *vkv.cached_cell_slots()) == vkv.recount()
+        seen.update(n for n, c in zip(("evictable", "protected"), vkv.cached_cell_slots()) if c)
+
+    for step in range(120):
+        op = int(torch.randint(0, 6, (1,), generator=g))
+        if op == 0 or not live:  # a request compacts
+            m = int(torch.randint(4, 20, (1,), generator=g))
+            if allocator.available_size() < m:
+                op = 5
+            else:
+                row = allocator.alloc(m).to(torch.int32)
+                if vkv.compact(kv.k, kv.v, row, random_kept(g, m), 0, m) is not None:
+                    live.append(row[row > vkv.base].clone())
+                    states.append(OWNED)
+        i = int(torch.randint(0, len(live), (1,), generator=g)) if live else None
+        if i is None:
+            check()
+            continue
+        ids = live[i]
+        if op == 1 and states[i] == OWNED:  # inserted into the tree
+            vkv.set_state(ids, OWNED, CACHED)
+            states[i] = CACHED
+        elif op == 2 and states[i] == CACHED:  # a request locks the node
+            vkv.set_state(ids, CACHED, LOCKED)
+            states[i] = LOCKED
+        elif op == 3 and states[i] == LOCKED:
+            vkv.set_state(ids, LOCKED, CACHED)
+            states[i] = CACHED
+        elif op == 4 and ids.numel() > 1:  # part of a row is freed (dedup / split node)
+            cut = int(torch.randint(1, ids.numel(), (1,), generator=g))
+            allocator.free(ids[:cut].clone())
+            live[i] = ids[cut:]
+        elif op == 5 and states[i] != LOCKED:  # eviction / finish frees the rest
+            allocator.free(ids.clone())
+            live.pop(i)
+            states.pop(i)
+        check()
+    for ids in live:
+        allocator.free(ids.clone())
+    check()
+    assert vkv.recount() == (0, 0, 0) and allocator.available_size() == SIZE
+    assert seen == {"evictable", "protected"}
