@@ -199,3 +199,21 @@ def test_triton_ragged_decode_dequantizes_fp8_with_the_layer_scales(kv_dtype, sc
         sel = perm[indptr[b]:indptr[b + 1]]
         exact = dense(q[b].float(), k_true[sel], v_true[sel], scale)
         assert (out[b].float() - exact).abs().max().item() < TOL[kv_dtype] * 2
+
+
+@pytest.mark.parametrize("kv_dtype", FP8)
+def test_triton_statistics_read_fp8_keys_as_the_torch_path_reads_their_values(kv_dtype, monkeypatch):
+    """On CUDA the prefill statistics run through the fused Triton kernel on the pool's keys (here
+    the interpreter): fp8 keys give what the torch statistics give on the same values."""
+    from vlcache_sglang.kernels.dispatch import attention_stats_auto
+    from vlcache_sglang.policy.stats import attention_stats
+
+    g = torch.Generator().manual_seed(6)
+    n_k, n_q = 70, 9
+    k8 = torch.randn(n_k, HKV, D, generator=g).to(kv_dtype)
+    q = torch.randn(n_q, H, D, generator=g).to(MODEL_DTYPE)
+    pos = torch.arange(n_k - n_q, n_k)
+    ref = attention_stats(q, pos, k8.to(MODEL_DTYPE), 1 / math.sqrt(D), 0.01)
+    monkeypatch.setenv("VLCACHE_KERNELS", "triton")
+    got = attention_stats_auto(q, pos, k8, 1 / math.sqrt(D), 0.01)
+    torch.testing.assert_close(got.col.float(), ref.col.float(), atol=1e-3, rtol=1e-3)
