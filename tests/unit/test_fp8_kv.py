@@ -153,13 +153,24 @@ def dense(q, k, v, scale):
 
 
 @pytest.mark.parametrize("kv_dtype", FP8)
-def test_compressed_fp8_decode_is_within_fp8_tolerance_of_dense_attention(kv_dtype):
+@pytest.mark.parametrize("scales", [(None, None), (0.25, 4.0)])
+def test_compressed_fp8_decode_is_within_fp8_tolerance_of_dense_attention(kv_dtype, scales):
+    """With the layer's KV scales (checkpoint-calibrated) the cells hold K/k_scale, V/v_scale and
+    every read multiplies back, as SGLang's FlashInfer backend does."""
     m = 48
     x = inputs(m, 3)  # not pre-rounded: the pool quantizes
     server = Server(kv_dtype)
+    for layer in server.layers:
+        layer.k_scale_float, layer.v_scale_float = scales
     prefill(server, m, x, PolicyConfig(method="vlcache", alpha=0.3, window_size=8))
+
     assert 0 in server.backend.compressor.rows
     outs, step = decode(server, 0, m, torch.Generator().manual_seed(4))
+    if scales[0] is not None:  # the decode token's real slot holds K / k_scale, V / v_scale
+        slot = server.req_pool.req_to_token[0, m : m + 1].long()
+        for buf, want, sc in ((server.pool.get_key_buffer(0), step[0][1], scales[0]),
+                              (server.pool.get_value_buffer(0), step[0][2], scales[1])):
+            torch.testing.assert_close(buf[slot].float() * sc, want.float(), atol=0.3, rtol=0.15)
     state = kept_state(server, 0, m + 1)
     for l in range(L):
         pos = state[l][0]
