@@ -113,6 +113,7 @@ def create_contiguous_buffers(pool) -> None:
     pool.k_buffer = [k[l * rows:(l + 1) * rows] for l in range(layers)]
     pool.v_buffer = [v[l * rows:(l + 1) * rows] for l in range(layers)]
     pool._vlcache_global_kv = (k, v)
+    logger.info("vlcache: KV pool allocated contiguous (%d layers x %d rows; re-homing is free)", layers, rows)
 
 
 def install_memory_hooks() -> None:
