@@ -25,6 +25,7 @@ Both hooks act only in processes where the ``vlcache`` backend will serve attent
 from __future__ import annotations
 
 import logging
+import math
 import os
 from contextlib import contextmanager, nullcontext
 
@@ -51,7 +52,7 @@ def table_bytes_per_slot(num_layers: int, *, graph_buffers: bool) -> int:
     table = per * num_layers * ID_BYTES
     born = per * ID_BYTES
     graph = num_layers * ID_BYTES if graph_buffers else 0
-    return int(-(-(table + born + graph) // 1))
+    return math.ceil(table + born + graph)
 
 
 def vlcache_serves(server_args, device) -> bool:
