@@ -12,6 +12,10 @@ normaliser for the GROUP query heads of one KV head over its split of the list a
 partial output and its log2-sum-exp2; pass 2, grid (request, query head), merges the splits.
 Each split covers ``ceil(len / splits)`` keys rounded up to a key block; a split past the end
 of a short list writes an empty state (weight 0). fp32 accumulation.
+
+fp8 KV caches (``float8_e5m2`` / ``float8_e4m3fn`` views of SGLang's ``uint8`` storage) are loaded
+as fp8 and converted to fp32; ``k_scale`` folds into the softmax scale and ``v_scale`` multiplies
+the merged output, which is how FlashInfer applies SGLang's per-layer KV scales.
 """
 from __future__ import annotations
 
@@ -93,7 +97,7 @@ def _decode_pass1(Q, K, V, KV_IDX, KV_PTR, O_PART, LSE_PART,
 
 
 def _decode_pass2(O_PART, LSE_PART, OUT, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                  stride_outb, stride_outh, num_splits,
+                  stride_outb, stride_outh, num_splits, v_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -107,6 +111,7 @@ def _decode_pass2(O_PART, LSE_PART, OUT, stride_ob, stride_oh, stride_os, stride
     o = tl.load(O_PART + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
                 mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     out = tl.reduce(o * w[:, None], 0, tl.standard._sum_combine) / tl.reduce(w, 0, tl.standard._sum_combine)
+    out = out * v_scale
     tl.store(OUT + b * stride_outb + h * stride_outh + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
@@ -128,8 +133,11 @@ def num_splits_for(max_len: int, batch: int, kv_heads: int, device: torch.device
 def ragged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_indptr: torch.Tensor,
                   kv_indices: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
                   num_splits: int | None = None, max_len: int | None = None, block_n: int = 64,
-                  workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  k_scale: float | None = None, v_scale: float | None = None) -> torch.Tensor:
     """``out[b] = softmax(q[b] K_b^T * scale) V_b`` where ``K_b = k_cache[kv_indices[indptr[b]:indptr[b+1]]]``.
+
+    fp8 caches: ``K_b``/``V_b`` are the stored values times ``k_scale``/``v_scale`` (1 if None).
 
     q/out ``[B, Hq, D]``; k_cache/v_cache ``[rows, Hkv, D]`` (GQA: ``Hq % Hkv == 0``); every list
     non-empty. ``num_splits`` (or ``max_len``, the longest list, to choose it) is host-side;
@@ -158,6 +166,8 @@ def ragged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         lse_part = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=device)
     else:
         o_part, lse_part = workspace[0][:bsz, :, :num_splits], workspace[1][:bsz, :, :num_splits]
+    k_scale = 1.0 if k_scale is None else float(k_scale)
+    v_scale = 1.0 if v_scale is None else float(v_scale)
     cast = (q.dtype != k_cache.dtype or q.dtype == torch.float32
             or (interpret_for(device) and q.dtype == torch.bfloat16))
     group = hq // hkv
@@ -166,27 +176,28 @@ def ragged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q, k_cache, v_cache, kv_indices, kv_indptr, o_part, lse_part,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-        float(scale) * _LOG2E, num_splits,
+        float(scale) * k_scale * _LOG2E, num_splits,
         GROUP=group, HEAD_DIM=d, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         CAST_F32=cast, IEEE=cast,
     )
     kernel(_decode_pass2, device)[(bsz, hq)](
         o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0),
-        lse_part.stride(1), out.stride(0), out.stride(1), num_splits,
+        lse_part.stride(1), out.stride(0), out.stride(1), num_splits, v_scale,
         HEAD_DIM=d, BLOCK_S=max(2, next_pow2(num_splits)), BLOCK_D=block_d,
     )
     return out
 
 
 def ragged_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_indptr_cpu,
-                        kv_indices: torch.Tensor, scale: float) -> torch.Tensor:
-    """Reference: request by request, fp32 softmax."""
+                        kv_indices: torch.Tensor, scale: float, k_scale: float | None = None,
+                        v_scale: float | None = None) -> torch.Tensor:
+    """Reference: request by request, fp32 softmax (fp8 caches dequantized with the scales)."""
     out = torch.empty_like(q)
     g = q.shape[1] // k_cache.shape[1]
     for b in range(q.shape[0]):
         rows = kv_indices[int(kv_indptr_cpu[b]):int(kv_indptr_cpu[b + 1])].to(torch.int64)
-        k = k_cache[rows].float().repeat_interleave(g, 1)
-        v = v_cache[rows].float().repeat_interleave(g, 1)
+        k = k_cache[rows].float().repeat_interleave(g, 1) * (1.0 if k_scale is None else k_scale)
+        v = v_cache[rows].float().repeat_interleave(g, 1) * (1.0 if v_scale is None else v_scale)
         s = torch.einsum("hd,khd->hk", q[b].float(), k) * scale
         out[b] = torch.einsum("hk,khd->hd", torch.softmax(s, -1), v).to(q.dtype)
     return out

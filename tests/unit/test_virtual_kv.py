@@ -123,3 +123,140 @@ def test_running_out_of_virtual_ids_leaves_the_request_alone(pool):
     before = row.clone()
     assert small.compact(kv.k, kv.v, row, [torch.arange(8)] * L, 0, 8) is None
     assert torch.equal(row, before) and small.live_ids == 0
+
+
+def test_device_tables_are_int32_and_their_bytes_are_what_the_pool_budget_charges():
+    from vlcache_sglang.backend.memory_budget import table_bytes_per_slot
+
+    rows = SIZE + 1
+    vkv = VirtualKV(rows, L, capacity=4 * rows)
+    assert vkv.table.dtype == torch.int32 and vkv.born.dtype == torch.int32
+    assert vkv.device_bytes() == rows * table_bytes_per_slot(L, graph_buffers=False)
+
+
+def test_size_counters_equal_a_full_recount_through_a_random_workload_with_eviction(pool):
+    """evictable/protected/live cell slots are running totals (O(1) per query); after every
+    operation a tree and the scheduler do (compact, insert, lock, unlock, free part of a row,
+    evict) they equal a recount over every slot."""
+    kv, allocator, vkv = pool
+    g = torch.Generator().manual_seed(7)
+    live: list[torch.Tensor] = []  # rows of virtual ids still held (request-owned or in the "tree")
+    states: list[int] = []
+
+    seen = set()
+
+    def check():
+        assert (vkv.live_cell_slots(), *vkv.cached_cell_slots()) == vkv.recount()
+        seen.update(n for n, c in zip(("evictable", "protected"), vkv.cached_cell_slots()) if c)
+
+    for step in range(120):
+        op = int(torch.randint(0, 6, (1,), generator=g))
+        if op == 0 or not live:  # a request compacts
+            m = int(torch.randint(4, 20, (1,), generator=g))
+            if allocator.available_size() < m:
+                op = 5
+            else:
+                row = allocator.alloc(m).to(torch.int32)
+                if vkv.compact(kv.k, kv.v, row, random_kept(g, m), 0, m) is not None:
+                    live.append(row[row > vkv.base].clone())
+                    states.append(OWNED)
+        i = int(torch.randint(0, len(live), (1,), generator=g)) if live else None
+        if i is None:
+            check()
+            continue
+        ids = live[i]
+        if op == 1 and states[i] == OWNED:  # inserted into the tree
+            vkv.set_state(ids, OWNED, CACHED)
+            states[i] = CACHED
+        elif op == 2 and states[i] == CACHED:  # a request locks the node
+            vkv.set_state(ids, CACHED, LOCKED)
+            states[i] = LOCKED
+        elif op == 3 and states[i] == LOCKED:
+            vkv.set_state(ids, LOCKED, CACHED)
+            states[i] = CACHED
+        elif op == 4 and ids.numel() > 1:  # part of a row is freed (dedup / split node)
+            cut = int(torch.randint(1, ids.numel(), (1,), generator=g))
+            allocator.free(ids[:cut].clone())
+            live[i] = ids[cut:]
+        elif op == 5 and states[i] != LOCKED:  # eviction / finish frees the rest
+            allocator.free(ids.clone())
+            live.pop(i)
+            states.pop(i)
+        check()
+    for ids in live:
+        allocator.free(ids.clone())
+    check()
+    assert vkv.recount() == (0, 0, 0) and allocator.available_size() == SIZE
+    assert seen == {"evictable", "protected"}
+
+
+def test_tree_sizes_stay_exact_through_a_random_workload_on_sglangs_radix_tree(pool):
+    """The same on the vlcache radix tree (SGLang's RadixCache underneath): compacted requests
+    inserted (with shared prefixes deduplicated as checkpoint does), matched and locked, unlocked,
+    evicted; the O(1) totals equal a recount after every step and the idle check holds at the end."""
+    from array import array
+    from types import SimpleNamespace
+
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    from vlcache_sglang.backend import state
+    from vlcache_sglang.radix_cache import VLCacheRadixCache
+
+    kv, allocator, vkv = pool
+    req_pool = ReqToTokenPool(size=2, max_context_len=64, device="cpu", enable_memory_saver=False)
+    saved = state.active()
+    state.set_active(SimpleNamespace(compressor=SimpleNamespace(vkv=vkv)))
+    try:
+        tree = VLCacheRadixCache(CacheInitParams(disable=False, req_to_token_pool=req_pool,
+                                                 token_to_kv_pool_allocator=allocator, page_size=1))
+        g = torch.Generator().manual_seed(11)
+        locked = []
+        seen = set()
+
+        def check():
+            assert (vkv.live_cell_slots(), *vkv.cached_cell_slots()) == vkv.recount()
+            ev, prot = vkv.cached_cell_slots()
+            seen.update(n for n, c in (("evictable", ev), ("protected", prot)) if c)
+
+        for step in range(80):
+            op = int(torch.randint(0, 4, (1,), generator=g))
+            if op == 0:  # a compressed request's prompt enters the tree (a few shared stems)
+                m = int(torch.randint(6, 16, (1,), generator=g))
+                if allocator.available_size() < m:
+                    tree.evict(EvictParams(num_tokens=m))
+                if allocator.available_size() < m:
+                    continue
+                stem = int(torch.randint(0, 3, (1,), generator=g))
+                tokens = [1000 * stem + i for i in range(m)]
+                row = allocator.alloc(m).to(torch.int32)
+                if vkv.compact(kv.k, kv.v, row, random_kept(g, m), 0, m) is None:
+                    allocator.free(row.clone())
+                    continue
+                res = tree.insert(InsertParams(key=RadixKey(array("q", tokens)), value=row.long()))
+                if res.prefix_len:  # the tree already holds that prefix: free the duplicate ids
+                    allocator.free(row[: res.prefix_len].long())
+            elif op == 1:  # a request matches a prefix and locks it
+                stem, n = int(torch.randint(0, 3, (1,), generator=g)), int(torch.randint(1, 12, (1,), generator=g))
+                match = tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", [1000 * stem + i for i in range(n)]))))
+                if match.last_device_node is not tree.root_node:
+                    tree.inc_lock_ref(match.last_device_node)
+                    locked.append(match.last_device_node)
+            elif op == 2 and locked:  # it finishes
+                tree.dec_lock_ref(locked.pop(int(torch.randint(0, len(locked), (1,), generator=g))))
+            elif op == 3:
+                tree.evict(EvictParams(num_tokens=int(torch.randint(1, 30, (1,), generator=g))))
+            check()
+        while locked:
+            tree.dec_lock_ref(locked.pop())
+        check()
+        assert tree.protected_size() == 0
+        assert allocator.available_size() + tree.evictable_size() == SIZE  # SGLang's idle check
+        tree.evict(EvictParams(num_tokens=SIZE))
+        check()
+        assert allocator.available_size() == SIZE and vkv.recount() == (0, 0, 0)
+        assert seen == {"evictable", "protected"}
+    finally:
+        state.set_active(saved)

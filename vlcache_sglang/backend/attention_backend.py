@@ -19,7 +19,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from vlcache_sglang.backend import state
-from vlcache_sglang.backend.cell_store import rehome_pool_buffers
+from vlcache_sglang.backend.cell_store import FP8_DTYPES, rehome_pool_buffers
 from vlcache_sglang.backend.compressor import Compressor
 from vlcache_sglang.backend.cuda_graph import SEQ_LEN_FILL, graph_decode_metadata, graph_fits, graph_kv_capacity
 from vlcache_sglang.backend.executors.torch_executor import TorchAttentionExecutor
@@ -153,14 +153,19 @@ class VLCacheAttnBackend(AttentionBackend):
         lid = layer.layer_id
         q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
         out = q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
+        k_scale, v_scale = fp8_kv_scales(self.token_to_kv_pool, layer)
+        scales = {} if k_scale is None and v_scale is None else {"k_scale": k_scale, "v_scale": v_scale}
         if save_kv_cache and k is not None and v is not None:
-            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
+            if scales:  # SGLang's set_kv_buffer divides by the scales in place
+                k, v = k.clone(), v.clone()
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v,
+                                                k_scale, v_scale)
         meta = self.forward_metadata
         q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         if meta.graph:  # every layer reads the global storage through the executor's fixed buffers
             self.executor.decode(q3, out.view(-1, layer.tp_q_head_num, layer.v_head_dim), self.global_kv.k,
                                  self.global_kv.v, meta.kv, meta, layer.scaling,
-                                 layer.tp_q_head_num != layer.tp_k_head_num, layer_id=lid)
+                                 layer.tp_q_head_num != layer.tp_k_head_num, layer_id=lid, **scales)
             return out
         if lid in meta.layer_kv:
             k_cache, v_cache, kv = self.global_kv.k, self.global_kv.v, meta.layer_kv[lid]
@@ -170,11 +175,12 @@ class VLCacheAttnBackend(AttentionBackend):
             kv = meta.kv
         run = self.executor.decode if decode else self.executor.extend
         run(q3, out.view(-1, layer.tp_q_head_num, layer.v_head_dim), k_cache, v_cache, kv, meta,
-            layer.scaling, layer.tp_q_head_num != layer.tp_k_head_num)
+            layer.scaling, layer.tp_q_head_num != layer.tp_k_head_num, **scales)
         infos = meta.requests
         if not decode and infos and self.compressor is not None:
+            # fp8 keys are read as stored; their k_scale folds into the softmax scale
             self.compressor.observe_extend(lid, q3, k_cache, kv, meta.layer_positions.get(lid), meta, infos,
-                                           layer.scaling)
+                                           layer.scaling * (k_scale or 1.0))
         return out
 
     def support_triton(self):
@@ -207,6 +213,20 @@ class VLCacheAttnBackend(AttentionBackend):
         """Whether the batch's lists fit the graph buffers (else SGLang runs it eagerly)."""
         return self.graph_capacity is not None and graph_fits(self.graph_capacity, forward_batch.seq_lens_sum,
                                                               self.graph_max_bs)
+
+
+def fp8_kv_scales(pool, layer) -> tuple[float | None, float | None]:
+    """The layer's K/V scales when the pool stores fp8 and they are not 1 (else None): written
+    divided by them and read multiplied, as SGLang's FlashInfer and Triton backends do."""
+    if getattr(pool, "dtype", None) not in FP8_DTYPES:
+        return None, None
+    out = []
+    for name in ("k_scale", "v_scale"):
+        value = getattr(layer, f"{name}_float", None)
+        if value is None and getattr(layer, name, None) is not None:
+            value = float(getattr(layer, name))
+        out.append(None if value is None or value == 1.0 else float(value))
+    return out[0], out[1]
 
 
 CUDA_GRAPH_FLAGS = "--cuda-graph-backend-decode=disabled --cuda-graph-backend-prefill=disabled"

@@ -30,6 +30,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 FREE, OWNED, CACHED, LOCKED = 0, 1, 2, 3  # virtual id states
+ID_DTYPE = torch.int32  # virtual-id table and birth stamps (device tables)
 
 
 @dataclass
@@ -49,6 +50,8 @@ class VirtualKV:
     def __init__(self, rows_per_layer: int, num_layers: int, capacity: int, device: torch.device | str = "cpu"):
         if capacity < 2:
             raise ValueError("need room for the null id and at least one virtual id")
+        if rows_per_layer * num_layers >= torch.iinfo(ID_DTYPE).max:
+            raise ValueError(f"{num_layers} layers x {rows_per_layer} rows do not fit int32 global row ids")
         self.base = self.null_id = rows_per_layer
         self.rows_per_layer, self.num_layers, self.capacity = rows_per_layer, num_layers, capacity
         self.device = torch.device(device)
@@ -58,16 +61,25 @@ class VirtualKV:
 
     def clear(self) -> None:
         """Forget every virtual id and cell (SGLang's flush_cache clears the allocator next)."""
-        self.table = torch.full((self.capacity, self.num_layers), -1, dtype=torch.int64, device=self.device)
-        self.born = torch.zeros(self.capacity, dtype=torch.int64, device=self.device)  # compaction that wrote it
+        # Device tables, counted in SGLang's pool budget (backend/memory_budget.py): int32 ids, since
+        # global rows L * R and compaction counts fit (checked in __init__).
+        self.table = torch.full((self.capacity, self.num_layers), -1, dtype=ID_DTYPE, device=self.device)
+        self.born = torch.zeros(self.capacity, dtype=ID_DTYPE, device=self.device)  # compaction that wrote it
         self.state = torch.zeros(self.capacity, dtype=torch.int8)
         self.state[0] = CACHED  # the null id is never freed and owns nothing
         self._free = list(range(self.capacity - 1, 0, -1))  # stack of free table indices
-        # per slot: live cells, and cells whose virtual id is request-owned / locked in the tree
+        # per slot (host): live cells, and cells whose virtual id is request-owned / locked in the tree
         self.slot_live = torch.zeros(self.rows_per_layer, dtype=torch.int32)
         self.slot_owned = torch.zeros(self.rows_per_layer, dtype=torch.int32)
         self.slot_locked = torch.zeros(self.rows_per_layer, dtype=torch.int32)
+        # running totals over slots, kept by _count (so the scheduler's size queries are O(1)):
+        # slots with a live cell; of those with no request-owned cell, without / with a locked one
+        self.n_live_slots = self.n_evictable_slots = self.n_protected_slots = 0
         self.slots_freed = 0  # cell slots returned to the allocator by release (a running count)
+
+    def device_bytes(self) -> int:
+        """Bytes of this object's tables on ``device`` (what memory_budget charges per slot)."""
+        return self.table.nbytes + self.born.nbytes
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -79,7 +91,7 @@ class VirtualKV:
         return self.capacity - 1 - len(self._free)
 
     def live_cell_slots(self) -> int:
-        return int((self.slot_live > 0).sum())
+        return self.n_live_slots
 
     def owned_cell_slots(self) -> int:
         """Cell slots at least one request-owned virtual id reads (held by running requests)."""
@@ -87,10 +99,17 @@ class VirtualKV:
 
     def cached_cell_slots(self) -> tuple[int, int]:
         """(evictable, protected) cell slots: slots all of whose cells belong to tree entries,
-        with no locked cell, resp. with at least one locked cell."""
-        in_tree = (self.slot_live > 0) & (self.slot_owned == 0)
+        with no locked cell, resp. with at least one locked cell. O(1): running totals kept where
+        cells are created, freed, inserted and locked (the scheduler asks several times per step)."""
+        return self.n_evictable_slots, self.n_protected_slots
+
+    def recount(self) -> tuple[int, int, int]:
+        """(live, evictable, protected) slots recounted from the per-slot counters, O(slots): the
+        reference for the running totals (tests, debug checks)."""
+        live = self.slot_live > 0
+        in_tree = live & (self.slot_owned == 0)
         locked = self.slot_locked > 0
-        return int((in_tree & ~locked).sum()), int((in_tree & locked).sum())
+        return int(live.sum()), int((in_tree & ~locked).sum()), int((in_tree & locked).sum())
 
     def is_virtual(self, ids: torch.Tensor) -> torch.Tensor:
         return ids >= self.base
@@ -105,7 +124,7 @@ class VirtualKV:
         rows = ids.unsqueeze(1) + layers
         virtual = ids >= self.base
         if bool(virtual.any()):
-            rows[virtual] = self.table[ids[virtual] - self.base]
+            rows[virtual] = self.table[ids[virtual] - self.base].to(rows.dtype)
         return rows
 
     def newest_birth(self, ids: torch.Tensor) -> int:
@@ -170,23 +189,22 @@ class VirtualKV:
             logger.warning("vlcache: %d virtual ids needed, %d free; request left uncompressed", n_vids, len(self._free))
             return None
         moves = compaction_moves(self.num_layers, self.rows_per_layer, slots, kept, protected, prompt_len, device=dev)
-        if moves.src.numel():  # sources are read before any cell is written
-            move_kv_rows_auto(k, v, moves.src, moves.dst)
+        if moves.src.numel():  # sources are read before any cell is written; bytes (fp8 pools store uint8)
+            from vlcache_sglang.backend.cell_store import storage_view
+
+            move_kv_rows_auto(storage_view(k), storage_view(v), moves.src, moves.dst)
         # virtual ids for positions kept somewhere; the null id for the rest
         vid_index = torch.zeros(owned, dtype=torch.int64, device=dev)
         taken = [self._free.pop() for _ in range(n_vids)]
         vid_index[used] = torch.tensor(taken, dtype=torch.int64, device=dev)
         for layer, own in enumerate(own_pos):
-            self.table[vid_index[own], layer] = moves.own_dst[layer]
+            self.table[vid_index[own], layer] = moves.own_dst[layer].to(ID_DTYPE)
         if taken:
             self.state[torch.tensor(taken)] = OWNED
         self.births += 1
         if taken:
             self.born[torch.tensor(taken, device=dev)] = self.births
-        cell_slot_ids = (moves.dst % self.rows_per_layer).cpu()
-        ones = torch.ones_like(cell_slot_ids, dtype=torch.int32)
-        self.slot_live.index_add_(0, cell_slot_ids, ones)
-        self.slot_owned.index_add_(0, cell_slot_ids, ones)
+        self._count((moves.dst % self.rows_per_layer).cpu(), live=1, owned=1)
         row[protected:prompt_len] = (vid_index + self.base).to(row.dtype)
         if moves.freed.numel():
             self._free_slots(moves.freed)
@@ -219,8 +237,8 @@ class VirtualKV:
             self._count_cells(idx[states == s], s, -1)
         cells = self.table[idx.to(self.device)]
         cells = cells[cells >= 0]
-        slot_ids = (cells % self.rows_per_layer).cpu()
-        self.slot_live.index_add_(0, slot_ids, -torch.ones_like(slot_ids, dtype=torch.int32))
+        slot_ids = (cells % self.rows_per_layer).cpu().to(torch.int64)
+        self._count(slot_ids, live=-1)
         emptied = torch.unique(slot_ids)
         emptied = emptied[self.slot_live[emptied] == 0]
         self.table[idx.to(self.device)] = -1
@@ -238,12 +256,32 @@ class VirtualKV:
         return idx
 
     def _count_cells(self, idx: torch.Tensor, state: int, sign: int) -> None:
-        counter = {OWNED: self.slot_owned, LOCKED: self.slot_locked}.get(state)
-        if counter is None or idx.numel() == 0:
+        if state not in (OWNED, LOCKED) or idx.numel() == 0:
             return
         cells = self.table[idx.to(self.device)]
-        slot_ids = (cells[cells >= 0] % self.rows_per_layer).cpu()
-        counter.index_add_(0, slot_ids, torch.full_like(slot_ids, sign, dtype=torch.int32))
+        slot_ids = (cells[cells >= 0] % self.rows_per_layer).cpu().to(torch.int64)
+        self._count(slot_ids, owned=sign if state == OWNED else 0, locked=sign if state == LOCKED else 0)
+
+    def _count(self, slot_ids: torch.Tensor, live: int = 0, owned: int = 0, locked: int = 0) -> None:
+        """Add ``live``/``owned``/``locked`` per occurrence of a slot in ``slot_ids`` (host int64)
+        and move the running totals by the classes of the touched slots: O(cells touched)."""
+        if slot_ids.numel() == 0:
+            return
+        touched = torch.unique(slot_ids)
+        before = self._classes(touched)
+        for counter, delta in ((self.slot_live, live), (self.slot_owned, owned), (self.slot_locked, locked)):
+            if delta:
+                counter.index_add_(0, slot_ids, torch.full_like(slot_ids, delta, dtype=torch.int32))
+        after = self._classes(touched)
+        self.n_live_slots += after[0] - before[0]
+        self.n_evictable_slots += after[1] - before[1]
+        self.n_protected_slots += after[2] - before[2]
+
+    def _classes(self, slots: torch.Tensor) -> tuple[int, int, int]:
+        live = self.slot_live[slots] > 0
+        in_tree = live & (self.slot_owned[slots] == 0)
+        locked = self.slot_locked[slots] > 0
+        return int(live.sum()), int((in_tree & ~locked).sum()), int((in_tree & locked).sum())
 
     def _free_slots(self, slots: torch.Tensor) -> None:
         if self.free_slots_fn is None:

@@ -38,6 +38,10 @@ per 28-layer step when every layer has its own lengths, more than the step's att
 this kernel a compressed step's attention took 1.9-2.0 ms against 4.2-4.9 ms (eager, batch 1-32).
 Uncompressed steps keep FlashInfer (one plan per step).
 
+fp8 KV: ``k_cache``/``v_cache`` are fp8 views of SGLang's ``uint8`` storage (never the bytes), so
+plans carry the fp8 ``kv_data_type``; the layer's ``k_scale``/``v_scale`` go to FlashInfer's ``run``
+as SGLang's FlashInfer backend passes them, and to the Triton kernel.
+
 ``flashinfer`` is imported on first use only: importing this module needs neither flashinfer nor
 SGLang (nor CUDA).
 """
@@ -82,6 +86,16 @@ def flashinfer_available() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _scales(k_scale, v_scale) -> dict:
+    """FlashInfer ``run`` keywords for the layer's KV scales (none when there are none)."""
+    out = {}
+    if k_scale is not None:
+        out["k_scale"] = k_scale
+    if v_scale is not None:
+        out["v_scale"] = v_scale
+    return out
 
 
 class _Slot:
@@ -158,16 +172,18 @@ class FlashInferAttentionExecutor:
         self._graph_slots, self._graph_ws, self._graph_meta = [], None, None
 
     def extend(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               kv: RaggedKV, meta: ForwardMetadata, scaling: float, enable_gqa: bool) -> torch.Tensor:
+               kv: RaggedKV, meta: ForwardMetadata, scaling: float, enable_gqa: bool,
+               k_scale: float | None = None, v_scale: float | None = None) -> torch.Tensor:
         """q/out: ``[tokens, Hq, D]``; request ``b``'s rows are the last ``qo_len`` of its list (causal)."""
         slot = self._eager_slot("prefill", q, k_cache, kv, meta, scaling)
         self._load_indices(slot, kv)
-        slot.wrapper.run(q.contiguous(), self._paged(k_cache, v_cache), out=out)
+        slot.wrapper.run(q.contiguous(), self._paged(k_cache, v_cache), out=out, **_scales(k_scale, v_scale))
         return out
 
     def decode(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                kv: RaggedKV, meta: ForwardMetadata, scaling: float, enable_gqa: bool,
-               layer_id: int | None = None) -> torch.Tensor:
+               layer_id: int | None = None, k_scale: float | None = None,
+               v_scale: float | None = None) -> torch.Tensor:
         """One query row per request over that request's list in ``kv``."""
         if self.cuda_graph and meta is self._graph_meta:
             layer = self._graph_calls if layer_id is None else layer_id
@@ -175,17 +191,18 @@ class FlashInferAttentionExecutor:
             slot = self._graph_slots[layer]
             if self._graph_triton:
                 return self._ragged(q, out, k_cache, v_cache, slot.indptr[: self._graph_bs + 1], slot.indices,
-                                    scaling, splits=self._graph_splits, workspace=self._graph_ws)
+                                    scaling, splits=self._graph_splits, workspace=self._graph_ws,
+                                    k_scale=k_scale, v_scale=v_scale)
             wrapper = slot.wrappers[self._graph_bs]
         elif meta.layer_kv and self.compressed_decode == "triton":
             lens = kv.kv_indptr_cpu
             return self._ragged(q, out, k_cache, v_cache, kv.kv_indptr, kv.kv_indices, scaling,
-                                max_len=max(b - a for a, b in zip(lens, lens[1:])))
+                                max_len=max(b - a for a, b in zip(lens, lens[1:])), k_scale=k_scale, v_scale=v_scale)
         else:
             slot = self._eager_slot("decode", q, k_cache, kv, meta, scaling)
             self._load_indices(slot, kv)
             wrapper = slot.wrapper
-        wrapper.run(q.contiguous(), self._paged(k_cache, v_cache), out=out)
+        wrapper.run(q.contiguous(), self._paged(k_cache, v_cache), out=out, **_scales(k_scale, v_scale))
         return out
 
     def plan_decode(self, meta: ForwardMetadata, num_q_heads: int, num_kv_heads: int, head_dim: int,
@@ -275,11 +292,12 @@ class FlashInferAttentionExecutor:
 
     # -- internals ------------------------------------------------------------------------------
     @staticmethod
-    def _ragged(q, out, k_cache, v_cache, indptr, indices, scaling, *, splits=None, max_len=None, workspace=None):
+    def _ragged(q, out, k_cache, v_cache, indptr, indices, scaling, *, splits=None, max_len=None, workspace=None,
+                k_scale=None, v_scale=None):
         from vlcache_sglang.kernels.ragged_decode import ragged_decode
 
         return ragged_decode(q, k_cache, v_cache, indptr, indices, scaling, out=out, num_splits=splits,
-                             max_len=max_len, workspace=workspace)
+                             max_len=max_len, workspace=workspace, k_scale=k_scale, v_scale=v_scale)
 
     @staticmethod
     def _paged(k_cache: torch.Tensor, v_cache: torch.Tensor):

@@ -18,7 +18,8 @@ class TorchAttentionExecutor:
     """Extend and decode attention for one layer over ragged slot lists."""
 
     def extend(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               kv: RaggedKV, meta: ForwardMetadata, scaling: float, enable_gqa: bool) -> torch.Tensor:
+               kv: RaggedKV, meta: ForwardMetadata, scaling: float, enable_gqa: bool,
+               k_scale: float | None = None, v_scale: float | None = None) -> torch.Tensor:
         """q/out: [tokens, q_heads, dim]; caches: [rows, kv_heads, dim] indexed by ``kv``. Causal."""
         query = q.movedim(0, 1)  # [heads, tokens, dim]
         for b in range(meta.batch_size):
@@ -32,7 +33,7 @@ class TorchAttentionExecutor:
             # ignored, so SDPA takes the same kernel path and gives identical numbers.
             padded = query.new_empty((query.shape[0], kv_len, query.shape[2]))
             padded[:, prefix:, :] = query[:, q0:q1, :]
-            key, value = self._gather(k_cache, v_cache, slots, query.dtype)
+            key, value = self._gather(k_cache, v_cache, slots, query.dtype, k_scale, v_scale)
             o = scaled_dot_product_attention(
                 padded.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0),
                 enable_gqa=enable_gqa, scale=scaling, is_causal=True,
@@ -41,11 +42,12 @@ class TorchAttentionExecutor:
         return out
 
     def decode(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               kv: RaggedKV, meta: ForwardMetadata, scaling: float, enable_gqa: bool) -> torch.Tensor:
+               kv: RaggedKV, meta: ForwardMetadata, scaling: float, enable_gqa: bool,
+               k_scale: float | None = None, v_scale: float | None = None) -> torch.Tensor:
         """One query row per request over that layer's list (kept prompt + generated tail)."""
         query = q.movedim(0, 1)
         for b in range(meta.batch_size):
-            key, value = self._gather(k_cache, v_cache, kv.slots(b), query.dtype)
+            key, value = self._gather(k_cache, v_cache, kv.slots(b), query.dtype, k_scale, v_scale)
             o = scaled_dot_product_attention(
                 query[:, b : b + 1].unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0),
                 enable_gqa=enable_gqa, scale=scaling, is_causal=False,
@@ -54,9 +56,13 @@ class TorchAttentionExecutor:
         return out
 
     @staticmethod
-    def _gather(k_cache, v_cache, slots, dtype):
+    def _gather(k_cache, v_cache, slots, dtype, k_scale=None, v_scale=None):
         key = k_cache[slots].movedim(0, 1)
         value = v_cache[slots].movedim(0, 1)
         if key.dtype != dtype:
             key, value = key.to(dtype), value.to(dtype)
+        if k_scale is not None and k_scale != 1.0:
+            key = key * k_scale
+        if v_scale is not None and v_scale != 1.0:
+            value = value * v_scale
         return key, value

@@ -1,0 +1,168 @@
+"""The plugin's device memory inside SGLang's budget: a contiguous pool and per-slot table bytes.
+
+SGLang sizes the KV pool to fill what ``--mem-fraction-static`` leaves
+(``DefaultPoolConfigurator.calculate_pool_sizes``: ``available_bytes // cell_size`` slots, the
+cell size from ``_compute_cell_size``). Two things the ``vlcache`` backend needs would otherwise
+live outside that budget:
+
+* one contiguous ``[L * R, heads, dim]`` K and V (:mod:`vlcache_sglang.backend.cell_store`):
+  copying the per-layer buffers into it would need a second pool at start-up. The hook on
+  ``MHATokenToKVPool._create_buffers_normal`` allocates K and V that way in the first place
+  (same memory-saver region and custom memory pool as SGLang's own allocation), and SGLang's
+  per-layer ``k_buffer[l]``/``v_buffer[l]`` are row slices of them; SGLang then derives its
+  pointer tables from those views as usual, and re-homing costs nothing;
+* the backend's device tables, which grow with the pool: the virtual-id table (``ids_per_slot``
+  int32 ids per slot and layer), their birth stamps (int32), and on CUDA the decode graph's
+  per-layer index buffers (at most one int32 per slot and layer). The hook on
+  ``DefaultPoolConfigurator._compute_cell_size`` adds their bytes per slot to SGLang's cell size,
+  so the pool shrinks by what they take.
+
+Both hooks act only in processes where the ``vlcache`` backend will serve attention
+(:func:`vlcache_serves`: ``--attention-backend vlcache``, and on CUDA
+``VLCACHE_CUDA_EXECUTOR=flashinfer``; elsewhere SGLang's stock backend runs and nothing changes).
+:func:`install_memory_hooks` is idempotent; call it from the plugin's ``register()``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ENV_VIRTUAL_IDS_PER_SLOT = "VLCACHE_VIRTUAL_IDS_PER_SLOT"  # read by the Compressor too
+ID_BYTES = 4  # int32 (virtual_kv.ID_DTYPE; graph index buffers)
+_FORCE: bool | None = None  # tests: force the hooks on/off regardless of the server args
+_installed = False
+_logged = False
+
+
+def ids_per_slot() -> float:
+    return float(os.environ.get(ENV_VIRTUAL_IDS_PER_SLOT, "4"))
+
+
+def table_bytes_per_slot(num_layers: int, *, graph_buffers: bool) -> int:
+    """Device bytes of the backend's tables per pool slot: virtual-id table (``ids_per_slot``
+    x ``num_layers`` int32) + birth stamps (``ids_per_slot`` int32) + decode-graph index buffers
+    (``num_layers`` int32, an upper bound: their capacity is ``min(max_bs * context, slots)``)."""
+    per = ids_per_slot()
+    table = per * num_layers * ID_BYTES
+    born = per * ID_BYTES
+    graph = num_layers * ID_BYTES if graph_buffers else 0
+    return math.ceil(table + born + graph)
+
+
+def vlcache_serves(server_args, device) -> bool:
+    """Whether this process's attention runs through the vlcache backend (not the stock fallback)."""
+    if _FORCE is not None:
+        return _FORCE
+    if server_args is None:
+        return False
+    from vlcache_sglang.plugin import BACKEND_NAME
+
+    names = {getattr(server_args, f, None) for f in
+             ("attention_backend", "prefill_attention_backend", "decode_attention_backend")}
+    if BACKEND_NAME not in names:
+        return False
+    if str(device).startswith("cuda"):
+        return os.environ.get("VLCACHE_CUDA_EXECUTOR", "stock") == "flashinfer"
+    return True
+
+
+@contextmanager
+def forced(on: bool = True):
+    """Tests: act as if (or as if not) the vlcache backend serves, without server args."""
+    global _FORCE
+    saved, _FORCE = _FORCE, on
+    try:
+        yield
+    finally:
+        _FORCE = saved
+
+
+def _current_server_args():
+    try:
+        from sglang.srt.runtime_context import get_server_args
+
+        return get_server_args()
+    except Exception:  # not published in this process (tests, tools)
+        return None
+
+
+def _wants_contiguous(pool) -> bool:
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    return (type(pool) is MHATokenToKVPool and getattr(pool, "kv_cache_layout", "nhd") == "nhd"
+            and not getattr(pool, "use_hnd", False) and pool.page_size == 1 and pool.layer_num > 0
+            and vlcache_serves(_current_server_args(), pool.device))
+
+
+def create_contiguous_buffers(pool) -> None:
+    """SGLang's ``_create_buffers_normal`` for an NHD pool, with each of K and V one
+    ``[L * R, heads, dim]`` allocation and ``k_buffer[l]``/``v_buffer[l]`` its row slices."""
+    from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
+
+    k_shape, v_shape = pool._kv_buffer_shapes()
+    rows, layers = k_shape[0], pool.layer_num
+    with pool.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
+        with (torch.cuda.use_mem_pool(pool.custom_mem_pool) if pool.enable_custom_mem_pool else nullcontext()):
+            k = torch.zeros((layers * rows, *k_shape[1:]), dtype=pool.store_dtype, device=pool.device)
+            v = torch.zeros((layers * rows, *v_shape[1:]), dtype=pool.store_dtype, device=pool.device)
+    pool.k_buffer = [k[l * rows:(l + 1) * rows] for l in range(layers)]
+    pool.v_buffer = [v[l * rows:(l + 1) * rows] for l in range(layers)]
+    pool._vlcache_global_kv = (k, v)
+    logger.info("vlcache: KV pool allocated contiguous (%d layers x %d rows; re-homing is free)", layers, rows)
+
+
+def install_memory_hooks() -> None:
+    """Wrap ``MHATokenToKVPool._create_buffers_normal`` (contiguous K/V) and
+    ``DefaultPoolConfigurator._compute_cell_size`` (+ table bytes per slot). Idempotent; both
+    wrappers defer to SGLang's code unless :func:`vlcache_serves`."""
+    global _installed
+    if _installed:
+        return
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator
+
+    create = MHATokenToKVPool._create_buffers_normal
+    if not getattr(create, "_vlcache_hook", False):
+        def _create_buffers_normal(self, *args, **kwargs):
+            if _wants_contiguous(self):
+                return create_contiguous_buffers(self)
+            return create(self, *args, **kwargs)
+
+        _create_buffers_normal._vlcache_hook = True
+        _create_buffers_normal.__wrapped__ = create
+        MHATokenToKVPool._create_buffers_normal = _create_buffers_normal
+
+    cell = DefaultPoolConfigurator._compute_cell_size
+    if not getattr(cell, "_vlcache_hook", False):
+        def _compute_cell_size(self, kvc, num_layers, *args, **kwargs):
+            size = cell(self, kvc, num_layers, *args, **kwargs)
+            device = getattr(kvc, "device", "cpu")
+            if size <= 0 or getattr(kvc, "use_mla_backend", False) or \
+                    not vlcache_serves(getattr(kvc, "server_args", None), device):
+                return size
+            extra = table_bytes_per_slot(num_layers, graph_buffers=str(device).startswith("cuda"))
+            _log_budget(extra, size)
+            return size + extra
+
+        _compute_cell_size._vlcache_hook = True
+        _compute_cell_size.__wrapped__ = cell
+        DefaultPoolConfigurator._compute_cell_size = _compute_cell_size
+    _installed = True
+
+
+def budget_message(extra: int, cell: int) -> str:
+    return (f"vlcache: device tables {extra:,} B/slot ({100.0 * extra / cell:.1f}% of the {cell:,} B cell) "
+            "counted in the pool budget")
+
+
+def _log_budget(extra: int, cell: int) -> None:
+    global _logged
+    if not _logged:
+        logger.info(budget_message(extra, cell))
+        _logged = True
