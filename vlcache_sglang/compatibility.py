@@ -58,10 +58,6 @@ def refusals(server_args: Any, settings: CompressionSettings, environ: Mapping[s
     if _get(server_args, "enable_lora") or _get(server_args, "lora_paths"):
         out.append(Refusal("--enable-lora / --lora-paths", "LoRA adapters are not supported with compression yet",
                            "serve the adapter with another --attention-backend, or merge it into the weights"))
-    if int(_get(server_args, "tp_size", 1) or 1) > 1:
-        out.append(Refusal(f"--tp-size {server_args.tp_size}",
-                           "tensor parallelism is not supported yet (each rank would plan from its own heads)",
-                           "use --tp-size 1, one server per GPU behind SGLang's router"))
     if int(_get(server_args, "dp_size", 1) or 1) > 1 or _get(server_args, "enable_dp_attention"):
         out.append(Refusal("--dp-size / --enable-dp-attention",
                            "data-parallel attention is not supported with compression",

@@ -27,6 +27,10 @@ def register() -> None:
     from vlcache_sglang.backend.attention_backend import create_vlcache_backend
 
     add_attention_backend_choices([BACKEND_NAME])
+    # contiguous K/V pool and the plugin's device tables inside SGLang's memory budget
+    from vlcache_sglang.backend.memory_budget import install_memory_hooks
+
+    install_memory_hooks()
     register_attention_backend(BACKEND_NAME)(create_vlcache_backend)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args, HookType.AFTER)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _from_cli_args, HookType.AFTER)
@@ -325,6 +329,9 @@ def _add_vlcache_state(result, internal_state, state, *args, **kwargs):
         "images_encoded": getattr(backend_state.active(), "images_encoded", 0),
         "freed_reads": getattr(backend_state.active(), "freed_reads", 0),
         "debug_checks": bool(getattr(backend_state.active(), "debug_checks", False)),
+        "tp_size": compressor.gather.world_size if compressor else 1,
+        "tp_plans_checked": compressor.gather.plans_checked if compressor else 0,  # debug checks
+        "tp_plan_mismatches": compressor.gather.plan_mismatches if compressor else 0,
         **(asdict(compressor.counters) if compressor else {}),
     }
     return result

@@ -96,7 +96,9 @@ def test_requests_the_policy_leaves_alone_are_stock(server):
     a = generate(server, text, budget=1.0)
     b = generate(server, text, budget=0.1)  # text-only: uncompressed by default
     assert a["output_ids"] == b["output_ids"]
-    assert "vlcache_kept_ratio" not in b["meta_info"]
+    # and it says why it was left alone (the request asked for 0.1)
+    assert b["meta_info"]["vlcache_not_compressed"] == ["text_only"]
+    assert b["meta_info"]["vlcache_kept_ratio"] == [1.0] and b["meta_info"]["vlcache_kv_tokens_saved"] == [0]
     # an image at the very end of the prompt: the post-vision window is the one <|vision_end|>
     # token (the no-text-at-all fallback is covered in tests/policy/test_window.py); it still
     # compresses and answers
@@ -158,23 +160,31 @@ def _mixed_request(server, i: int, rng: random.Random):
     return "ok"
 
 
-def test_no_leak_after_mixed_concurrent_workload_with_aborts(server):
-    rng = random.Random(0)
-    start = pool_state(server)
-    n = 500
-    with cf.ThreadPoolExecutor(max_workers=8) as pool:
+def mixed_soak(server, n: int, workers: int, seed: int, abort_every: int) -> tuple[list[str], dict]:
+    """``n`` random requests (images and text, budgets, methods, streaming hang-ups) from
+    ``workers`` clients, an explicit abort every ``abort_every``; returns the outcomes and the
+    plugin's state once nothing is live any more."""
+    rng = random.Random(seed)
+    with cf.ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(_mixed_request, server, i, random.Random(rng.random())) for i in range(n)]
         # explicit aborts of requests still queued or running
-        for i in range(0, n, 50):
+        for i in range(0, n, abort_every):
             requests.post(f"{server.url}/abort_request", json={"rid": f"mixed-{i + 7}"}, timeout=30)
         outcomes = [f.result() for f in futures]
-    assert outcomes.count("ok") > n * 0.8
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         state = pool_state(server)
         if state["compressed_requests_live"] == 0 and state["pending_statistics"] == 0:
             break
         time.sleep(0.5)
+    return outcomes, state
+
+
+def test_no_leak_after_mixed_concurrent_workload_with_aborts(server):
+    start = pool_state(server)
+    n = 500
+    outcomes, state = mixed_soak(server, n, workers=8, seed=0, abort_every=50)
+    assert outcomes.count("ok") > n * 0.8
     assert state["requests_compressed"] > start["requests_compressed"] + 100
     assert state["kv_tokens_saved"] > start["kv_tokens_saved"]
     assert state["compressed_requests_live"] == 0 and state["pending_statistics"] == 0

@@ -36,7 +36,6 @@ REFUSED = [
     (["--pp-size", "2"], "--pp-size 2", "use --pp-size 1"),
     (["--page-size", "16"], "--page-size 16", "use --page-size 1"),
     (["--enable-lora"], "--enable-lora", "merge it into the weights"),
-    (["--tp-size", "2"], "--tp-size 2", "use --tp-size 1"),
     (["--dp-size", "2"], "--dp-size", "sglang_router"),
     (["--disaggregation-mode", "prefill"], "--disaggregation-mode prefill", "without disaggregation"),
     (["--enable-hierarchical-cache"], "--enable-hierarchical-cache", "drop the flag"),
@@ -55,7 +54,7 @@ def test_unsupported_flag_is_refused_by_name(parse, flags, named, instead):
 
 
 SUPPORTED = [[], ["--disable-radix-cache"], ["--disable-overlap-schedule"], ["--chunked-prefill-size", "64"],
-             ["--enable-metrics"], ["--enable-mixed-chunk"], ["--page-size", "1"], ["--tp-size", "1"],
+             ["--enable-metrics"], ["--enable-mixed-chunk"], ["--page-size", "1"], ["--tp-size", "2"],
              ["--prefill-attention-backend", "vlcache"]]
 
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.unit.test_resolved_rows import D, HKV, L, setup
+from tests.unit.test_resolved_rows import D, L, setup
 from vlcache_sglang.backend.compressor import Compressor
 from vlcache_sglang.backend.metadata import ForwardMetadata, build_ragged_kv
 from vlcache_sglang.backend.request_info import RequestInfo

@@ -24,6 +24,7 @@ from vlcache_sglang.backend.compressor import Compressor
 from vlcache_sglang.backend.cuda_graph import SEQ_LEN_FILL, graph_decode_metadata, graph_fits, graph_kv_capacity
 from vlcache_sglang.backend.executors.torch_executor import TorchAttentionExecutor
 from vlcache_sglang.backend.metadata import ForwardMetadata, build_ragged_kv, decode_metadata, host_ints
+from vlcache_sglang.backend.tensor_parallel import StatsGather, attention_tp_group
 from vlcache_sglang.settings import CompressionSettings
 
 if TYPE_CHECKING:
@@ -56,11 +57,13 @@ class VLCacheAttnBackend(AttentionBackend):
         model_config = self.model_config = getattr(model_runner, "model_config", None)
         if allocator is not None and model_config is not None:
             self.global_kv = rehome_pool_buffers(self.token_to_kv_pool)
-            tp = max(1, int(getattr(model_runner, "tp_size", 1)))
+            group = attention_tp_group()  # SGLang's attention TP group (None with one rank)
+            tp = int(group.world_size) if group is not None else 1
             self.compressor = Compressor(
                 self.global_kv, self.req_to_token_pool.req_to_token, allocator,
                 num_q_heads=model_config.num_attention_heads // tp,
                 num_kv_heads=max(1, model_config.get_num_kv_heads(tp)), debug_checks=self.debug_checks,
+                gather=StatsGather(group),
             )
             head_dim = self.global_kv.k.shape[-1]
             # what the executor's graph buffers are sized by (q heads, KV heads, head dim, dtypes, scale)

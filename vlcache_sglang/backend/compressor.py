@@ -19,20 +19,20 @@ Lifecycle of a compressing request (one scheduler process):
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from vlcache_sglang.backend.cell_store import GlobalKV
+from vlcache_sglang.backend.memory_budget import ids_per_slot
 from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV
 from vlcache_sglang.backend.metrics import CompressionMetrics
 from vlcache_sglang.backend.request_info import RequestInfo
+from vlcache_sglang.backend.tensor_parallel import StatsGather
 from vlcache_sglang.backend.virtual_kv import VirtualKV, install_free_filter
 from vlcache_sglang.policy import PolicyError, StatsAccumulator, build_plan, locate_window
 
 logger = logging.getLogger(__name__)
-ENV_VIRTUAL_IDS_PER_SLOT = "VLCACHE_VIRTUAL_IDS_PER_SLOT"
 
 
 @dataclass
@@ -80,14 +80,15 @@ class SharingState:
 
 class Compressor:
     def __init__(self, kv: GlobalKV, req_to_token: torch.Tensor, allocator, num_q_heads: int, num_kv_heads: int,
-                 debug_checks: bool = False):
+                 debug_checks: bool = False, gather: StatsGather | None = None):
         self.kv = kv
+        self.gather = gather or StatsGather()  # one plan on every tensor-parallel rank
         self.debug_checks = debug_checks  # plans from incomplete statistics raise instead of noting
         self.req_to_token = req_to_token
         self.allocator = allocator
         self.num_layers = kv.num_layers
         self.num_q_heads, self.num_kv_heads = num_q_heads, num_kv_heads
-        per_slot = float(os.environ.get(ENV_VIRTUAL_IDS_PER_SLOT, "4"))
+        per_slot = ids_per_slot()  # the same figure the pool budget charged for (memory_budget)
         self.vkv = VirtualKV(kv.rows_per_layer, kv.num_layers, max(2, int(per_slot * kv.rows_per_layer)),
                              device=kv.k.device)
         install_free_filter(allocator, self.vkv)
@@ -252,7 +253,18 @@ class Compressor:
             if self.debug_checks:
                 raise PolicyError(f"vlcache debug: {info.rid} planned from incomplete statistics "
                                   f"(rows per layer {acc.stats.rows_seen}, expected {acc.stats.rows_expected})")
-        plan = build_plan(acc, allow_incomplete=True)
+        # every TP rank holds its own heads: gather all heads' statistics so all plan alike
+        plan = build_plan(self.gather.gather(acc.stats), acc.cfg, allow_incomplete=True)
+        try:
+            self._apply_plan(info, plan, incomplete)
+        finally:
+            if self.debug_checks:  # every rank must now hold the same plan and the same pool
+                self.gather.agree("plan", [plan.is_identity, list(plan.budgets)]
+                                  + [k.flatten().tolist() for k in plan.kept])
+                self.gather.agree("pool after compaction", [int(self.allocator.available_size()),
+                                                            self.vkv.live_ids, self.vkv.live_cell_slots()])
+
+    def _apply_plan(self, info: RequestInfo, plan, incomplete: bool) -> None:
         if plan.is_identity:
             logger.debug("vlcache: %s left uncompressed (%s)", info.rid, "; ".join(plan.notes))
             _report(info, {"vlcache_notes": "; ".join(plan.notes)})
