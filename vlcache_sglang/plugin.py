@@ -273,6 +273,8 @@ def _add_vlcache_state(result, internal_state, state, *args, **kwargs):
         "evicted_slots": int(getattr(tree, "evicted_slots", 0)),
         "images_encoded": getattr(backend_state.active(), "images_encoded", 0),
         "freed_reads": getattr(backend_state.active(), "freed_reads", 0),
+        # whether freed_reads was being counted at all (VLCACHE_DEBUG_CHECKS=1)
+        "debug_checks": bool(getattr(backend_state.active(), "debug_checks", False)),
         **(asdict(compressor.counters) if compressor else {}),
     }
     return result
