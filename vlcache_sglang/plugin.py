@@ -328,6 +328,7 @@ def _add_vlcache_state(result, internal_state, state, *args, **kwargs):
         "evicted_slots": int(getattr(tree, "evicted_slots", 0)),
         "images_encoded": getattr(backend_state.active(), "images_encoded", 0),
         "freed_reads": getattr(backend_state.active(), "freed_reads", 0),
+        # whether freed_reads was being counted at all (VLCACHE_DEBUG_CHECKS=1)
         "debug_checks": bool(getattr(backend_state.active(), "debug_checks", False)),
         "tp_size": compressor.gather.world_size if compressor else 1,
         "tp_plans_checked": compressor.gather.plans_checked if compressor else 0,  # debug checks

@@ -30,6 +30,20 @@ def vlcache_state(url: str) -> dict:
     return requests.get(f"{url}/server_info", timeout=60).json()["internal_states"][0]["vlcache"]
 
 
+def flush_cache(url: str, timeout: float = 30.0) -> None:
+    """Empty the server's radix cache (``POST /flush_cache``). SGLang refuses (400) while a request
+    is still in its running batch, which a just-answered request can be for a moment, so this
+    retries until the flush is accepted and raises if it never is within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = requests.post(f"{url}/flush_cache", timeout=60)
+        if r.status_code == 200:
+            return
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"flush_cache refused for {timeout:.0f} s: {r.status_code} {r.text}")
+        time.sleep(0.1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))

@@ -17,34 +17,57 @@ def server(tiny_model_dir):
         yield handle
 
 
-def chat_messages(image, question="What is in this image?"):
-    return [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png_base64(image)}"}},
-        {"type": "text", "text": question},
-    ]}]
+QUESTION = "What is in this image?"
+# a 112 x 112 px image is 8 x 8 patches of 14 px, merged 2 x 2: 16 <|image_pad|> tokens, between the
+# <|vision_start|> and <|vision_end|> markers the chat template adds with it
+IMAGE_PROMPT_TOKENS = 16 + 2
 
 
-def test_openai_chat_completion_with_base64_png(server):
+def chat_messages(image, question=QUESTION):
+    content = [{"type": "text", "text": question}]
+    if image is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png_base64(image)}"}})
+    return [{"role": "user", "content": content}]
+
+
+def openai_client(server):
     import openai
 
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
-    resp = client.chat.completions.create(
-        model="default", messages=chat_messages(make_test_image(1)), max_tokens=8, temperature=0,
-    )
-    assert resp.choices[0].message.content is not None
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+
+
+def chat(server, image, max_tokens=8, **extra_body):
+    return openai_client(server).chat.completions.create(
+        model="default", messages=chat_messages(image), max_tokens=max_tokens, temperature=0,
+        extra_body=extra_body or None)
+
+
+@pytest.fixture(scope="module")
+def text_only_prompt_tokens(server) -> int:
+    """The chat prompt's token count without the image (the same question, the same template)."""
+    return chat(server, None, max_tokens=1).usage.prompt_tokens
+
+
+def test_openai_chat_completion_with_base64_png(server, text_only_prompt_tokens):
+    resp = chat(server, make_test_image(1))
+    assert resp.choices[0].message.content  # a non-empty answer
     assert resp.usage.completion_tokens > 0
-    assert resp.usage.prompt_tokens > 16  # 112 x 112 px -> 16 visual tokens plus the text
+    # the image reached the model: exactly its tokens on top of the text-only prompt
+    assert resp.usage.prompt_tokens == text_only_prompt_tokens + IMAGE_PROMPT_TOKENS, text_only_prompt_tokens
 
 
 def test_openai_per_request_override_and_invalid_override(server):
     import openai
 
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
-    ok = client.chat.completions.create(
-        model="default", messages=chat_messages(make_test_image(2)), max_tokens=4, temperature=0,
-        extra_body={"custom_params": {"vlcache": {"budget": 0.5, "method": "snapkv"}}},
-    )
+    # the server's default budget is 1.0; the override must compress this request: a 336 x 280 px
+    # image (120 visual tokens) and a 16-token observation window, so SnapKV at 0.5 has room to drop
+    ok = chat(server, make_test_image(2, (336, 280)), max_tokens=4, return_meta_info=True,
+              custom_params={"vlcache": {"budget": 0.5, "method": "snapkv", "window_size": 16}})
     assert ok.usage.completion_tokens > 0
+    meta = ok.choices[0].model_extra["meta_info"]
+    assert meta["vlcache_kept_ratio"][0] < 1 and meta["vlcache_kv_tokens_saved"][0] > 0, meta
+    assert meta["vlcache_kept_ratio"][0] == pytest.approx(0.5, abs=0.05), meta
+    client = openai_client(server)
     with pytest.raises(openai.BadRequestError, match="budget"):
         client.chat.completions.create(
             model="default", messages=chat_messages(make_test_image(2)), max_tokens=4,
@@ -54,8 +77,8 @@ def test_openai_per_request_override_and_invalid_override(server):
 
 def test_generate_with_image(server):
     image = make_test_image(3)
-    prompt = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the picture.<|im_end|>\n"
-              "<|im_start|>assistant\n")
+    markers = "<|vision_start|><|image_pad|><|vision_end|>"
+    prompt = f"<|im_start|>user\n{markers}Describe the picture.<|im_end|>\n<|im_start|>assistant\n"
     r = requests.post(f"{server.url}/generate", json={
         "text": prompt, "image_data": png_base64(image),
         "sampling_params": {"max_new_tokens": 8, "temperature": 0},
@@ -63,24 +86,33 @@ def test_generate_with_image(server):
     assert r.status_code == 200, r.text
     body = r.json()
     assert len(body["output_ids"]) > 0
-    assert body["meta_info"]["prompt_tokens"] >= 16 + 10
+    text_only = requests.post(f"{server.url}/generate", json={
+        "text": prompt.replace(markers, ""), "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+    }, timeout=120).json()
+    # the one <|image_pad|> became the image's 16 tokens, inside the two markers
+    assert body["meta_info"]["prompt_tokens"] == text_only["meta_info"]["prompt_tokens"] + IMAGE_PROMPT_TOKENS
 
 
 def test_frontend_program_with_sgl_image(server, tmp_path):
     import sglang as sgl
 
     path = tmp_path / "img.png"
-    make_test_image(4).save(path)
+    image = make_test_image(4)
+    image.save(path)
 
     @sgl.function
     def describe(s, image_path):
-        s += sgl.user(sgl.image(image_path) + "What is in this image?")
+        s += sgl.user(sgl.image(image_path) + QUESTION)
         s += sgl.assistant(sgl.gen("answer", max_tokens=8, temperature=0))
 
     backend = sgl.RuntimeEndpoint(server.url, chat_template_name="qwen2-vl")
     state = describe.run(image_path=str(path), backend=backend)
-    assert isinstance(state["answer"], str)
-    assert state.get_meta_info("answer")["prompt_tokens"] >= 16
+    requests.post(f"{server.url}/flush_cache", timeout=60)
+    via_chat = chat(server, image)
+    assert state["answer"]  # a non-empty answer
+    # the same prompt as the OpenAI chat path, image included, hence the same greedy answer
+    assert state.get_meta_info("answer")["prompt_tokens"] == via_chat.usage.prompt_tokens
+    assert state["answer"] == via_chat.choices[0].message.content
 
 
 @pytest.mark.parametrize("payload,expected", [
@@ -89,7 +121,7 @@ def test_frontend_program_with_sgl_image(server, tmp_path):
      "method"),
     ({"text": "hi", "sampling_params": {"max_new_tokens": 2, "custom_params": {"vlcache": "fast"}}}, "vlcache"),
     ({"text": "<|vision_start|><|image_pad|><|vision_end|>hi", "image_data": "bm90IGFuIGltYWdl",
-      "sampling_params": {"max_new_tokens": 2}}, ""),
+      "sampling_params": {"max_new_tokens": 2}}, "Could not decode image"),
 ])
 def test_malformed_requests_get_4xx_and_server_keeps_serving(server, payload, expected):
     r = requests.post(f"{server.url}/generate", json=payload, timeout=60)

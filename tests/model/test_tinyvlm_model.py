@@ -1,7 +1,9 @@
 """The shipped tiny document-VQA model (models/tinyvlm-docvqa): accuracy and decode-time dependence.
 
 The held-out set is the one of ``python -m vlcache_sglang.tinyvlm.evaluate --grids 16 --n 64`` (same seeds,
-held-out digits), so these tests reproduce the 256-visual-token rows of docs/tinyvlm.md exactly.
+held-out digits), so these tests evaluate the items of the 256-visual-token rows of docs/tinyvlm.md. The
+issue's bars are asserted as such (xfail where the shipped checkpoint misses them); the regression pins
+hold every measured figure of those rows to within two items of 64 (``PINS``; the counts are printed).
 """
 from __future__ import annotations
 
@@ -97,10 +99,27 @@ def test_full_cache_accuracy(results, qtype, request):
     assert results[qtype]["exact"]["full"] >= 0.9, results[qtype]
 
 
+# Pins (items correct out of N = 64), measured on the shipped checkpoint: the docs/tinyvlm.md rows at 256
+# visual tokens. Each check allows SLACK items of drift (float noise across CPUs), no more.
+MEASURED = {  # qtype: (full, drop_targets, top10, rand10)
+    "single": (61, 44, 50, 8),
+    "multi": (43, 16, 37, 1),
+    "number": (33, 2, 31, 0),
+    "max": (55, 23, 51, 14),
+}
+SLACK = 2
+
+
+def _counts(results, qtype) -> dict:
+    counts = {c: round(results[qtype]["exact"][c] * N) for c in ("full", "drop_targets", "top10", "rand10")}
+    print(f"{qtype}: items correct of {N}: {counts}")
+    return counts
+
+
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_full_cache_regression_guard(results, qtype):
-    floor = {"single": 0.85, "multi": 0.6, "number": 0.3, "max": 0.7}[qtype]
-    assert results[qtype]["exact"]["full"] >= floor, results[qtype]
+def test_full_cache_pin(results, qtype):
+    """Pin: full-cache accuracy at most SLACK items below the measured count."""
+    assert _counts(results, qtype)["full"] >= MEASURED[qtype][0] - SLACK, results[qtype]
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -113,10 +132,9 @@ def test_dropping_the_target_cells_breaks_the_answer(results, qtype, request):
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_dropping_the_target_cells_hurts(results, qtype):
-    """Regression guard for (a): removing the target cells' KV costs at least 15 points."""
-    e = results[qtype]["exact"]
-    assert e["full"] - e["drop_targets"] >= 0.15, results[qtype]
+def test_dropping_the_target_cells_pin(results, qtype):
+    """Pin for (a): with the target cells' KV removed, at most SLACK items more correct than measured."""
+    assert _counts(results, qtype)["drop_targets"] <= MEASURED[qtype][1] + SLACK, results[qtype]
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -129,7 +147,9 @@ def test_attention_top10_beats_random10(results, qtype, request):
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_attention_top10_beats_random10_guard(results, qtype):
-    """Regression guard for (b): the gap is at least 25 points for every question type."""
-    e = results[qtype]["exact"]
-    assert e["top10"] - e["rand10"] >= 0.25, results[qtype]
+def test_attention_top10_and_random10_pins(results, qtype):
+    """Pins for (b): top 10 % at most SLACK items below its measured count, random 10 % at most SLACK
+    above (so the gap is within 2 * SLACK items of the measured one)."""
+    c = _counts(results, qtype)
+    _, _, top10, rand10 = MEASURED[qtype]
+    assert c["top10"] >= top10 - SLACK and c["rand10"] <= rand10 + SLACK, results[qtype]

@@ -183,13 +183,16 @@ def test_plan_properties(method, granularity, m, n_layers, alpha, recent_share, 
                         None if rows == "none" else col, None if rows == "none" else below,
                         None if rows == "none" else causal, [expected] * n_layers)
     plan = build_plan(stats, cfg)
-    if plan.is_identity:
-        assert alpha == 1.0 or all(b >= m for b in plan.budgets) or not window.compress
-        return
     protected = protected_suffix(m, window, cfg)
     lo = max(1, protected, math.ceil(cfg.clip_min * m - 1e-9))
-    assert all(lo <= b <= m for b in plan.budgets)
     target = round(alpha * m * n_layers)
+    if plan.is_identity:
+        # identity only where nothing can be dropped: alpha 1, no compression window, a floor that
+        # covers the prompt, or a total budget that rounds up to every token of every layer
+        assert alpha >= 1.0 or not window.compress or lo >= m or target >= m * n_layers, (alpha, m, lo, target)
+        assert plan.budgets == [m] * n_layers
+        return
+    assert all(lo <= b <= m for b in plan.budgets)
     if n_layers * lo <= target:
         assert sum(plan.budgets) == target
         assert abs(sum(plan.budgets) / n_layers - alpha * m) <= 1.0

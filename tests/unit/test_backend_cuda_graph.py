@@ -7,8 +7,13 @@ two Triton launches per layer, run by Triton's interpreter) is recorded with its
 "replay" re-issues those recorded calls without running any Python of the backend again; the
 per-replay hook (``init_forward_metadata_out_graph``, with SGLang's own padded replay view) may
 only rewrite buffers. Every replay must equal the eager torch executor on the live batch, over
-batches that mix compressed and plain requests, padding, and other lengths than at capture.
+batches that mix compressed and plain requests, padding, and other lengths than at capture; the
+step's new K/V slots are set to NaN between the eager reference (which writes them too) and the
+replay, so what the replay reads there is its own K/V write.
 On a CUDA machine the same steps run under a real ``torch.cuda.CUDAGraph``.
+
+The same pools also show that the debug read check (``VLCACHE_DEBUG_CHECKS=1``, which the radix
+e2e test trusts to report ``freed_reads == 0``) counts a forward that lists a freed slot.
 """
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ from vlcache_sglang.backend.executors.torch_executor import TorchAttentionExecut
 from vlcache_sglang.plugin import _graph_fits_buffers
 
 L, H, HKV, D, POOL, CTX, MAX_BS = 3, 4, 2, 16, 512, 128, 4
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# the CUDA variant is listed everywhere and shows as a skip where there is no CUDA
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
 class Server:
@@ -191,6 +197,14 @@ def eager_reference(server: Server, live, inputs) -> list[torch.Tensor]:
         backend.executor = graph_executor
 
 
+def poison_new_slots(server: Server, slots: torch.Tensor) -> None:
+    kv = server.backend.global_kv
+    for l in range(L):
+        ids = kv.global_ids(l, slots)
+        kv.k[ids] = float("nan")
+        kv.v[ids] = float("nan")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_replays_equal_eager_decode_over_compressed_plain_and_padded_batches(device, monkeypatch):
     s = Server(device)
@@ -221,6 +235,9 @@ def test_replays_equal_eager_decode_over_compressed_plain_and_padded_batches(dev
                    torch.randn(len(rows), HKV, D, generator=s.g).to(device),
                    torch.randn(len(rows), HKV, D, generator=s.g).to(device)) for _ in range(L)]
         expected = eager_reference(s, live, inputs)
+        # the reference wrote this step's K/V into its new slots already: poison them, so the replay
+        # must write them again itself, into the right slots, or its outputs come out NaN
+        poison_new_slots(s, live.out_cache_loc)
         view = static.load(live, inputs)
         for out in outs:
             out.fill_(float("nan"))
@@ -256,3 +273,31 @@ def test_graph_mode_refuses_what_it_cannot_replay():
     s.backend.executor = TorchAttentionExecutor()
     with pytest.raises(NotImplementedError, match="no CUDA-graph mode"):
         s.backend.init_cuda_graph_state(MAX_BS, MAX_BS)
+
+
+def test_debug_check_counts_a_forward_that_reads_a_freed_slot():
+    """``_check_reads`` counts each forward whose key lists hold a slot the allocator has as free,
+    once per forward: a plain request's slot, then a compressed request's kept cell slot."""
+    s = Server("cpu")
+    backend = s.backend
+    backend.executor = TorchAttentionExecutor()
+    backend.debug_checks = True
+    plain = s.add_request(20, compress=False)
+    compressed = s.add_request(30, compress=True)
+    live = s.decode_batch([plain, compressed])
+    backend.init_forward_metadata(live)
+    assert backend.freed_reads == 0  # nothing freed: nothing counted
+    s.allocator.free(s.req_pool.req_to_token[plain, 3:5].to(torch.int64))  # two slots the plain list reads
+    backend.init_forward_metadata(live)
+    assert backend.freed_reads == 1  # one forward, counted once
+
+    live = s.decode_batch([compressed])
+    backend.init_forward_metadata(live)
+    assert backend.freed_reads == 1  # the compressed request alone reads nothing freed
+    lists = backend.forward_metadata.layer_kv
+    assert lists, "the compressed request reads per-layer lists"
+    cell = next(iter(lists.values())).kv_indices[:1] % backend.compressor.vkv.rows_per_layer
+    assert not bool(torch.isin(cell, live.out_cache_loc).any())  # a kept prompt cell, not the new token
+    s.allocator.free(cell)
+    backend.init_forward_metadata(live)
+    assert backend.freed_reads == 2

@@ -1,7 +1,8 @@
 """Attention executors against dense float64 attention over the kept set.
 
 Parametrised over executors: the torch executor always (CPU, float32), the FlashInfer executor
-where CUDA and flashinfer are present (CUDA, bf16/fp16). Cases: ragged batches, GQA, decode over
+where CUDA and flashinfer are present (CUDA, bf16/fp16), and for decode over per-layer lists the
+plan-free Triton kernel on its own (compiled on CUDA, Triton's interpreter on the CPU). Cases: ragged batches, GQA, decode over
 per-layer kept lists of different lengths (and layers sharing lengths, which share a plan),
 extend with a cached prefix.
 """
@@ -34,6 +35,9 @@ EXECUTORS = [
         pytest.mark.skipif(not _flashinfer_ok(), reason="needs CUDA and flashinfer"),
     ]),
 ]
+# steps with per-layer lists never reach FlashInfer: the plan-free Triton kernel alone, compiled on
+# CUDA, on the CPU through Triton's interpreter (as in tests/kernels), so it runs without a GPU
+TRITON_ONLY = pytest.param("triton", id="triton")
 
 
 class Env:
@@ -44,7 +48,11 @@ class Env:
         else:
             from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
 
-            mode = "triton" if name == "flashinfer+triton" else "flashinfer"
+            mode = "flashinfer" if name == "flashinfer" else "triton"
+            if name == "triton" and not torch.cuda.is_available():
+                self.executor = FlashInferAttentionExecutor(torch.device("cpu"), compressed_decode=mode)
+                self.device, self.dtypes, self.tol = torch.device("cpu"), [torch.float32], 1e-4
+                return
             self.executor = FlashInferAttentionExecutor(compressed_decode=mode)
             # bf16 only: each dtype is a separate FlashInfer JIT build (minutes of nvcc on first use),
             # and fp16 runs the same templates
@@ -104,6 +112,7 @@ def test_decode_ragged_batch(env, hq, hkv, d):
             torch.testing.assert_close(out[b:b + 1].cpu().double(), ref, rtol=env.tol, atol=env.tol)
 
 
+@pytest.mark.parametrize("env", EXECUTORS + [TRITON_ONLY], indirect=True)
 def test_decode_per_layer_kept_lists(env):
     """Compressed decode: every layer reads its own list (global row ids) of its own length;
     layers 1 and 3 have equal lengths (one plan for both in FlashInfer)."""
@@ -131,7 +140,7 @@ def test_decode_per_layer_kept_lists(env):
                 torch.testing.assert_close(out[b:b + 1].cpu().double(), ref, rtol=env.tol, atol=env.tol)
         if env.name == "flashinfer":
             assert env.executor.plan_count == 3  # layers 1 and 3 share a plan
-        elif env.name == "flashinfer+triton":
+        elif env.name in ("flashinfer+triton", "triton"):
             assert env.executor.plan_count == 0  # per-layer lists: no FlashInfer plan at all
 
 
@@ -264,7 +273,8 @@ def test_triton_compressed_decode_path_without_flashinfer(graph_mode):
     assert ex.plan_count == 0
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_graph_mode_one_capture_serves_shared_and_per_layer_lists(device):
     """The kernel a graph holds is fixed at construction: one capture (here of a step where every
     layer reads the batch's shared slots, shifted by ``layer * layer_row_stride``) replays steps with
