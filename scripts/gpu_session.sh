@@ -3,7 +3,9 @@
 #
 #   bash scripts/gpu_session.sh            # on the GPU machine, with out/gpu-pack carried along
 #
-# Unpacks FlashInfer (scripts/build_gpu_pack.sh made the pack), then runs benchmarks/gpu_suite.py:
+# Unpacks FlashInfer (scripts/build_gpu_pack.sh made the pack), installs the whole-server kit when
+# all its parts are here and runs a whole SGLang server first (benchmarks/gpu_server_smoke.py),
+# then runs benchmarks/gpu_suite.py:
 # the FlashInfer JIT builds in parallel with the compiled Triton kernel tests, the executor tests,
 # then the benchmarks. Results (markdown, JSON, logs) go to $OUT (or out/gpu_suite).
 set -uo pipefail
@@ -21,5 +23,21 @@ cat "$OUT/env.txt"
 if [ -d out/gpu-pack ]; then
   eval "$(bash scripts/gpu_install_pack.sh out/gpu-pack)" || echo "FlashInfer pack failed to install: FlashInfer parts skip"
 fi
+# The whole-server kit (scripts/build_gpu_server_kit.sh): its parts arrive over earlier calls into
+# out/gpu-server-kit (ignored, kept on the machine); once all are here it is installed into
+# out/gpu-site, and a whole SGLang server runs first (benchmarks/gpu_server_smoke.py).
+if [ -f out/gpu-server-kit/MANIFEST.json ]; then
+  if [ ! -f out/gpu-site/.installed ]; then
+    if PYTHONPATH="$ROOT" python3 -m vlcache_sglang.gpu_kit status --kit out/gpu-server-kit; then
+      PYTHONPATH="$ROOT" python3 -m vlcache_sglang.gpu_kit install --kit out/gpu-server-kit --target out/gpu-site \
+        && touch out/gpu-site/.installed
+    fi
+  fi
+  if [ -f out/gpu-site/.installed ]; then
+    export PYTHONPATH="$ROOT/out/gpu-site:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    timeout "${SERVER_TIMEOUT:-420}" python3 benchmarks/gpu_server_smoke.py --out "$OUT" 2>&1 | tee "$OUT/server_smoke.log"
+  fi
+fi
+[ "${SKIP_SUITE:-0}" = 1 ] && exit 0
 timeout "${SUITE_TIMEOUT:-540}" python3 benchmarks/gpu_suite.py --out "$OUT" "$@" 2>&1 | tee "$OUT/suite.log"
 exit "${PIPESTATUS[0]}"

@@ -10,6 +10,8 @@
   every iteration and holds with compressed requests live;
 - ``--enable-metrics``: requests left uncompressed carry a reason code in ``meta_info`` and in
   ``vlcache_requests_not_compressed_total{reason}``;
+- the GPU machine's serving profile (``vlcache_sglang.gpu_kit.GPU_SERVER_ENV/ARGS``: SGLang's
+  pure-torch fused ops, torch sampler, SDPA vision attention), rehearsed here;
 - ``VLCACHE_DEBUG_CHECKS=1``: freed-KV reads are counted (none) and plans from incomplete
   statistics would raise.
 The pool and every plugin store end where they started.
@@ -24,6 +26,7 @@ import requests
 
 from tests.conftest import make_test_image
 from tests.e2e.test_compression import PROMPT, generate
+from vlcache_sglang.gpu_kit import GPU_SERVER_ARGS, GPU_SERVER_ENV
 from vlcache_sglang.serving import running_server, vlcache_state
 
 pytestmark = pytest.mark.server
@@ -36,9 +39,9 @@ def server(tiny_model_dir):
                         extra_args=["--enable-mixed-chunk", "--disable-overlap-schedule", "--disable-radix-cache",
                                     "--chunked-prefill-size", "96",
                                     "--enable-metrics",
-                                    "--vlcache-budget", "0.1", "--vlcache-config", "none"],
+                                    "--vlcache-budget", "0.1", "--vlcache-config", "none", *GPU_SERVER_ARGS],
                         extra_env={"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "2",
-                                   "VLCACHE_DEBUG_CHECKS": "1"}) as handle:
+                                   "VLCACHE_DEBUG_CHECKS": "1", **GPU_SERVER_ENV}) as handle:
         yield handle
 
 
