@@ -42,12 +42,15 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "hf_accuracy_vs_budget.json"))
     p.add_argument("--plot", default=str(ROOT / "docs" / "figures" / "accuracy_vs_budget.png"))
     p.add_argument("--save-items", action="store_true", help="also store every item's outcome in the JSON")
+    p.add_argument("--recent-window", choices=["shared", "per_layer"], default=None,
+                   help="PolicyConfig.recent_window of every policy (default: the policy default)")
     args = p.parse_args(argv)
     args.model = args.model or str(bundled_model_dir())
     if args.n < 1 or args.max_new_tokens < 1 or args.threads < 1:
         p.error("--n, --max-new-tokens and --threads must be >= 1")
     try:
-        args.policies = [PolicyConfig(method=m, alpha=a) for m in args.methods for a in args.alphas]
+        extra = {} if args.recent_window is None else {"recent_window": args.recent_window}
+        args.policies = [PolicyConfig(method=m, alpha=a, **extra) for m in args.methods for a in args.alphas]
     except PolicyConfigError as e:
         p.error(f"invalid policy: {e}")
     split_dir = Path(args.data) / args.split
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": str(Path(args.model).resolve().relative_to(ROOT)) if Path(args.model).resolve().is_relative_to(ROOT)
         else args.model,
         "split": args.split, "n_items": len(items), "methods": args.methods, "alphas": args.alphas,
+        "recent_window": args.recent_window,
         "max_new_tokens": args.max_new_tokens, "seconds": round(seconds, 1), "threads": args.threads,
         "machine": " ".join(x for x in (platform.machine(), platform.processor(), f"{os.cpu_count()} cores") if x),
         "torch": torch.__version__, "tables_markdown": tables,

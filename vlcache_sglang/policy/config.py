@@ -36,6 +36,7 @@ _ENUMS: dict[str, tuple[Any, ...]] = {
     "granularity": ("layer", "head"),
     "budget": (None, "adaptive", "uniform", "pyramid"),
     "stats_dtype": ("float32", "float64"),
+    "recent_window": ("shared", "per_layer"),
 }
 _FLOATS = {"alpha", "sparsity_threshold", "recent_share", "clip_min", "clip_max", "pyramid_beta"}
 _INTS = {"window_size", "max_window", "pool_kernel", "n_sink", "seed", "min_prompt_len",
@@ -56,8 +57,11 @@ class PolicyConfig:
         window_size: ``w``, length of the last-w window (also the post-vision fallback).
         max_window: optional cap on the post-vision window length (its last tokens are kept).
         text_only: prompts without images: ``"identity"`` (no compression) or ``"last_w"``.
-        recent_share: share of the mean budget always kept as the most recent tokens;
-            ``r = ceil(recent_share * alpha * m)`` (paper: 10%).
+        recent_share: share of a budget always kept as the most recent tokens (paper: 10%).
+        recent_window: ``"shared"``: one window ``r = ceil(recent_share * alpha * m)`` for every
+            layer, which is also every layer's budget floor (so a sparse layer on the floor keeps
+            only recent tokens); ``"per_layer"`` (the paper's rule): each layer keeps
+            ``max(1, floor(recent_share * k_l))`` recent tokens inside its own budget ``k_l``.
         protect_window: also force-keep the whole statistics window (None: method default).
         clip_min, clip_max: per-layer budget bounds as fractions of ``m`` (paper: 0.01, 1).
         redistribute: make the kept total exactly ``round(alpha * m * L)`` (water-filling
@@ -84,6 +88,7 @@ class PolicyConfig:
     max_window: int | None = None
     text_only: str = "identity"
     recent_share: float = 0.1
+    recent_window: str = "shared"
     protect_window: bool | None = None
     clip_min: float = 0.01
     clip_max: float = 1.0

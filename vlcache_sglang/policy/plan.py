@@ -91,11 +91,22 @@ class CompressionPlan:
 
 
 def protected_suffix(prompt_len: int, window: WindowSpec, cfg: "PolicyConfig") -> int:
-    """Always-kept suffix length ``max(ceil(recent_share * alpha * m), window if force-kept)``."""
-    r = math.ceil(cfg.recent_share * cfg.alpha * prompt_len - 1e-9)
+    """Suffix every layer keeps: ``max(ceil(recent_share * alpha * m), window if force-kept)``
+    with the shared recent window; only the force-kept window with ``recent_window="per_layer"``
+    (each layer's own recent window is :func:`layer_recent`)."""
+    r = math.ceil(cfg.recent_share * cfg.alpha * prompt_len - 1e-9) if cfg.recent_window == "shared" else 0
     if cfg.resolved_protect_window() and window.compress:
         r = max(r, window.length)
     return min(max(r, 0), prompt_len)
+
+
+def layer_recent(budget: int, protected: int, cfg: "PolicyConfig") -> int:
+    """Recent tokens layer ``l`` keeps: the shared suffix, or with ``recent_window="per_layer"``
+    ``max(1, floor(recent_share * k_l))`` of its own budget (VL-Cache's rule; 0 when
+    ``recent_share`` is 0), never less than ``protected`` nor more than ``k_l``."""
+    if cfg.recent_window == "shared" or cfg.recent_share == 0.0:
+        return protected
+    return min(budget, max(protected, 1, math.floor(cfg.recent_share * budget + 1e-9)))
 
 
 def _identity(st: PolicyStats, cfg: "PolicyConfig", device: torch.device, notes: list[str]) -> CompressionPlan:
@@ -167,6 +178,6 @@ def build_plan(source: StatsAccumulator | PolicyStats, cfg: "PolicyConfig | None
         scores = method.score(ctx, layer).to(device)
         if cfg.granularity == "layer":
             scores = scores.sum(0)
-        kept.append(select_kept(scores, budgets[layer], protected, pool))
+        kept.append(select_kept(scores, budgets[layer], layer_recent(budgets[layer], protected, cfg), pool))
     return CompressionPlan(cfg.method, cfg.granularity, m, n_layers, st.num_kv_heads, kept, budgets,
                            protected, st.window, notes)
