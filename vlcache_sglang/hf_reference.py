@@ -47,18 +47,21 @@ def crop_cache_positions(cache: DynamicCache, kept: Sequence[torch.Tensor], conf
 
 @torch.no_grad()
 def prefill(model, inputs: dict) -> Prefill:
-    """Full-attention prefill of processor ``inputs`` (batch of one) with the model's M-RoPE positions."""
+    """Full-attention prefill of processor ``inputs`` (batch of one: images and/or videos) with the
+    model's M-RoPE positions."""
     input_ids = inputs["input_ids"]
     if input_ids.shape[0] != 1:
         raise ValueError(f"prefill takes a batch of one prompt, got {input_ids.shape[0]}")
-    image_grid_thw = inputs.get("image_grid_thw")
-    if image_grid_thw is not None:
-        pos, deltas = rope_positions(model, input_ids, image_grid_thw, model.config.image_token_id)
+    image_grid_thw, video_grid_thw = inputs.get("image_grid_thw"), inputs.get("video_grid_thw")
+    if image_grid_thw is not None or video_grid_thw is not None:
+        pos, deltas = rope_positions(model, input_ids, image_grid_thw, model.config.image_token_id,
+                                     video_grid_thw, model.config.video_token_id)
     else:
         pos = torch.arange(input_ids.shape[1]).view(1, 1, -1).expand(3, 1, -1)
         deltas = torch.zeros(1, 1, dtype=torch.long)
     cache = DynamicCache(config=model.config.text_config)
     out = model(input_ids=input_ids, pixel_values=inputs.get("pixel_values"), image_grid_thw=image_grid_thw,
+                pixel_values_videos=inputs.get("pixel_values_videos"), video_grid_thw=video_grid_thw,
                 position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return Prefill(cache, out.logits[0, -1], deltas, int(input_ids.shape[1]))
 

@@ -58,6 +58,8 @@ def register() -> None:
     HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _export_sharing, HookType.AFTER)
     HookRegistry.register("sglang.srt.models.qwen2_vl.Qwen2VLForConditionalGeneration.get_image_feature",
                           _count_image_encodes, HookType.AFTER)
+    HookRegistry.register("sglang.srt.models.qwen2_vl.Qwen2VLForConditionalGeneration.get_video_feature",
+                          _count_video_encodes, HookType.AFTER)
     HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill",
                           _reopen_admission_after_compaction, HookType.BEFORE)
     HookRegistry.register("sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
@@ -300,6 +302,16 @@ def _count_image_encodes(result, model, items, *args, **kwargs):
     return result
 
 
+def _count_video_encodes(result, model, items, *args, **kwargs):
+    """Count videos through the vision tower (``/server_info``: ``videos_encoded``)."""
+    from vlcache_sglang.backend import state
+
+    backend = state.active()
+    if backend is not None:
+        backend.videos_encoded += len(items)
+    return result
+
+
 def _request_level_key(result, streamer, key, *args, **kwargs):
     """``vlcache_*`` entries of a request's customized info are per request, not per token."""
     return True if key.startswith("vlcache_") else result
@@ -327,6 +339,7 @@ def _add_vlcache_state(result, internal_state, state, *args, **kwargs):
         "radix_cache_disabled": bool(getattr(tree, "disable", False)),  # --disable-radix-cache
         "evicted_slots": int(getattr(tree, "evicted_slots", 0)),
         "images_encoded": getattr(backend_state.active(), "images_encoded", 0),
+        "videos_encoded": getattr(backend_state.active(), "videos_encoded", 0),
         "freed_reads": getattr(backend_state.active(), "freed_reads", 0),
         # whether freed_reads was being counted at all (VLCACHE_DEBUG_CHECKS=1)
         "debug_checks": bool(getattr(backend_state.active(), "debug_checks", False)),

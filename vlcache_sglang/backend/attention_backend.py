@@ -50,6 +50,7 @@ class VLCacheAttnBackend(AttentionBackend):
         self.compressor: Compressor | None = None
         self._staged: tuple[tuple, list] | None = None  # (rids, RequestInfo list) of the next extend
         self.images_encoded = 0  # images through the vision tower (a plugin hook counts them)
+        self.videos_encoded = 0  # videos through the vision tower (get_video_feature hook)
         self.freed_reads = 0  # debug checks: forwards that would read a freed slot or virtual id
         self.debug_checks = os.environ.get("VLCACHE_DEBUG_CHECKS") == "1"
         allocator = self.allocator = getattr(model_runner, "token_to_kv_pool_allocator", None)

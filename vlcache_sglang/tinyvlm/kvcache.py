@@ -12,11 +12,15 @@ import torch
 from transformers import DynamicCache
 
 
-def rope_positions(model, input_ids: torch.Tensor, image_grid_thw: torch.Tensor, image_pad_id: int
+def rope_positions(model, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, image_pad_id: int,
+                   video_grid_thw: torch.Tensor | None = None, video_pad_id: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """M-RoPE position ids (3, B, L) and rope deltas (B, 1), computed as the model does."""
+    """M-RoPE position ids (3, B, L) and rope deltas (B, 1), computed as the model does (image
+    tokens are modality 1, video tokens modality 2, as the processor's ``mm_token_type_ids``)."""
     mm = (input_ids == image_pad_id).int()
-    return model.model.get_rope_index(input_ids, mm, image_grid_thw=image_grid_thw)
+    if video_grid_thw is not None:
+        mm = mm + 2 * (input_ids == video_pad_id).int()
+    return model.model.get_rope_index(input_ids, mm, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw)
 
 
 def crop_cache(cache: DynamicCache, keep: list[torch.Tensor] | torch.Tensor, vis_start: int, n_visual: int,
