@@ -291,6 +291,9 @@ class Compressor:
             "vlcache_kv_tokens_saved": record.tokens_saved,
             "vlcache_method": plan.method,
             "vlcache_layer_budgets": list(plan.budgets),
+            # what the plan was built over: the prompt, plus, when SGLang retracted the request and
+            # recomputes it, the tokens it had generated (they are re-prefilled and planned with it)
+            "vlcache_planned_tokens": info.prompt_len,
             "vlcache_notes": "; ".join(plan.notes),
         }
         if incomplete:
