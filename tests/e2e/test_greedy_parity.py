@@ -8,10 +8,12 @@ request, so each is a cold prefill on both backends.
 """
 from __future__ import annotations
 
-import pytest
-import requests
+from types import SimpleNamespace
 
-from tests.conftest import make_test_image, png_base64
+import pytest
+
+from tests.conftest import make_test_image
+from tests.e2e.test_compression import generate as compression_generate
 from vlcache_sglang.serving import flush_cache, running_server
 
 pytestmark = pytest.mark.server
@@ -65,15 +67,9 @@ SHORT_PROMPT_FLOOR = 64  # the first image case's prompt is shorter (asserted be
 
 
 def generate(url: str, prompt: str, image, vlcache: dict | None = None) -> dict:
+    """One greedy request after a cache flush (so no request reuses another's cached prompt)."""
     flush_cache(url)
-    payload = {"text": prompt, "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0}}
-    if vlcache is not None:
-        payload["sampling_params"]["custom_params"] = {"vlcache": vlcache}
-    if image is not None:
-        payload["image_data"] = png_base64(image)
-    r = requests.post(f"{url}/generate", json=payload, timeout=120)
-    assert r.status_code == 200, r.text
-    return r.json()
+    return compression_generate(SimpleNamespace(url=url), prompt, image, max_new=MAX_NEW, **(vlcache or {}))
 
 
 def server_greedy(model_dir, backend, cases, with_left_alone=False):
