@@ -31,6 +31,7 @@ from vlcache_sglang.serving import running_server, vlcache_state
 
 pytestmark = pytest.mark.server
 MAX_NEW = 24
+LONG = 160  # decode steps of the request the others' prefills are mixed with
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +60,25 @@ def test_mixed_chunks_give_the_unmixed_tokens(server):
     start = settled(server)
     assert start["debug_checks"] is True and start["radix_cache_disabled"] is True
     cases = [(PROMPT.format(q=f"Question {i}: what is written here?"), make_test_image(70 + i)) for i in range(6)]
+    lengths = [LONG] + [MAX_NEW] * (len(cases) - 1)  # the first one still decodes while the others prefill
+    fixed = {"ignore_eos": True}
+
+    def ask(i):
+        return generate(server, *cases[i], max_new=lengths[i], sampling=fixed)
+
     alone = []
-    for text, image in cases:  # one at a time: nothing to mix with
-        alone.append(generate(server, text, image, max_new=MAX_NEW))
+    for i in range(len(cases)):  # one at a time: nothing to mix with
+        alone.append(ask(i))
         requests.post(f"{server.url}/flush_cache", timeout=60)
     assert all(o["meta_info"]["vlcache_kept_ratio"][0] < 0.5 for o in alone)
     mixed_before = vlcache_state(server.url)["mixed_decode_rows"]
-
-    def staggered(i):
-        time.sleep(0.4 * i)  # later prefills arrive while earlier requests decode
-        return generate(server, *cases[i], max_new=MAX_NEW)
-
     with cf.ThreadPoolExecutor(len(cases)) as pool:
-        together = list(pool.map(staggered, range(len(cases))))
+        first = pool.submit(ask, 0)
+        deadline = time.monotonic() + 60  # wait until it is compacted, i.e. decoding
+        while vlcache_state(server.url)["compressed_requests_live"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        rest = list(pool.map(ask, range(1, len(cases))))  # their prefills meet its decode steps
+        together = [first.result()] + rest
     end = settled(server)
     assert end["mixed_decode_rows"] > mixed_before, "no decode step was mixed into a prefill batch"
     assert [o["output_ids"] for o in together] == [o["output_ids"] for o in alone]

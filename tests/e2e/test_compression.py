@@ -32,8 +32,9 @@ def server(tiny_model_dir):
         yield handle
 
 
-def generate(server, text, image=None, max_new=MAX_NEW, **vlcache):
-    payload = {"text": text, "sampling_params": {"max_new_tokens": max_new, "temperature": 0}}
+def generate(server, text, image=None, max_new=MAX_NEW, sampling: dict | None = None, **vlcache):
+    """Greedy ``/generate``; ``vlcache`` keywords go to ``custom_params``, ``sampling`` to the sampling params."""
+    payload = {"text": text, "sampling_params": {"max_new_tokens": max_new, "temperature": 0, **(sampling or {})}}
     if vlcache:
         payload["sampling_params"]["custom_params"] = {"vlcache": vlcache}
     if image is not None:
