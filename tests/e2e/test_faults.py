@@ -244,7 +244,8 @@ def test_abort_right_after_compaction(server):
 def test_abort_mid_decode(server):
     assert_at_start(settle(server))
     chunks = streamed(server, payload(830, max_new=200, rid="decoding", fixed=True), stop_after=20)
-    assert chunks[19]["meta_info"]["completion_tokens"] == 20
+    # the stage reached: at least 20 tokens decoded (SGLang may coalesce two tokens into one chunk)
+    assert chunks[19]["meta_info"]["completion_tokens"] >= 20
     last = chunks[-1]["meta_info"]
     assert last["finish_reason"]["type"] == "abort" and 20 <= last["completion_tokens"] < 200
     assert_at_start(settle(server))
