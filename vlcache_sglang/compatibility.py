@@ -1,6 +1,6 @@
 """Which SGLang features the ``vlcache`` backend serves, and launch refusals for the rest.
 
-Checked once in the launcher (``ServerArgs.from_cli_args``), before any model is loaded, so an
+Checked after ``ServerArgs.resolve_once`` (launcher and ``sglang.Engine``), before any model is loaded, so an
 unsupported combination stops with a message that names the flag and what to do instead, rather
 than crashing inside a forward or serving uncompressed in silence. The README's compatibility
 matrix lists every row with its test. Pure: reads attributes of ``ServerArgs`` only.
