@@ -7,17 +7,13 @@ matrix lists every row with its test. Pure: reads attributes of ``ServerArgs`` o
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-from vlcache_sglang.settings import CompressionSettings
+from vlcache_sglang.settings import ENV_CUDA_EXECUTOR, ServerSettings
 
 #: Opt-in for the per-layer executor on CUDA (no whole SGLang server has run it on CUDA yet).
-ENV_CUDA_EXECUTOR = "VLCACHE_CUDA_EXECUTOR"
 CUDA_OPT_IN = f"{ENV_CUDA_EXECUTOR}=flashinfer --cuda-graph-backend-prefill=disabled"
-#: Set by the launcher for its HTTP process: "0" when this server's backend cannot compress.
-ENV_SERVER_COMPRESSES = "VLCACHE_SERVER_COMPRESSES"
 
 
 @dataclass(frozen=True)
@@ -36,8 +32,7 @@ def _get(server_args: Any, name: str, default: Any = None) -> Any:
     return getattr(server_args, name, default)
 
 
-def refusals(server_args: Any, settings: CompressionSettings, environ: Mapping[str, str] = os.environ
-             ) -> list[Refusal]:
+def refusals(server_args: Any, settings: ServerSettings) -> list[Refusal]:
     """Every reason this launch of ``--attention-backend vlcache`` cannot be served correctly."""
     out: list[Refusal] = []
     if _get(server_args, "speculative_algorithm"):
@@ -81,20 +76,20 @@ def refusals(server_args: Any, settings: CompressionSettings, environ: Mapping[s
             out.append(Refusal(f"--{phase}-attention-backend {other}",
                                f"{phase} would run {other}, which neither gathers statistics nor reads compacted cells",
                                f"drop --{phase}-attention-backend (vlcache serves both phases)"))
-    if str(_get(server_args, "device", "") or "").startswith("cuda") and settings.compresses \
-            and environ.get(ENV_CUDA_EXECUTOR, "stock") != "flashinfer":
+    if str(_get(server_args, "device", "") or "").startswith("cuda") and settings.compression.compresses \
+            and settings.cuda_executor != "flashinfer":
         out.append(Refusal(
-            f"--vlcache-budget {settings.budget:g} on CUDA",
+            f"--vlcache-budget {settings.compression.budget:g} on CUDA",
             "by default CUDA serves SGLang's FlashInfer backend uncompressed (no whole SGLang server has run "
             "the compressing CUDA executor yet)",
             f"opt in with {CUDA_OPT_IN}, or launch with --vlcache-budget 1.0"))
     return out
 
 
-def compresses_on(server_args: Any, environ: Mapping[str, str] = os.environ) -> bool:
+def compresses_on(server_args: Any, settings: ServerSettings) -> bool:
     """Whether this server's backend compresses at all (CUDA without the opt-in does not)."""
     on_cuda = str(_get(server_args, "device", "") or "").startswith("cuda")
-    return not on_cuda or environ.get(ENV_CUDA_EXECUTOR, "stock") == "flashinfer"
+    return not on_cuda or settings.cuda_executor == "flashinfer"
 
 
 def not_compressing_message() -> str:

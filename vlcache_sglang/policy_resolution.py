@@ -31,11 +31,18 @@ def _resolve(config_path: str | None, budget: float, method: str, extra: tuple) 
         raise SettingsError(f"vlcache: {exc}") from None
 
 
-def resolve_policy(settings: CompressionSettings, custom_params: Mapping[str, Any] | None = None) -> PolicyConfig:
-    """The policy one request runs with (raises :class:`SettingsError` on a bad value)."""
+def resolve_request(settings: CompressionSettings, custom_params: Mapping[str, Any] | None = None
+                    ) -> tuple[CompressionSettings, PolicyConfig]:
+    """A request's settings (server defaults with its overrides) and the policy it runs with,
+    from one parse of its ``custom_params`` (raises :class:`SettingsError` on a bad value)."""
     s = settings.with_request(custom_params)
     extra = tuple(sorted(s.policy_overrides.items()))
-    return _resolve(s.config_path, float(s.budget), s.method, extra)
+    return s, _resolve(s.config_path, float(s.budget), s.method, extra)
+
+
+def resolve_policy(settings: CompressionSettings, custom_params: Mapping[str, Any] | None = None) -> PolicyConfig:
+    """The policy one request runs with (raises :class:`SettingsError` on a bad value)."""
+    return resolve_request(settings, custom_params)[1]
 
 
 def check_request(settings: CompressionSettings, custom_params: Mapping[str, Any] | None) -> None:

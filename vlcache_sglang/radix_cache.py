@@ -16,6 +16,10 @@ SGLang's own; this subclass changes four things:
 Which compressed entries may match is decided by the key: compressing requests under
 ``compressed`` sharing carry their policy's namespace in ``extra_key``
 (:func:`vlcache_sglang.backend.request_info.prepare_prefix_match`).
+
+The tree finds its process's :class:`~vlcache_sglang.backend.runtime.Runtime` on the KV allocator
+it is built with (the attention backend, created first, attached it there) and registers itself
+in it; without a vlcache backend in the process (CUDA's stock fallback) it is SGLang's tree.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult
 from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
-from vlcache_sglang.backend import state
+from vlcache_sglang.backend.runtime import Runtime, runtime_of
 from vlcache_sglang.backend.virtual_kv import CACHED, LOCKED, OWNED
 
 logger = logging.getLogger(__name__)
@@ -37,14 +41,14 @@ NAME = "vlcache"
 class VLCacheRadixCache(RadixCache):
     """Radix tree whose values may be virtual ids of compressed positions."""
 
-    def __init__(self, params):
+    def __init__(self, params, runtime: Runtime | None = None):
+        self.runtime = runtime  # before super().__init__: it calls reset()
         super().__init__(params)
-        if not self.disable:
-            state.set_sharing_tree(self)
+        if runtime is not None and not self.disable:
+            runtime.tree = self  # compressed requests may now enter the tree
 
-    @staticmethod
-    def _vkv():
-        compressor = state.active_compressor()
+    def _vkv(self):
+        compressor = self.runtime.compressor if self.runtime is not None else None
         return None if compressor is None else compressor.vkv
 
     def _n_virtual(self, node: TreeNode) -> int:
@@ -64,7 +68,7 @@ class VLCacheRadixCache(RadixCache):
             vkv.clear()
 
     def checkpoint(self, req, *, up_to: int):
-        compressor = state.active_compressor()
+        compressor = self.runtime.compressor if self.runtime is not None else None
         if compressor is not None and not self.disable:
             up_to = compressor.insert_limit(int(req.kv.req_pool_idx), req.rid, up_to)
             if up_to <= req.kv.cache_protected_len:
@@ -153,4 +157,4 @@ def create_vlcache_radix_cache(ctx) -> VLCacheRadixCache:
         raise ValueError("--radix-cache-backend vlcache does not support the hierarchical cache (HiCache)")
     if ctx.params.page_size != 1:
         raise ValueError(f"--radix-cache-backend vlcache needs --page-size 1, got {ctx.params.page_size}")
-    return VLCacheRadixCache(ctx.params)
+    return VLCacheRadixCache(ctx.params, runtime_of(ctx.params.token_to_kv_pool_allocator))

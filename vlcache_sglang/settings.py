@@ -5,8 +5,11 @@ Launch time, either on the stock command line (flags added by the plugin)::
     python -m sglang.launch_server ... --attention-backend vlcache \\
         --vlcache-budget 0.1 --vlcache-method vlcache --vlcache-config tuned.json
 
-or through the environment (``VLCACHE_BUDGET``, ``VLCACHE_METHOD``, ``VLCACHE_CONFIG``), which is
-also how the launch flags reach SGLang's spawned scheduler processes.
+or through the environment (``VLCACHE_BUDGET``, ``VLCACHE_METHOD``, ``VLCACHE_CONFIG``,
+``VLCACHE_SHARING``; and the engine knobs of :class:`ServerSettings`). The launcher reads flags and
+environment once (:func:`launch_settings`, the plugin boundary) into one frozen
+:class:`ServerSettings`, which travels to every SGLang process on ``server_args`` (see
+:func:`attach` / :func:`settings_of`); nothing below reads the environment.
 
 Per request, inside ``custom_params`` (OpenAI ``extra_body={"custom_params": {...}}`` or
 ``/generate``'s ``sampling_params.custom_params``)::
@@ -20,6 +23,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
+
+from vlcache_sglang.policy.methods import available_methods
 
 ENV_BUDGET = "VLCACHE_BUDGET"
 ENV_METHOD = "VLCACHE_METHOD"
@@ -42,8 +47,6 @@ REQUEST_ONLY_KEYS = frozenset({"return_plan", "sharing"})
 #: new question: a repeat's first token is computed over the compressed cache).
 SHARING_MODES = ("off", "prefix", "compressed")
 
-#: Compression methods the backend can be asked for (policy registry names).
-METHODS = ("vlcache", "snapkv", "pyramidkv", "h2o", "streamingllm", "random", "full")
 
 
 class SettingsError(ValueError):
@@ -64,8 +67,9 @@ class CompressionSettings:
         b = self.budget
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or not 0.0 < b <= 1.0:
             raise SettingsError(f"vlcache budget must be a number in (0, 1], got {b!r}")
-        if self.method not in METHODS:
-            raise SettingsError(f"vlcache method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        methods = available_methods()  # the registry: third-party methods count too
+        if self.method not in methods:
+            raise SettingsError(f"vlcache method must be one of {', '.join(methods)}; got {self.method!r}")
         if self.config_path is not None and not os.path.isfile(self.config_path):
             raise SettingsError(f"vlcache config file not found: {self.config_path!r}")
         if self.sharing not in SHARING_MODES:
@@ -134,3 +138,141 @@ def parse_request_overrides(custom_params: Mapping[str, Any] | None) -> dict[str
     if "sharing" in out:
         CompressionSettings(sharing=out["sharing"]).validate()
     return out
+
+
+# -- one frozen settings object per server -----------------------------------------------
+ENV_DEBUG_CHECKS = "VLCACHE_DEBUG_CHECKS"
+ENV_CUDA_EXECUTOR = "VLCACHE_CUDA_EXECUTOR"
+ENV_COMPRESSED_DECODE = "VLCACHE_COMPRESSED_DECODE"
+ENV_VIRTUAL_IDS_PER_SLOT = "VLCACHE_VIRTUAL_IDS_PER_SLOT"
+ENV_KERNELS = "VLCACHE_KERNELS"
+CUDA_EXECUTORS = ("stock", "flashinfer")
+COMPRESSED_DECODES = ("triton", "flashinfer")
+KERNEL_MODES = ("auto", "torch", "triton")
+#: the attribute of SGLang's ``ServerArgs`` that carries :class:`ServerSettings` to every process
+#: (``ServerArgs.__reduce__`` pickles its ``__dict__`` with the fields: the scheduler, TP ranks
+#: and the detokenizer receive it with the server args)
+SERVER_ARGS_ATTR = "_vlcache_settings"
+#: the attribute holding the raw ``--vlcache-*`` flags between ``from_cli_args`` and resolution
+FLAGS_ATTR = "_vlcache_flags"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything a vlcache server was launched with, parsed and validated once.
+
+    ``compression`` are the request defaults (budget, method, policy file, sharing); the rest are
+    engine knobs read at launch from the environment:
+
+    * ``debug_checks`` (``VLCACHE_DEBUG_CHECKS=1``): freed-KV read checks, plans from incomplete
+      statistics raise, tensor-parallel ranks compare plans;
+    * ``cuda_executor`` (``VLCACHE_CUDA_EXECUTOR``): ``stock`` serves CUDA with SGLang's FlashInfer
+      backend uncompressed, ``flashinfer`` runs the compressing per-layer executor;
+    * ``compressed_decode`` (``VLCACHE_COMPRESSED_DECODE``): the CUDA decode path of compacted
+      batches (the plan-free Triton kernel or per-layer FlashInfer plans);
+    * ``virtual_ids_per_slot`` (``VLCACHE_VIRTUAL_IDS_PER_SLOT``): size of the virtual-id table
+      (charged in SGLang's pool budget, :mod:`vlcache_sglang.backend.memory_budget`);
+    * ``kernels`` (``VLCACHE_KERNELS``): ``auto`` (Triton on CUDA), ``torch`` or ``triton``;
+    * ``compresses``: whether this server's backend compresses at all (False on CUDA with the
+      stock executor), decided at launch for the HTTP process's request checks;
+    * ``metrics``: ``--enable-metrics`` (Prometheus counters of compression).
+    """
+
+    compression: CompressionSettings = field(default_factory=CompressionSettings)
+    debug_checks: bool = False
+    cuda_executor: str = "stock"
+    compressed_decode: str = "triton"
+    virtual_ids_per_slot: float = 4.0
+    kernels: str = "auto"
+    compresses: bool = True
+    metrics: bool = False
+
+    def validate(self) -> "ServerSettings":
+        self.compression.validate()
+        for name, allowed, env in (("cuda_executor", CUDA_EXECUTORS, ENV_CUDA_EXECUTOR),
+                                   ("compressed_decode", COMPRESSED_DECODES, ENV_COMPRESSED_DECODE),
+                                   ("kernels", KERNEL_MODES, ENV_KERNELS)):
+            if getattr(self, name) not in allowed:
+                raise SettingsError(f"{env} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        v = self.virtual_ids_per_slot
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise SettingsError(f"{ENV_VIRTUAL_IDS_PER_SLOT} must be a positive number, got {v!r}")
+        return self
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], compression: CompressionSettings | None = None,
+                 **fields: Any) -> "ServerSettings":
+        """The engine knobs from ``environ`` (the launcher's environment; nowhere else)."""
+        knobs: dict[str, Any] = {"debug_checks": environ.get(ENV_DEBUG_CHECKS) == "1"}
+        for name, env in (("cuda_executor", ENV_CUDA_EXECUTOR), ("compressed_decode", ENV_COMPRESSED_DECODE),
+                          ("kernels", ENV_KERNELS)):
+            if environ.get(env):
+                knobs[name] = environ[env].strip().lower()
+        if environ.get(ENV_VIRTUAL_IDS_PER_SLOT):
+            try:
+                knobs["virtual_ids_per_slot"] = float(environ[ENV_VIRTUAL_IDS_PER_SLOT])
+            except ValueError:
+                raise SettingsError(f"{ENV_VIRTUAL_IDS_PER_SLOT} must be a positive number, "
+                                    f"got {environ[ENV_VIRTUAL_IDS_PER_SLOT]!r}") from None
+        knobs.update(fields)
+        return cls(compression=compression or CompressionSettings.from_env(environ), **knobs).validate()
+
+    def with_compression(self, **changes: Any) -> "ServerSettings":
+        return replace(self, compression=replace(self.compression, **changes))
+
+    def describe(self) -> str:
+        out = json.loads(self.compression.describe())
+        out.update({k: v for k, v in asdict(self).items() if k != "compression"})
+        return json.dumps(out, sort_keys=True)
+
+
+def attach(server_args: Any, settings: ServerSettings) -> ServerSettings:
+    """Hand ``settings`` to every process of this server: they travel on ``server_args``."""
+    setattr(server_args, SERVER_ARGS_ATTR, settings)
+    return settings
+
+
+def settings_of(server_args: Any) -> ServerSettings | None:
+    """The settings this server was launched with (None: not a vlcache launch, or no server args)."""
+    return getattr(server_args, SERVER_ARGS_ATTR, None) if server_args is not None else None
+
+
+def launch_settings(flags: Mapping[str, Any], environ: Mapping[str, str], model_path: str | None,
+                    *, metrics: bool = False) -> tuple[ServerSettings, str | None]:
+    """Parse and validate a launch once: ``(settings, where the policy file came from)``.
+
+    Precedence (later wins): defaults < the policy file < the environment < ``--vlcache-*`` flags
+    (< each request's ``custom_params``). Without ``--vlcache-config`` / ``VLCACHE_CONFIG`` the
+    model's tuned default policy is used (:mod:`vlcache_sglang.tuned_configs`; ``none`` disables
+    it); a policy file in force gives the budget and method unless a flag or variable sets them.
+    Raises :class:`SettingsError` with a readable message (the launch stops)."""
+    from vlcache_sglang.tuned_configs import DISABLED, TunedConfigError, find_default_config, load_policy_file
+
+    base = CompressionSettings.from_env({k: v for k, v in environ.items() if k != ENV_CONFIG})
+    explicit = flags.get("config") or environ.get(ENV_CONFIG) or None
+    config_path, source = None, None
+    if explicit is not None and explicit.strip().lower() == DISABLED:
+        pass
+    elif explicit is not None:
+        config_path, source = explicit, "--vlcache-config"
+    elif model_path:
+        found = find_default_config(model_path)
+        if found is not None:
+            config_path, source = str(found), f"per-model default for {model_path}"
+    budget = flags["budget"] if flags.get("budget") is not None else base.budget
+    method = flags.get("method") or base.method
+    if config_path is not None and os.path.isfile(config_path):
+        try:
+            policy = load_policy_file(config_path)
+        except TunedConfigError as exc:
+            hint = " (pass --vlcache-config none to launch without it)" if source != "--vlcache-config" else ""
+            raise SettingsError(f"{exc}{hint}") from None
+        if flags.get("budget") is None and not environ.get(ENV_BUDGET):
+            budget = policy.alpha
+        if not (flags.get("method") or environ.get(ENV_METHOD)):
+            method = policy.method
+    sharing = flags.get("sharing") or base.sharing
+    if config_path is not None:
+        config_path = os.path.abspath(config_path)
+    compression = replace(base, budget=budget, method=method, config_path=config_path, sharing=sharing)
+    return ServerSettings.from_env(environ, compression.validate(), metrics=metrics), source

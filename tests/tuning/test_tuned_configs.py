@@ -1,7 +1,6 @@
-"""Per-model default policy files and how the launcher hook (`plugin._from_cli_args`) picks them."""
+"""Per-model default policy files and how the launch (`settings.launch_settings`) picks them."""
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 
@@ -9,9 +8,8 @@ import pytest
 
 from vlcache_sglang import tuned_configs as tc
 from vlcache_sglang.bundled import bundled_model_dir
-from vlcache_sglang.plugin import _from_cli_args
 from vlcache_sglang.policy import PolicyConfig
-from vlcache_sglang.settings import ENV_BUDGET, ENV_CONFIG, ENV_METHOD, SettingsError
+from vlcache_sglang.settings import ENV_BUDGET, ENV_CONFIG, ENV_METHOD, SettingsError, launch_settings
 
 
 @pytest.fixture()
@@ -27,16 +25,16 @@ def model_dir(tmp_path, monkeypatch):
 
 
 def launch(model, env=None, **flags):
-    """Run the launch hook as a fresh launcher process would (only ``env`` of ours set) after
-    SGLang parsed the flags; returns the exported environment. (monkeypatch restores os.environ.)"""
+    """Parse a launch as a fresh launcher process would (only ``env`` of ours set) after SGLang
+    parsed the flags; returns the settings in their environment spelling (``to_env``)."""
     for name in (ENV_BUDGET, ENV_METHOD, ENV_CONFIG):
         os.environ.pop(name, None)
     os.environ.update(env or {})
-    args = argparse.Namespace(model_path=str(model), vlcache_budget=flags.get("budget"),
-                              vlcache_method=flags.get("method"), vlcache_config=flags.get("config"))
-    server_args = argparse.Namespace(model_path=str(model), attention_backend=flags.get("backend", "vlcache"))
-    _from_cli_args(server_args, None, args)
-    return {k: os.environ.get(k) for k in (ENV_BUDGET, ENV_METHOD, ENV_CONFIG)}
+    ours = flags.get("backend", "vlcache") == "vlcache"  # other backends: no per-model default
+    cli = {"budget": flags.get("budget"), "method": flags.get("method"), "config": flags.get("config")}
+    settings, _ = launch_settings(cli, os.environ, str(model) if ours else None)
+    exported = settings.compression.to_env()
+    return {k: exported.get(k) for k in (ENV_BUDGET, ENV_METHOD, ENV_CONFIG)}
 
 
 def test_keys_and_locations(model_dir, tmp_path):

@@ -34,7 +34,7 @@ from sglang.srt.model_executor.runner.decode_cuda_graph_runner import build_repl
 from vlcache_sglang.backend.attention_backend import VLCacheAttnBackend
 from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
 from vlcache_sglang.backend.executors.torch_executor import TorchAttentionExecutor
-from vlcache_sglang.plugin import _graph_fits_buffers
+from vlcache_sglang.scheduler_hooks import graph_fits_buffers as _graph_fits_buffers
 
 L, H, HKV, D, POOL, CTX, MAX_BS = 3, 4, 2, 16, 512, 128, 4
 # the CUDA variant is listed everywhere and shows as a skip where there is no CUDA

@@ -7,8 +7,18 @@ import argparse
 
 import pytest
 
-from vlcache_sglang.compatibility import CUDA_OPT_IN, compresses_on, not_compressing_message, refusals
-from vlcache_sglang.settings import CompressionSettings
+from vlcache_sglang import compatibility
+from vlcache_sglang.compatibility import CUDA_OPT_IN, not_compressing_message
+from vlcache_sglang.settings import CompressionSettings, ServerSettings
+
+
+def refusals(server_args, compression: CompressionSettings, environ: dict[str, str]):
+    """:func:`compatibility.refusals` of a launch with these defaults and launcher environment."""
+    return compatibility.refusals(server_args, ServerSettings.from_env(environ, compression))
+
+
+def compresses_on(server_args, environ: dict[str, str]) -> bool:
+    return compatibility.compresses_on(server_args, ServerSettings.from_env(environ, CompressionSettings()))
 
 pytest.importorskip("sglang")
 
@@ -86,13 +96,14 @@ def test_compressing_request_to_a_non_compressing_server_is_a_400(monkeypatch):
     below 1.0 is rejected in the HTTP process (SGLang turns the ValueError into a 400)."""
     from sglang.srt.sampling.sampling_params import SamplingParams
 
-    from vlcache_sglang.plugin import _verify_request
+    from vlcache_sglang import launch_hooks
+    from vlcache_sglang.launch_hooks import verify_request as _verify_request
 
-    monkeypatch.setenv("VLCACHE_SERVER_COMPRESSES", "0")
-    monkeypatch.delenv("VLCACHE_BUDGET", raising=False)
+    # what the launch attached to the server args that the HTTP process publishes
+    monkeypatch.setattr(launch_hooks, "serving_settings", lambda: ServerSettings(compresses=False))
     with pytest.raises(ValueError, match="does not compress"):
         _verify_request(None, SamplingParams(custom_params={"vlcache": {"budget": 0.1}}))
     _verify_request(None, SamplingParams(custom_params={"vlcache": {"budget": 1.0}}))
     _verify_request(None, SamplingParams())
-    monkeypatch.setenv("VLCACHE_SERVER_COMPRESSES", "1")
+    monkeypatch.setattr(launch_hooks, "serving_settings", lambda: ServerSettings(compresses=True))
     _verify_request(None, SamplingParams(custom_params={"vlcache": {"budget": 0.1}}))

@@ -115,7 +115,7 @@ def kept_state(server, row, m):
     """Per layer: the positions it holds and the bytes of their K/V cells (as floats)."""
     be = server.backend
     meta = decode_metadata(server.req_pool.req_to_token, torch.tensor([row]), [m])
-    layer_kv, positions = be.compressor.batch_layer_kv(meta, [row], [f"r{row}"])
+    layer_kv, positions = be.compressor.layer_lists.build(meta, [row], [f"r{row}"])
     kv = be.global_kv
     out = []
     for l in range(L):

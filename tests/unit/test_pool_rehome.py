@@ -9,6 +9,7 @@ Peak memory is the process's peak RSS (``VmHWM``, reset through ``/proc/self/cle
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from vlcache_sglang.backend import memory_budget
 from vlcache_sglang.backend.attention_backend import VLCacheAttnBackend
 from vlcache_sglang.backend.cell_store import contiguous_storage, rehome_pool_buffers
+from vlcache_sglang.settings import ServerSettings
 
 MiB = 1 << 20
 L, HKV, D = 8, 4, 64  # fp32: 16 KiB per slot (K+V, all layers)
@@ -196,9 +198,13 @@ def test_sglang_move_kv_cache_moves_data_on_the_rehomed_pool(hooked, monkeypatch
         assert torch.equal(kv.k[l * rows:(l + 1) * rows][untouched], before_k[l * rows:(l + 1) * rows][untouched])
 
 
-def _configurator_inputs(monkeypatch, attention_backend, device, layers=28):
+OPT_IN = ServerSettings(cuda_executor="flashinfer")  # a launch with VLCACHE_CUDA_EXECUTOR=flashinfer
+
+
+def _configurator_inputs(monkeypatch, attention_backend, device, layers=28, settings=OPT_IN):
     """SGLang's DefaultPoolConfigurator for a Qwen2-VL-7B-like MHA model (4 KV heads of 128,
-    bf16), with the process-wide parallel context SGLang would have published."""
+    bf16), with the process-wide parallel context SGLang would have published and the launch's
+    settings on the server args."""
     from transformers import PretrainedConfig
 
     import sglang.srt.layers.cp.utils as cp_utils
@@ -209,7 +215,7 @@ def _configurator_inputs(monkeypatch, attention_backend, device, layers=28):
     monkeypatch.setattr(cp_utils, "get_parallel", lambda: par)
     model = SimpleNamespace(get_num_kv_heads=lambda tp, dcp=1: 4, head_dim=128, v_head_dim=128,
                             hf_config=PretrainedConfig(), quantization=None)
-    args = SimpleNamespace(enable_hisparse=False, attention_backend=attention_backend,
+    args = SimpleNamespace(enable_hisparse=False, attention_backend=attention_backend, _vlcache_settings=settings,
                            prefill_attention_backend=None, decode_attention_backend=None)
     kvc = SimpleNamespace(model_config=model, kv_cache_dtype=torch.bfloat16, server_args=args, use_mla_backend=False,
                           device=device, kv_cache_dtype_str="auto", is_draft_worker=False)
@@ -223,9 +229,6 @@ def _configurator_inputs(monkeypatch, attention_backend, device, layers=28):
 def test_memory_hook_charges_the_device_tables_in_sglangs_cell_size(monkeypatch, caplog):
     import logging
 
-    monkeypatch.setattr(memory_budget, "_logged", False)
-    monkeypatch.delenv(memory_budget.ENV_VIRTUAL_IDS_PER_SLOT, raising=False)
-    monkeypatch.setenv("VLCACHE_CUDA_EXECUTOR", "flashinfer")
     stock = _configurator_inputs(monkeypatch, "flashinfer", "cuda")
     assert stock._cell_size == 4 * 256 * 28 * 2  # 57,344 B: SGLang's own figure
     with caplog.at_level(logging.INFO, logger=memory_budget.__name__):
@@ -240,8 +243,7 @@ def test_memory_hook_charges_the_device_tables_in_sglangs_cell_size(monkeypatch,
     assert abs((n_stock - n_ours) * stock._cell_size - n_ours * extra) <= ours._cell_size
     # CPU: no graph buffers; the stock CUDA path (no VLCACHE_CUDA_EXECUTOR) is left alone
     assert _configurator_inputs(monkeypatch, "vlcache", "cpu")._cell_size - stock._cell_size == 464
-    monkeypatch.delenv("VLCACHE_CUDA_EXECUTOR")
-    assert _configurator_inputs(monkeypatch, "vlcache", "cuda")._cell_size == stock._cell_size
+    assert _configurator_inputs(monkeypatch, "vlcache", "cuda", settings=ServerSettings())._cell_size == stock._cell_size
 
 
 def test_install_memory_hooks_is_idempotent():
@@ -249,10 +251,9 @@ def test_install_memory_hooks_is_idempotent():
     from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator
 
     create, cell = MHATokenToKVPool._create_buffers_normal, DefaultPoolConfigurator._compute_cell_size
-    memory_budget._installed = False  # as if a second register() ran
-    memory_budget.install_memory_hooks()
+    memory_budget.install_memory_hooks()  # as if a second register() ran
     assert MHATokenToKVPool._create_buffers_normal is create and DefaultPoolConfigurator._compute_cell_size is cell
-    assert getattr(create, "_vlcache_hook", False) and getattr(cell, "_vlcache_hook", False)
+    assert inspect.unwrap(create) is not create and inspect.unwrap(cell) is not cell  # wrapped once, by us
 
 
 if __name__ == "__main__":  # the fresh-process measurements above

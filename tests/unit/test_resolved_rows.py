@@ -40,16 +40,21 @@ def add_compressed(s, row: int, n: int, g: torch.Generator) -> None:
 
 def layer_lists(s, rows: list[int]):
     meta = decode_metadata(s.req_pool.req_to_token, torch.tensor(rows), [s.lens[r] for r in rows])
-    layer_kv, positions = s.comp.batch_layer_kv(meta, rows, [f"r{r}" for r in rows])
+    layer_kv, positions = s.comp.layer_lists.build(meta, rows, [f"r{r}" for r in rows])
     return {l: (layer_kv[l].kv_indices.clone(), layer_kv[l].kv_indptr_cpu) for l in layer_kv}, positions
 
 
 def fresh_lists(s, rows):
-    saved, s.comp.resolved = s.comp.resolved, {}
+    """The lists resolved afresh (every row's cached resolution set aside meanwhile)."""
+    states = [st for st in (s.comp.states.get(r) for r in rows) if st is not None]
+    saved = [st.resolved for st in states]
+    for st in states:
+        st.resolved = None
     try:
         return layer_lists(s, rows)
     finally:
-        s.comp.resolved = saved
+        for st, r in zip(states, saved):
+            st.resolved = r
 
 
 def assert_same(a, b):

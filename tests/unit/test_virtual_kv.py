@@ -202,16 +202,14 @@ def test_tree_sizes_stay_exact_through_a_random_workload_on_sglangs_radix_tree(p
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
     from sglang.srt.mem_cache.radix_cache import RadixKey
 
-    from vlcache_sglang.backend import state
     from vlcache_sglang.radix_cache import VLCacheRadixCache
 
     kv, allocator, vkv = pool
     req_pool = ReqToTokenPool(size=2, max_context_len=64, device="cpu", enable_memory_saver=False)
-    saved = state.active()
-    state.set_active(SimpleNamespace(compressor=SimpleNamespace(vkv=vkv)))
+    runtime = SimpleNamespace(compressor=SimpleNamespace(vkv=vkv), tree=None)  # what the backend's Runtime offers
     try:
         tree = VLCacheRadixCache(CacheInitParams(disable=False, req_to_token_pool=req_pool,
-                                                 token_to_kv_pool_allocator=allocator, page_size=1))
+                                                 token_to_kv_pool_allocator=allocator, page_size=1), runtime)
         g = torch.Generator().manual_seed(11)
         locked = []
         seen = set()
@@ -259,4 +257,4 @@ def test_tree_sizes_stay_exact_through_a_random_workload_on_sglangs_radix_tree(p
         assert allocator.available_size() == SIZE and vkv.recount() == (0, 0, 0)
         assert seen == {"evictable", "protected"}
     finally:
-        state.set_active(saved)
+        runtime.tree = None

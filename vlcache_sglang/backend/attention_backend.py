@@ -10,7 +10,6 @@ With budget 1.0 (or a request the policy leaves alone) nothing differs from ``to
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,14 +17,14 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from vlcache_sglang.backend import state
 from vlcache_sglang.backend.cell_store import FP8_DTYPES, rehome_pool_buffers
 from vlcache_sglang.backend.compressor import Compressor
 from vlcache_sglang.backend.cuda_graph import SEQ_LEN_FILL, graph_decode_metadata, graph_fits, graph_kv_capacity
 from vlcache_sglang.backend.executors.torch_executor import TorchAttentionExecutor
 from vlcache_sglang.backend.metadata import ForwardMetadata, build_ragged_kv, decode_metadata, host_ints
+from vlcache_sglang.backend.runtime import Runtime, attach
 from vlcache_sglang.backend.tensor_parallel import StatsGather, attention_tp_group
-from vlcache_sglang.settings import CompressionSettings
+from vlcache_sglang.settings import ServerSettings, SettingsError, settings_of
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -39,20 +38,19 @@ class VLCacheAttnBackend(AttentionBackend):
     """Attention over per-layer ragged KV selections (CPU: torch SDPA executor)."""
 
     def __init__(self, model_runner: ModelRunner, executor: TorchAttentionExecutor | None = None,
-                 settings: CompressionSettings | None = None):
+                 settings: ServerSettings | None = None):
         super().__init__()
         self.device = model_runner.device
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         self.executor = executor or TorchAttentionExecutor()
-        self.settings = settings or CompressionSettings()
+        self.settings = settings or ServerSettings()
         self.forward_metadata: ForwardMetadata | None = None
         self.compressor: Compressor | None = None
+        self.runtime: Runtime | None = None
         self._staged: tuple[tuple, list] | None = None  # (rids, RequestInfo list) of the next extend
-        self.images_encoded = 0  # images through the vision tower (a plugin hook counts them)
-        self.videos_encoded = 0  # videos through the vision tower (get_video_feature hook)
         self.freed_reads = 0  # debug checks: forwards that would read a freed slot or virtual id
-        self.debug_checks = os.environ.get("VLCACHE_DEBUG_CHECKS") == "1"
+        self.debug_checks = self.settings.debug_checks
         allocator = self.allocator = getattr(model_runner, "token_to_kv_pool_allocator", None)
         self.graph_capacity: int | None = None  # keys per layer of the CUDA-graph buffers (init_cuda_graph_state)
         model_config = self.model_config = getattr(model_runner, "model_config", None)
@@ -64,14 +62,17 @@ class VLCacheAttnBackend(AttentionBackend):
                 self.global_kv, self.req_to_token_pool.req_to_token, allocator,
                 num_q_heads=model_config.num_attention_heads // tp,
                 num_kv_heads=max(1, model_config.get_num_kv_heads(tp)), debug_checks=self.debug_checks,
-                gather=StatsGather(group),
+                gather=StatsGather(group), virtual_ids_per_slot=self.settings.virtual_ids_per_slot,
+                metrics=self.settings.metrics,
             )
             head_dim = self.global_kv.k.shape[-1]
             # what the executor's graph buffers are sized by (q heads, KV heads, head dim, dtypes, scale)
             self.graph_shapes = (self.compressor.num_q_heads, self.compressor.num_kv_heads, head_dim,
                                  getattr(model_runner, "dtype", self.global_kv.k.dtype), self.global_kv.k.dtype,
                                  head_dim ** -0.5)
-            state.set_active(self)
+            # the process's runtime, reachable from the allocator (scheduler, radix tree, batches)
+            # and the model (vision-encoder hooks)
+            self.runtime = attach(Runtime(self.settings, self), allocator, getattr(model_runner, "model", None))
             logger.info("vlcache backend: %s", self.settings.describe())
 
     # -- metadata -------------------------------------------------------------------------
@@ -116,12 +117,12 @@ class VLCacheAttnBackend(AttentionBackend):
         """Per-layer key lists when a request is compacted or reads a compressed cached prefix."""
         if self.compressor is None:
             return
-        meta.layer_kv, meta.layer_positions = self.compressor.batch_layer_kv(meta, req_pool_indices, rids)
+        meta.layer_kv, meta.layer_positions = self.compressor.layer_lists.build(meta, req_pool_indices, rids)
         if self.debug_checks:
             self._check_reads(meta, out_cache_loc, rids)
 
     def _check_reads(self, meta: ForwardMetadata, out_cache_loc, rids) -> None:
-        """Debug (``VLCACHE_DEBUG_CHECKS=1``): count forwards whose key lists touch a slot the
+        """Debug (:attr:`ServerSettings.debug_checks`): count forwards whose key lists touch a slot the
         allocator holds as free or a virtual id that was released."""
         from vlcache_sglang.backend.virtual_kv import FREE
 
@@ -248,7 +249,8 @@ def require_prefill_graphs_disabled(prefill_disabled: bool) -> None:
 
 
 def create_vlcache_backend(model_runner: ModelRunner) -> AttentionBackend:
-    """Factory registered as ``--attention-backend vlcache``.
+    """Factory registered as ``--attention-backend vlcache``, with the settings the launch attached
+    to ``server_args`` (:func:`vlcache_sglang.settings.settings_of`).
 
     Everywhere but CUDA the torch executor runs. On CUDA the per-layer executor (FlashInfer for
     uncompressed steps, the plan-free Triton kernel for steps with per-layer lists) is opt-in with
@@ -257,17 +259,19 @@ def create_vlcache_backend(model_runner: ModelRunner) -> AttentionBackend:
     SGLang server has run it on CUDA yet, so by default SGLang's stock FlashInfer backend serves
     attention there, uncompressed.
     """
-    settings = CompressionSettings.from_env()
+    settings = settings_of(getattr(model_runner, "server_args", None))
+    if settings is None:
+        raise SettingsError("vlcache: these server args were not resolved with the vlcache plugin loaded "
+                            "(no settings attached); launch with SGLANG_PLUGINS including vlcache")
     if str(model_runner.device).startswith("cuda"):
-        if os.environ.get("VLCACHE_CUDA_EXECUTOR", "stock") == "flashinfer":
+        if settings.cuda_executor == "flashinfer":
             from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, check_cuda_graph_backend
 
             from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
 
             require_prefill_graphs_disabled(check_cuda_graph_backend(Phase.PREFILL, Backend.DISABLED))
-
-            return VLCacheAttnBackend(model_runner, executor=FlashInferAttentionExecutor(model_runner.device),
-                                      settings=settings)
+            executor = FlashInferAttentionExecutor(model_runner.device, compressed_decode=settings.compressed_decode)
+            return VLCacheAttnBackend(model_runner, executor=executor, settings=settings)
         from vlcache_sglang.backend.flashinfer_glue import create_flashinfer_backend
 
         return create_flashinfer_backend(model_runner)

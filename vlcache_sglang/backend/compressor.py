@@ -23,14 +23,16 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from vlcache_sglang.backend import report
 from vlcache_sglang.backend.cell_store import GlobalKV
-from vlcache_sglang.backend.memory_budget import ids_per_slot
+from vlcache_sglang.backend.layer_lists import LayerListBuilder
 from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV
 from vlcache_sglang.backend.metrics import CompressionMetrics
 from vlcache_sglang.backend.request_info import RequestInfo
+from vlcache_sglang.backend.request_state import CompressedRow, RequestState, RequestStates, ResolvedRow
 from vlcache_sglang.backend.tensor_parallel import StatsGather
 from vlcache_sglang.backend.virtual_kv import VirtualKV, install_free_filter
-from vlcache_sglang.policy import PolicyError, StatsAccumulator, build_plan, locate_window
+from vlcache_sglang.policy import PolicyError, StatsAccumulator, build_plan
 
 logger = logging.getLogger(__name__)
 
@@ -49,38 +51,13 @@ class CompressionCounters:
     mixed_decode_rows: int = 0
 
 
-@dataclass
-class CompressedRow:
-    """A request after compaction: what it reads of the tree-owned prefix ``[0, protected)``."""
-
-    rid: str
-    prompt_len: int
-    protected: int
-    prefix_pos: list[torch.Tensor]  # per layer: its kept positions < protected (read through the row)
-    kept_counts: list[int]
-    tokens_saved: int
-
-
-@dataclass
-class ResolvedRow:
-    """A row's last resolution into per-layer (rows, positions), reused while it stays valid."""
-
-    rec: CompressedRow | None
-    ids: torch.Tensor  # the row's ids it was resolved from
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
-    stamp: int  # VirtualKV.births when it was made
-
-
-@dataclass
-class SharingState:
-    mode: str  # "compressed", "prefix" or "off"
-    cap: int  # "prefix": positions that may enter the tree
-    done: bool = False  # plan applied (or identity): the row is final
-
-
 class Compressor:
+    """Statistics, plan and compaction of this process's compressing requests (their states live
+    in :attr:`states`; each forward's per-layer lists come from :attr:`layer_lists`)."""
+
     def __init__(self, kv: GlobalKV, req_to_token: torch.Tensor, allocator, num_q_heads: int, num_kv_heads: int,
-                 debug_checks: bool = False, gather: StatsGather | None = None):
+                 debug_checks: bool = False, gather: StatsGather | None = None, *,
+                 virtual_ids_per_slot: float = 4.0, metrics: bool = False, stats_fn=None):
         self.kv = kv
         self.gather = gather or StatsGather()  # one plan on every tensor-parallel rank
         self.debug_checks = debug_checks  # plans from incomplete statistics raise instead of noting
@@ -88,112 +65,42 @@ class Compressor:
         self.allocator = allocator
         self.num_layers = kv.num_layers
         self.num_q_heads, self.num_kv_heads = num_q_heads, num_kv_heads
-        per_slot = ids_per_slot()  # the same figure the pool budget charged for (memory_budget)
-        self.vkv = VirtualKV(kv.rows_per_layer, kv.num_layers, max(2, int(per_slot * kv.rows_per_layer)),
-                             device=kv.k.device)
+        self.stats_fn = stats_fn  # the statistics kernel handed to the policy (None: its torch reference)
+        # the same figure the pool budget charged for (memory_budget.table_bytes_per_slot)
+        self.vkv = VirtualKV(kv.rows_per_layer, kv.num_layers,
+                             max(2, int(virtual_ids_per_slot * kv.rows_per_layer)), device=kv.k.device)
         install_free_filter(allocator, self.vkv)
-        self.pending: dict[int, tuple[str, StatsAccumulator]] = {}  # req_pool_idx -> (rid, stats)
-        self.rows: dict[int, CompressedRow] = {}  # req_pool_idx -> compacted request
-        self.sharing: dict[int, tuple[str, SharingState]] = {}  # req_pool_idx -> (rid, what the tree may take)
-        self.resolved: dict[int, ResolvedRow] = {}  # req_pool_idx -> its row's last resolution
+        self.states = RequestStates()
+        self.layer_lists = LayerListBuilder(kv, self.vkv, self.states)
         self.counters = CompressionCounters()
-        self.metrics = CompressionMetrics()
+        self.metrics = CompressionMetrics(enabled=metrics)
 
-    # -- per-layer key lists ---------------------------------------------------------------
-    def batch_layer_kv(self, meta: ForwardMetadata, req_pool_indices: list[int], rids: list[str] | None
-                       ) -> tuple[dict[int, RaggedKV], dict[int, list[torch.Tensor | None]]]:
-        """Per-layer key lists (global row ids) and their positions, when the batch holds a
-        compacted request or a row with virtual ids; ``({}, {})`` otherwise (stock path)."""
-        records = []
-        for b, idx in enumerate(req_pool_indices):
-            rec = self.rows.get(idx)
-            if rec is not None and (rids is None or rec.rid != rids[b]):
-                rec = None
-            records.append(rec)
-        if not any(records) and not self.vkv.has_virtual(meta.kv.kv_indices):
-            return {}, {}
-        per_request = []  # per request: per layer (rows, positions or None)
-        for b, rec in enumerate(records):
-            slots = meta.kv.slots(b)
-            start = rec.protected if rec is not None else 0
-            if rec is None and not self.vkv.has_virtual(slots):
-                per_request.append(None)
-                continue
-            per_request.append(self._request_layers(req_pool_indices[b], rec, slots, start))
-        out: dict[int, RaggedKV] = {}
-        positions_out: dict[int, list[torch.Tensor | None]] = {}
-        for layer in range(self.num_layers):
-            parts, pos_parts, indptr = [], [], [0]
-            for b, layers in enumerate(per_request):
-                if layers is None:
-                    ids = self.kv.global_ids(layer, meta.kv.slots(b))
-                    pos_parts.append(None)
-                else:
-                    ids, pos = layers[layer]
-                    pos_parts.append(pos)
-                parts.append(ids)
-                indptr.append(indptr[-1] + ids.numel())
-            indices = torch.cat(parts)
-            out[layer] = RaggedKV(torch.tensor(indptr, dtype=torch.int64, device=indices.device), indices, indptr)
-            positions_out[layer] = pos_parts
-        return out, positions_out
+    @property
+    def rows(self) -> dict[int, CompressedRow]:
+        """Compacted rows by ``req_pool_idx`` (a snapshot)."""
+        return self.states.rows
 
-    def _request_layers(self, req_pool_idx: int, rec: CompressedRow | None, slots: torch.Tensor,
-                        start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (global rows, positions) a request reads, resolved from its row.
-
-        Resolving the whole row is an ``[n, L]`` gather and ``L`` nonzero per request per forward,
-        O(length x layers): in decode only the new token is new. So the last resolution is kept
-        per row and reused while the row still starts with the same ids and none of their table
-        entries was rewritten since (no compaction at all since, or :meth:`VirtualKV.newest_birth`);
-        only the new ids are resolved and appended. Anything else (the tree swapped ids in, a new compaction, another
-        request in the row) resolves afresh."""
-        c = self.resolved.get(req_pool_idx)
-        n = 0 if c is None else c.ids.numel()
-        if (c is not None and c.rec is rec and start <= n <= slots.numel() and torch.equal(slots[:n], c.ids)
-                and (c.stamp == self.vkv.births or self.vkv.newest_birth(c.ids) <= c.stamp)):
-            if n == slots.numel():
-                return c.layers
-            add = self.vkv.resolve(slots[n:])
-            layers = [(torch.cat([rows, more]), torch.cat([pos, present + n]))
-                      for (rows, pos), (present, more) in zip(c.layers, add)]
-        else:
-            layers = self._resolve_request(rec, slots, start)
-        self.resolved[req_pool_idx] = ResolvedRow(rec, slots.clone(), layers, self.vkv.births)
-        return layers
-
-    def _resolve_request(self, rec: CompressedRow | None, slots: torch.Tensor,
-                         start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        resolved = self.vkv.resolve(slots[start:])
-        # the selected tree-owned prefix, through the row (the tree may have swapped in its
-        # own ids for identical content since compaction)
-        prefix_rows = self.vkv.layer_rows(slots[:start]) if rec is not None and start else None
-        layers = []
-        for layer, (present, rows) in enumerate(resolved):
-            positions = present + start
-            if prefix_rows is not None:
-                pos = rec.prefix_pos[layer]
-                own = prefix_rows[pos, layer]
-                ok = own >= 0
-                rows = torch.cat([own[ok], rows])
-                positions = torch.cat([pos[ok], positions])
-            layers.append((rows, positions))
-        return layers
+    @property
+    def resolved(self) -> dict[int, ResolvedRow]:
+        """Rows' cached resolutions by ``req_pool_idx`` (a snapshot)."""
+        return {idx: st.resolved for idx, st in self.states._by_row.items() if st.resolved is not None}
 
     # -- prefill ---------------------------------------------------------------------------
-    def _accumulator(self, info: RequestInfo) -> StatsAccumulator:
-        entry = self.pending.get(info.req_pool_idx)
-        if entry is None or entry[0] != info.rid:
-            window = locate_window(info.prompt_len, info.image_spans, info.policy)
+    def _state(self, info: RequestInfo) -> RequestState:
+        """The request's state, its compression started at its first prefill chunk."""
+        state = self.states.get(info.req_pool_idx, info.rid)
+        if state is None or state.stats is None:
+            window = info.window
             floor = min(info.window_floor, info.prompt_len - 1)
             if window.compress and floor > window.start:
                 window = replace(window, start=floor, reason=(window.reason + "; " if window.reason else "")
                                  + f"window starts after the {floor} cached tokens")
-            acc = StatsAccumulator(self.num_layers, self.num_q_heads, self.num_kv_heads, info.prompt_len,
-                                   window, info.policy, first_row=info.window_floor)
-            entry = self.pending[info.req_pool_idx] = (info.rid, acc)
-            self.sharing[info.req_pool_idx] = (info.rid, SharingState(info.sharing, info.compaction_protected))
-        return entry[1]
+            stats = StatsAccumulator(self.num_layers, self.num_q_heads, self.num_kv_heads, info.prompt_len,
+                                     window, info.policy, first_row=info.window_floor)
+            state = state if state is not None else self.states.start(info.req_pool_idx, RequestState(info.rid))
+            state.window, state.stats, state.planned = window, stats, False
+            state.sharing, state.tree_cap = info.sharing, info.compaction_protected
+        return state
 
     def observe_extend(self, layer_id: int, q: torch.Tensor, k_cache: torch.Tensor, kv: RaggedKV,
                        key_positions: list[torch.Tensor | None] | None, meta: ForwardMetadata,
@@ -205,7 +112,7 @@ class Compressor:
         for b, info in enumerate(infos):
             if not info.compresses:
                 continue
-            acc = self._accumulator(info)
+            acc = self._state(info).stats
             if not acc.needs_attention:
                 continue
             q0, q1 = meta.qo_indptr_cpu[b], meta.qo_indptr_cpu[b + 1]
@@ -227,26 +134,20 @@ class Compressor:
     def is_decoding(self, req_pool_idx: int, rid: str) -> bool:
         """Whether this request's prefill is over (planned: compacted or left alone); a forward
         that carries it again is a decode step mixed into an extend batch, never a new prefill."""
-        entry = self.sharing.get(req_pool_idx)
-        decoding = entry is not None and entry[0] == rid and entry[1].done
-        if decoding:
-            self.counters.mixed_decode_rows += 1
-        return decoding
+        state = self.states.get(req_pool_idx, rid)
+        return state is not None and state.compressing and state.planned
 
     def _not_compressed(self, info: RequestInfo, reason: str) -> None:
         """A request that asked for compression is served as stock: say why (once per request)."""
-        req = info.req
-        if req is not None and "vlcache_not_compressed" in (req.customized_info or {}):
+        if report.already_reported_not_compressed(info.req):
             return
         self.counters.not_compressed[reason] = self.counters.not_compressed.get(reason, 0) + 1
         self.metrics.not_compressed(reason)
-        _report(info, {"vlcache_not_compressed": reason, "vlcache_kept_ratio": 1.0, "vlcache_kv_tokens_saved": 0})
+        report.not_compressed(info.req, reason)
 
     def _finish(self, info: RequestInfo) -> None:
-        _, acc = self.pending.pop(info.req_pool_idx)
-        entry = self.sharing.get(info.req_pool_idx)
-        if entry is not None and entry[0] == info.rid:
-            entry[1].done = True
+        state = self.states.get(info.req_pool_idx, info.rid)
+        acc, state.stats, state.planned = state.stats, None, True
         incomplete = acc.needs_attention and not acc.stats.complete
         if incomplete:  # a chunk's rows were never measured: a plan from part of the question
             self.counters.plans_from_incomplete_statistics += 1
@@ -267,7 +168,7 @@ class Compressor:
     def _apply_plan(self, info: RequestInfo, plan, incomplete: bool) -> None:
         if plan.is_identity:
             logger.debug("vlcache: %s left uncompressed (%s)", info.rid, "; ".join(plan.notes))
-            _report(info, {"vlcache_notes": "; ".join(plan.notes)})
+            report.report(info.req, {"vlcache_notes": "; ".join(plan.notes)})
             self._not_compressed(info, "budget_covers_prompt")
             return
         kept = plan.kept
@@ -277,7 +178,7 @@ class Compressor:
         kept = self._present_only(self.req_to_token[info.req_pool_idx], kept, protected)
         record = self.compact_row(info.req_pool_idx, info.rid, kept, protected, info.prompt_len)
         if record is None:
-            _report(info, {"vlcache_notes": "virtual ids exhausted: left uncompressed"})
+            report.report(info.req, {"vlcache_notes": "virtual ids exhausted: left uncompressed"})
             self._not_compressed(info, "virtual_ids_exhausted")
             return
         self.counters.requests_compressed += 1
@@ -286,23 +187,8 @@ class Compressor:
         self.metrics.record(info.prompt_len, record.tokens_saved)
         logger.debug("vlcache: %s kept %s of %d per layer (budgets %s), freed %d slots",
                      info.rid, record.kept_counts, info.prompt_len, plan.budgets, record.tokens_saved)
-        report = {
-            "vlcache_kept_ratio": sum(record.kept_counts) / (info.prompt_len * self.num_layers),
-            "vlcache_kv_tokens_saved": record.tokens_saved,
-            "vlcache_method": plan.method,
-            "vlcache_layer_budgets": list(plan.budgets),
-            # what the plan was built over: the prompt, plus, when SGLang retracted the request and
-            # recomputes it, the tokens it had generated (they are re-prefilled and planned with it)
-            "vlcache_planned_tokens": info.prompt_len,
-            "vlcache_notes": "; ".join(plan.notes),
-        }
-        if incomplete:
-            report["vlcache_incomplete_statistics"] = True
-        if getattr(info.req, "sampling_params", None) is not None:
-            custom = (info.req.sampling_params.custom_params or {}).get("vlcache") or {}
-            if custom.get("return_plan"):
-                report["vlcache_kept_positions"] = [k.tolist() for k in kept]
-        _report(info, report)
+        report.compressed(info.req, plan, kept, record.kept_counts, record.tokens_saved, info.prompt_len,
+                          self.num_layers, incomplete=incomplete, return_plan=info.return_plan)
 
     def compact_row(self, req_pool_idx: int, rid: str, kept: list[torch.Tensor], protected: int,
                     prompt_len: int) -> CompressedRow | None:
@@ -313,10 +199,10 @@ class Compressor:
         if result is None:
             return None
         prefix_pos = [k.to(self.kv.k.device)[k < protected] for k in kept]
-        record = CompressedRow(rid=rid, prompt_len=prompt_len, protected=protected, prefix_pos=prefix_pos,
+        record = CompressedRow(prompt_len=prompt_len, protected=protected, prefix_pos=prefix_pos,
                                kept_counts=result.kept_counts, tokens_saved=result.freed_slots)
-        self.rows[req_pool_idx] = record
-        self.resolved.pop(req_pool_idx, None)  # the row was rewritten
+        state = self.states.for_row(req_pool_idx, rid)
+        state.row, state.resolved = record, None  # the row was rewritten
         return record
 
     def _present_only(self, row: torch.Tensor, kept: list[torch.Tensor], protected: int) -> list[torch.Tensor]:
@@ -338,31 +224,17 @@ class Compressor:
         """How much of a request (of the ``up_to`` positions SGLang wants to cache) may enter the
         radix tree: all of it unless the request compresses; under ``prefix`` sharing only the
         uncompressed prefix; under ``compressed`` sharing nothing until compaction."""
-        entry = self.sharing.get(req_pool_idx)
-        if entry is None or entry[0] != rid:
+        state = self.states.get(req_pool_idx, rid)
+        if state is None or not state.compressing:
             return up_to
-        st = entry[1]
-        if st.mode == "prefix":
-            return min(up_to, st.cap)
-        if st.mode == "compressed":
-            return up_to if st.done else 0
+        if state.sharing == "prefix":
+            return min(up_to, state.tree_cap)
+        if state.sharing == "compressed":
+            return up_to if state.planned else 0
         return 0
 
     # -- release ---------------------------------------------------------------------------
     def forget(self, req_pool_idx: int) -> None:
-        """The request's row is being released: drop what is kept about it."""
-        self.pending.pop(req_pool_idx, None)
-        self.rows.pop(req_pool_idx, None)
-        self.sharing.pop(req_pool_idx, None)
-        self.resolved.pop(req_pool_idx, None)
+        """The request's row is being released: drop its state."""
+        self.states.drop(req_pool_idx)
 
-
-def _report(info: RequestInfo, values: dict) -> None:
-    """Attach per-request figures to the response's ``meta_info`` (SGLang's customized info)."""
-    req = info.req
-    if req is None:
-        return
-    if req.customized_info is None:
-        req.customized_info = {}
-    for key, value in values.items():
-        req.customized_info[key] = [value]

@@ -17,38 +17,34 @@ live outside that budget:
   ``DefaultPoolConfigurator._compute_cell_size`` adds their bytes per slot to SGLang's cell size,
   so the pool shrinks by what they take.
 
-Both hooks act only in processes where the ``vlcache`` backend will serve attention
-(:func:`vlcache_serves`: ``--attention-backend vlcache``, and on CUDA
-``VLCACHE_CUDA_EXECUTOR=flashinfer``; elsewhere SGLang's stock backend runs and nothing changes).
-:func:`install_memory_hooks` is idempotent; call it from the plugin's ``register()``.
+Both hooks (declared in :mod:`vlcache_sglang.hooks`, AROUND hooks of SGLang's ``HookRegistry``)
+act only in processes where the ``vlcache`` backend will serve attention (:func:`vlcache_serves`:
+``--attention-backend vlcache``, and on CUDA ``VLCACHE_CUDA_EXECUTOR=flashinfer``, read from the
+launch's :class:`~vlcache_sglang.settings.ServerSettings`; elsewhere SGLang's stock backend runs and
+nothing changes).
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 from contextlib import contextmanager, nullcontext
 
 import torch
 
+from vlcache_sglang.settings import ServerSettings, settings_of
+
 logger = logging.getLogger(__name__)
 
-ENV_VIRTUAL_IDS_PER_SLOT = "VLCACHE_VIRTUAL_IDS_PER_SLOT"  # read by the Compressor too
 ID_BYTES = 4  # int32 (virtual_kv.ID_DTYPE; graph index buffers)
-_FORCE: bool | None = None  # tests: force the hooks on/off regardless of the server args
-_installed = False
-_logged = False
+_FORCE: bool | None = None  # tests only (:func:`forced`): act regardless of the server args
+POOL_KV_ATTR = "_vlcache_global_kv"  # the pool's contiguous (K, V), for cell_store.contiguous_storage
 
 
-def ids_per_slot() -> float:
-    return float(os.environ.get(ENV_VIRTUAL_IDS_PER_SLOT, "4"))
-
-
-def table_bytes_per_slot(num_layers: int, *, graph_buffers: bool) -> int:
+def table_bytes_per_slot(num_layers: int, *, graph_buffers: bool, ids_per_slot: float = 4.0) -> int:
     """Device bytes of the backend's tables per pool slot: virtual-id table (``ids_per_slot``
     x ``num_layers`` int32) + birth stamps (``ids_per_slot`` int32) + decode-graph index buffers
     (``num_layers`` int32, an upper bound: their capacity is ``min(max_bs * context, slots)``)."""
-    per = ids_per_slot()
+    per = ids_per_slot
     table = per * num_layers * ID_BYTES
     born = per * ID_BYTES
     graph = num_layers * ID_BYTES if graph_buffers else 0
@@ -61,14 +57,15 @@ def vlcache_serves(server_args, device) -> bool:
         return _FORCE
     if server_args is None:
         return False
-    from vlcache_sglang.plugin import BACKEND_NAME
+    from vlcache_sglang.launch_hooks import BACKEND_NAME
 
     names = {getattr(server_args, f, None) for f in
              ("attention_backend", "prefill_attention_backend", "decode_attention_backend")}
     if BACKEND_NAME not in names:
         return False
     if str(device).startswith("cuda"):
-        return os.environ.get("VLCACHE_CUDA_EXECUTOR", "stock") == "flashinfer"
+        settings = settings_of(server_args)
+        return settings is not None and settings.cuda_executor == "flashinfer"
     return True
 
 
@@ -113,56 +110,39 @@ def create_contiguous_buffers(pool) -> None:
             v = torch.zeros((layers * rows, *v_shape[1:]), dtype=pool.store_dtype, device=pool.device)
     pool.k_buffer = [k[l * rows:(l + 1) * rows] for l in range(layers)]
     pool.v_buffer = [v[l * rows:(l + 1) * rows] for l in range(layers)]
-    pool._vlcache_global_kv = (k, v)
+    setattr(pool, POOL_KV_ATTR, (k, v))
     logger.info("vlcache: KV pool allocated contiguous (%d layers x %d rows; re-homing is free)", layers, rows)
 
 
+def create_buffers_normal(original, pool, *args, **kwargs):
+    """AROUND ``MHATokenToKVPool._create_buffers_normal``: contiguous K/V when vlcache serves."""
+    if _wants_contiguous(pool):
+        return create_contiguous_buffers(pool)
+    return original(pool, *args, **kwargs)
+
+
+def compute_cell_size(original, configurator, kvc, num_layers, *args, **kwargs):
+    """AROUND ``DefaultPoolConfigurator._compute_cell_size``: + the tables' bytes per slot."""
+    size = original(configurator, kvc, num_layers, *args, **kwargs)
+    device = getattr(kvc, "device", "cpu")
+    server_args = getattr(kvc, "server_args", None)
+    if size <= 0 or getattr(kvc, "use_mla_backend", False) or not vlcache_serves(server_args, device):
+        return size
+    settings = settings_of(server_args) or ServerSettings()
+    extra = table_bytes_per_slot(num_layers, graph_buffers=str(device).startswith("cuda"),
+                                 ids_per_slot=settings.virtual_ids_per_slot)
+    logger.info(budget_message(extra, size))
+    return size + extra
+
+
 def install_memory_hooks() -> None:
-    """Wrap ``MHATokenToKVPool._create_buffers_normal`` (contiguous K/V) and
-    ``DefaultPoolConfigurator._compute_cell_size`` (+ table bytes per slot). Idempotent; both
-    wrappers defer to SGLang's code unless :func:`vlcache_serves`."""
-    global _installed
-    if _installed:
-        return
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-    from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator
+    """Tests and tools: install and apply only this module's two hooks in this process (a server
+    gets them with the whole table from the plugin's ``register()``)."""
+    from vlcache_sglang.hooks import HOOKS, install
 
-    create = MHATokenToKVPool._create_buffers_normal
-    if not getattr(create, "_vlcache_hook", False):
-        def _create_buffers_normal(self, *args, **kwargs):
-            if _wants_contiguous(self):
-                return create_contiguous_buffers(self)
-            return create(self, *args, **kwargs)
-
-        _create_buffers_normal._vlcache_hook = True
-        _create_buffers_normal.__wrapped__ = create
-        MHATokenToKVPool._create_buffers_normal = _create_buffers_normal
-
-    cell = DefaultPoolConfigurator._compute_cell_size
-    if not getattr(cell, "_vlcache_hook", False):
-        def _compute_cell_size(self, kvc, num_layers, *args, **kwargs):
-            size = cell(self, kvc, num_layers, *args, **kwargs)
-            device = getattr(kvc, "device", "cpu")
-            if size <= 0 or getattr(kvc, "use_mla_backend", False) or \
-                    not vlcache_serves(getattr(kvc, "server_args", None), device):
-                return size
-            extra = table_bytes_per_slot(num_layers, graph_buffers=str(device).startswith("cuda"))
-            _log_budget(extra, size)
-            return size + extra
-
-        _compute_cell_size._vlcache_hook = True
-        _compute_cell_size.__wrapped__ = cell
-        DefaultPoolConfigurator._compute_cell_size = _compute_cell_size
-    _installed = True
+    install(tuple(h for h in HOOKS if h.fn in (create_buffers_normal, compute_cell_size)), apply=True)
 
 
 def budget_message(extra: int, cell: int) -> str:
     return (f"vlcache: device tables {extra:,} B/slot ({100.0 * extra / cell:.1f}% of the {cell:,} B cell) "
             "counted in the pool budget")
-
-
-def _log_budget(extra: int, cell: int) -> None:
-    global _logged
-    if not _logged:
-        logger.info(budget_message(extra, cell))
-        _logged = True

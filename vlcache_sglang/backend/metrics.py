@@ -1,17 +1,16 @@
 """Prometheus counters for compression, exported through SGLang's ``/metrics``.
 
-With ``--enable-metrics`` SGLang runs prometheus_client in multiprocess mode
-(``PROMETHEUS_MULTIPROC_DIR`` is set before the scheduler is spawned), so counters created in the
-scheduler process appear in the HTTP server's ``/metrics``. Without it, nothing is created.
+With ``--enable-metrics`` (:attr:`ServerSettings.metrics`) SGLang runs prometheus_client in
+multiprocess mode (it sets ``PROMETHEUS_MULTIPROC_DIR`` before the scheduler is spawned), so
+counters created in the scheduler process appear in the HTTP server's ``/metrics``. Without it,
+nothing is created.
 """
 from __future__ import annotations
 
-import os
-
 
 class CompressionMetrics:
-    def __init__(self) -> None:
-        self.enabled = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    def __init__(self, enabled: bool = False) -> None:
+        self.enabled = enabled
         if not self.enabled:
             return
         from prometheus_client import Counter

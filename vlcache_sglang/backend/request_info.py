@@ -1,6 +1,10 @@
 """What the backend must know per request that SGLang's ForwardBatch does not carry.
 
-A hook on ``ForwardBatch.init_new`` (see :mod:`vlcache_sglang.plugin`) calls
+A request's compression is decided once (:func:`request_spec`: its ``custom_params`` parsed, its
+policy resolved, its statistics window located) and kept on the scheduler's ``Req`` until its
+planned length changes (a retracted request is recomputed over prompt + generated tokens). Two
+scheduler hooks read it (:mod:`vlcache_sglang.scheduler_hooks`): the prefix match
+(:func:`prepare_prefix_match`) and ``ForwardBatch.init_new``, which calls
 :func:`collect_request_info` with the ScheduleBatch, whose ``reqs`` have the prompt, the image
 spans, the chunking state and the request's ``custom_params``.
 """
@@ -9,14 +13,43 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vlcache_sglang.backend import state
-from vlcache_sglang.policy import PolicyConfig, locate_window
-from vlcache_sglang.policy_resolution import resolve_policy
+from vlcache_sglang.policy import PolicyConfig, WindowSpec, get_method, locate_window
+from vlcache_sglang.policy_resolution import resolve_request
 from vlcache_sglang.settings import CompressionSettings, SettingsError
 
+if TYPE_CHECKING:
+    from vlcache_sglang.backend.runtime import Runtime
+
 logger = logging.getLogger(__name__)
+
+#: ``Req`` attributes the plugin writes (declared in :mod:`vlcache_sglang.hooks`)
+SPEC_ATTR = "_vlcache_spec"
+USER_EXTRA_KEY_ATTR = "_vlcache_user_extra_key"
+
+#: Reason codes in ``meta_info["vlcache_not_compressed"]`` (and the ``not_compressed`` counters)
+#: for a request whose policy asked for compression but which was served as stock.
+NOT_COMPRESSED_REASONS = {
+    "invalid_settings": "its custom_params were invalid (offline Engine; HTTP answers 400)",
+    "short_prompt": "the prompt is shorter than the policy's min_prompt_len",
+    "text_only": "no image or video tokens and text_only='identity'",
+    "budget_covers_prompt": "every layer's budget already covers the whole prompt",
+    "virtual_ids_exhausted": "the virtual-id table was full (raise VLCACHE_VIRTUAL_IDS_PER_SLOT)",
+}
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """A request's compression, decided once per planned length."""
+
+    prompt_len: int
+    image_spans: tuple[tuple[int, int], ...]
+    policy: PolicyConfig | None  # None: served exactly as the stock backend would
+    not_compressed: str | None  # reason code when it asked for compression and is served as stock
+    window: WindowSpec | None  # the statistics window (compressing requests)
+    sharing: str  # the sharing it asked for ("off" when its settings are invalid)
+    return_plan: bool  # the response carries the kept positions
 
 
 @dataclass(frozen=True)
@@ -33,14 +66,19 @@ class RequestInfo:
     #: why a request that asked for compression is served as stock (a code of
     #: :data:`NOT_COMPRESSED_REASONS`), None when it compresses or never asked
     not_compressed: str | None = None
+    window: WindowSpec | None = None  # located from the policy when not given
+    return_plan: bool = False
+
+    def __post_init__(self) -> None:
+        if self.window is None and self.policy is not None:
+            object.__setattr__(self, "window", locate_window(self.prompt_len, self.image_spans, self.policy))
 
     @property
     def compaction_protected(self) -> int:
         """Positions compaction leaves in place: the tree-owned prefix, and under ``prefix``
         sharing everything before the statistics window (it enters the tree uncompressed)."""
-        if self.sharing == "prefix" and self.policy is not None:
-            start = locate_window(self.prompt_len, self.image_spans, self.policy).start
-            return max(self.protected_len, start)
+        if self.sharing == "prefix" and self.window is not None:
+            return max(self.protected_len, self.window.start)
         return self.protected_len
 
     @property
@@ -63,47 +101,30 @@ def _image_spans(req) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(spans))
 
 
-#: Reason codes in ``meta_info["vlcache_not_compressed"]`` (and the ``not_compressed`` counters)
-#: for a request whose policy asked for compression but which was served as stock.
-NOT_COMPRESSED_REASONS = {
-    "invalid_settings": "its custom_params were invalid (offline Engine; HTTP answers 400)",
-    "short_prompt": "the prompt is shorter than the policy's min_prompt_len",
-    "text_only": "no image or video tokens and text_only='identity'",
-    "budget_covers_prompt": "every layer's budget already covers the whole prompt",
-    "virtual_ids_exhausted": "the virtual-id table was full (raise VLCACHE_VIRTUAL_IDS_PER_SLOT)",
-}
-
-
-def compression_decision(req, prompt_len: int, spans, settings: CompressionSettings
-                         ) -> tuple[PolicyConfig | None, str | None]:
-    """(policy this request is compressed with, None when served as stock; the reason code when
-    it asked for compression and is nevertheless served as stock)."""
+def decide(custom_params, prompt_len: int, spans, settings: CompressionSettings, rid: str = "?") -> RequestSpec:
+    """Parse a request's overrides once and decide how it is served."""
     try:
-        policy = resolve_policy(settings, req.sampling_params.custom_params)
+        s, policy = resolve_request(settings, custom_params)
     except SettingsError as exc:  # already rejected over HTTP; offline Engine users land here
-        logger.warning("vlcache: request %s served uncompressed: %s", req.rid, exc)
-        return None, "invalid_settings"
+        logger.warning("vlcache: request %s served uncompressed: %s", rid, exc)
+        return RequestSpec(prompt_len, spans, None, "invalid_settings", None, "off", False)
+    return_plan = bool(((custom_params or {}).get("vlcache") or {}).get("return_plan"))
     if policy.alpha >= 1.0 or policy.method == "full":
-        return None, None  # asked for nothing: stock behaviour
+        return RequestSpec(prompt_len, spans, None, None, None, s.sharing, return_plan)  # stock behaviour
     window = locate_window(prompt_len, spans, policy)
     if not window.compress:
-        return None, "short_prompt" if prompt_len < max(1, policy.min_prompt_len) else "text_only"
-    return policy, None
+        reason = "short_prompt" if prompt_len < max(1, policy.min_prompt_len) else "text_only"
+        return RequestSpec(prompt_len, spans, None, reason, None, s.sharing, return_plan)
+    return RequestSpec(prompt_len, spans, policy, None, window, s.sharing, return_plan)
 
 
-def compression_policy(req, prompt_len: int, spans, settings: CompressionSettings) -> PolicyConfig | None:
-    """The policy this request is compressed with, or None when it is served as stock."""
-    return compression_decision(req, prompt_len, spans, settings)[0]
-
-
-def effective_sharing(req, settings: CompressionSettings) -> str:
-    """The request's sharing mode, ``off`` unless the ``vlcache`` radix cache runs."""
-    if state.sharing_tree() is None:
-        return "off"
-    try:
-        return settings.with_request(req.sampling_params.custom_params).sharing
-    except SettingsError:
-        return "off"
+def request_spec(req, settings: CompressionSettings, prompt_len: int) -> RequestSpec:
+    """The request's :class:`RequestSpec`, cached on the ``Req`` for its current length."""
+    spec = getattr(req, SPEC_ATTR, None)
+    if spec is None or spec.prompt_len != prompt_len:
+        spec = decide(req.sampling_params.custom_params, prompt_len, _image_spans(req), settings, req.rid)
+        setattr(req, SPEC_ATTR, spec)
+    return spec
 
 
 def policy_namespace(policy: PolicyConfig) -> str:
@@ -112,55 +133,52 @@ def policy_namespace(policy: PolicyConfig) -> str:
     return f"vlcache:{digest}"
 
 
-def prepare_prefix_match(req, settings: CompressionSettings) -> int | None:
+def prepare_prefix_match(req, runtime: Runtime) -> int | None:
     """Before a compressing request is matched against the tree: under ``compressed`` sharing put it
     in its policy's namespace (reuse anything cached under the same policy, no cap); otherwise cap
     the reusable prefix at the statistics window, so that the window's queries are recomputed (and
     measured) while the image before it is still shared. Returns the cap (None: no cap)."""
-    prompt_len = len(req.origin_input_ids) + len(req.output_ids)
-    spans = _image_spans(req)
-    policy = compression_policy(req, prompt_len, spans, settings)
-    if policy is None:
+    spec = request_spec(req, runtime.settings.compression, len(req.origin_input_ids) + len(req.output_ids))
+    if spec.policy is None:
         return None
-    if effective_sharing(req, settings) == "compressed":
-        if not hasattr(req, "_vlcache_user_extra_key"):
-            req._vlcache_user_extra_key = req.extra_key
-        namespace = policy_namespace(policy)
-        user = req._vlcache_user_extra_key
+    if runtime.sharing_on and spec.sharing == "compressed":
+        if not hasattr(req, USER_EXTRA_KEY_ATTR):
+            setattr(req, USER_EXTRA_KEY_ATTR, req.extra_key)
+        namespace = policy_namespace(spec.policy)
+        user = getattr(req, USER_EXTRA_KEY_ATTR)
         req.extra_key = namespace if user is None else f"{user}|{namespace}"
         return None
-    from vlcache_sglang.policy.methods import get_method
-
-    if get_method(policy.method).rows == "all":
+    if get_method(spec.policy.method).rows == "all":
         return 0  # H2O scores every row: a reused prefix would leave its statistics incomplete
-    return locate_window(prompt_len, spans, policy).start
+    return spec.window.start
 
 
-def request_info(req, settings: CompressionSettings) -> RequestInfo:
+def request_info(req, runtime: Runtime) -> RequestInfo:
     prompt_len = len(req.full_untruncated_fill_ids)
-    spans = _image_spans(req)
     idx = int(req.kv.req_pool_idx)
-    compressor = state.active_compressor()
+    spec = request_spec(req, runtime.settings.compression, prompt_len)
+    policy, reason = spec.policy, spec.not_compressed
+    compressor = runtime.compressor
     if compressor is not None and compressor.is_decoding(idx, req.rid):
         # a decoding request mixed into an extend batch (--enable-mixed-chunk): its prefill is
         # done (compacted or left alone); this forward only appends its next token
+        compressor.counters.mixed_decode_rows += 1
         policy, reason = None, None
-    else:
-        policy, reason = compression_decision(req, prompt_len, spans, settings)
     return RequestInfo(
-        rid=req.rid, req_pool_idx=idx, prompt_len=prompt_len, image_spans=spans,
+        rid=req.rid, req_pool_idx=idx, prompt_len=prompt_len, image_spans=spec.image_spans,
         is_last_chunk=req.extend_end == prompt_len, protected_len=int(req.kv.cache_protected_len), policy=policy,
-        sharing=effective_sharing(req, settings) if policy is not None else "off", req=req,
-        not_compressed=reason,
+        sharing=spec.sharing if policy is not None and runtime.sharing_on else "off", req=req,
+        not_compressed=reason, window=spec.window if policy is not None else None, return_plan=spec.return_plan,
     )
 
 
-def collect_request_info(schedule_batch, settings: CompressionSettings) -> list[RequestInfo]:
+def collect_request_info(schedule_batch, runtime: Runtime) -> list[RequestInfo]:
     """Per-request info of an extend batch. Without sharing, compressing requests stay out of the
     radix tree (their prompt slots are about to be rewritten); with the ``vlcache`` radix cache its
     ``checkpoint`` decides what of them may enter."""
-    infos = [request_info(req, settings) for req in schedule_batch.reqs]
+    infos = [request_info(req, runtime) for req in schedule_batch.reqs]
     for req, info in zip(schedule_batch.reqs, infos):
         if info.compresses and info.sharing == "off":
             req.skip_radix_cache_insert = True
     return infos
+

@@ -28,8 +28,9 @@ fixed at construction, never per step (a captured graph replays what it captured
 Triton kernel with ``compressed_decode="triton"``, FlashInfer wrappers planned per layer and per
 replay otherwise.
 
-Compressed decode without plans. ``compressed_decode="triton"`` (the default; env
-``VLCACHE_COMPRESSED_DECODE=flashinfer`` restores per-layer plans) runs decode steps that carry
+Compressed decode without plans. ``compressed_decode="triton"`` (the default; launching
+with ``VLCACHE_COMPRESSED_DECODE=flashinfer``, :attr:`ServerSettings.compressed_decode`, restores
+per-layer plans) runs decode steps that carry
 per-layer lists (``meta.layer_kv``, i.e. some request in the batch is compressed) through
 :func:`vlcache_sglang.kernels.ragged_decode.ragged_decode`, a split-KV Triton kernel that reads each
 request's range from the device ``kv_indptr`` and so needs no plan at all. Measured on an H200
@@ -47,7 +48,6 @@ SGLang (nor CUDA).
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -132,7 +132,7 @@ class FlashInferAttentionExecutor:
                  max_batch_size: int | None = None, max_kv_tokens: int | None = None,
                  num_layers: int | None = None, compressed_decode: str | None = None) -> None:
         self.device = torch.device(device) if device is not None else None
-        self.compressed_decode = compressed_decode or os.environ.get("VLCACHE_COMPRESSED_DECODE", "triton")
+        self.compressed_decode = compressed_decode or "triton"
         if self.compressed_decode not in ("triton", "flashinfer"):
             raise ValueError(f"compressed_decode must be 'triton' or 'flashinfer', not {self.compressed_decode!r}")
         self._graph_triton = self.compressed_decode == "triton"  # fixed: what a captured graph holds

@@ -1,0 +1,125 @@
+"""Launch-side hooks: the ``--vlcache-*`` flags, the one settings object, refusals, request checks.
+
+This and :mod:`vlcache_sglang.settings` are the plugin boundary: the only code that reads the
+environment. The route of the settings, in order:
+
+1. ``ServerArgs.add_cli_args`` (after): the ``--vlcache-*`` flags join SGLang's parser;
+2. ``ServerArgs.from_cli_args`` (after): their raw values are kept on the ``ServerArgs``
+   (``_vlcache_flags``; the offline ``sglang.Engine`` has none and uses the environment);
+3. ``ServerArgs.resolve_once`` (before): ``--attention-backend vlcache`` picks the ``vlcache``
+   radix cache unless one was named;
+4. ``ServerArgs.resolve_once`` (after): flags, environment and the tuned policy file become one
+   frozen :class:`~vlcache_sglang.settings.ServerSettings`, validated, checked against the launch
+   (:mod:`vlcache_sglang.compatibility`; a refusal stops the launch before any model loads) and
+   attached to the ``ServerArgs`` (``_vlcache_settings``), which SGLang pickles with its
+   bookkeeping into every scheduler, TP rank and the detokenizer;
+5. ``SamplingParams.verify`` (after, HTTP process): a request's ``custom_params["vlcache"]`` is
+   validated once, when it arrives (a 400, not a crash).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from vlcache_sglang.settings import (
+    FLAGS_ATTR,
+    CompressionSettings,
+    ServerSettings,
+    SettingsError,
+    attach,
+    launch_settings,
+    settings_of,
+)
+
+logger = logging.getLogger(__name__)
+BACKEND_NAME = "vlcache"
+
+
+def add_cli_args(result, parser, *args, **kwargs):
+    from vlcache_sglang.policy import available_methods
+
+    group = parser.add_argument_group("vlcache", "VL-Cache KV compression (vlcache-sglang plugin)")
+    group.add_argument("--vlcache-budget", type=float, default=None,
+                       help="KV budget ratio alpha in (0, 1]; 1.0 keeps everything (default: $VLCACHE_BUDGET or 1.0)")
+    group.add_argument("--vlcache-method", type=str, default=None,
+                       help=f"compression method: {', '.join(available_methods())}")
+    group.add_argument("--vlcache-config", type=str, default=None,
+                       help="a tuned policy configuration (JSON) written by tune.py")
+    group.add_argument("--vlcache-sharing", type=str, default=None,
+                       help="radix sharing of compressing requests: off (default), prefix or compressed")
+    return result
+
+
+def keep_cli_flags(server_args, cls, args, *rest, **kwargs):
+    """Keep the raw ``--vlcache-*`` values on the server args until resolution parses them."""
+    flags = {name: getattr(args, f"vlcache_{name}", None) for name in ("budget", "method", "config", "sharing")}
+    setattr(server_args, FLAGS_ATTR, flags)
+    return server_args
+
+
+def select_radix_cache(server_args, *args, **kwargs):
+    """``--attention-backend vlcache`` picks the ``vlcache`` radix cache unless one was named."""
+    from vlcache_sglang.radix_cache import NAME as RADIX_NAME
+
+    if getattr(server_args, "attention_backend", None) == BACKEND_NAME and \
+            getattr(server_args, "radix_cache_backend", None) is None and \
+            not getattr(server_args, "_resolution_finished", False):
+        server_args.radix_cache_backend = RADIX_NAME
+    return None
+
+
+def settle_launch(result, server_args, *args, **kwargs):
+    """Parse and validate the launch once, refuse what cannot be served, attach the settings."""
+    if settings_of(server_args) is not None:
+        return result  # a spawned process re-resolving: settled in the launcher
+    ours = getattr(server_args, "attention_backend", None) == BACKEND_NAME
+    model = getattr(server_args, "model_path", None) if ours else None
+    settings, source = launch_settings(getattr(server_args, FLAGS_ATTR, None) or {}, os.environ, model,
+                                       metrics=bool(getattr(server_args, "enable_metrics", False)))
+    if not ours:
+        return result  # flags validated; nothing of ours runs
+    from dataclasses import replace
+
+    from vlcache_sglang.compatibility import compresses_on, refusals
+
+    problems = refusals(server_args, settings)
+    if problems:
+        raise SettingsError("--attention-backend vlcache cannot serve this launch:\n  "
+                            + "\n  ".join(p.message() for p in problems))
+    settings = attach(server_args, replace(settings, compresses=compresses_on(server_args, settings)))
+    if source is not None:
+        logger.info("vlcache policy file %s (%s)", settings.compression.config_path, source)
+    logger.info("vlcache settings: %s", settings.describe())
+    if not settings.compresses:
+        logger.warning("vlcache on CUDA without the opt-in: SGLang's FlashInfer backend serves every request "
+                       "uncompressed (budget 1.0); requests asking for compression get a 400")
+    return result
+
+
+def serving_settings() -> ServerSettings | None:
+    """The settings of the server this (HTTP) process runs, from SGLang's runtime context."""
+    try:
+        from sglang.srt.runtime_context import get_server_args
+
+        return settings_of(get_server_args())
+    except Exception:  # nothing published in this process (tools, tests)
+        return None
+
+
+def verify_request(result, sampling_params, *args, **kwargs):
+    """Reject a bad ``custom_params["vlcache"]`` in the HTTP process: a 400, not a crash. A
+    request asking for compression from a server that cannot compress is a 400 too."""
+    from vlcache_sglang.compatibility import not_compressing_message
+    from vlcache_sglang.policy_resolution import check_request, resolve_policy
+
+    server = serving_settings()
+    settings = server.compression if server is not None else CompressionSettings()
+    try:
+        check_request(settings, sampling_params.custom_params)
+    except SettingsError as exc:
+        raise ValueError(str(exc)) from None
+    if server is not None and not server.compresses and sampling_params.custom_params:
+        policy = resolve_policy(settings, sampling_params.custom_params)
+        if policy.alpha < 1.0 and policy.method != "full":
+            raise ValueError(not_compressing_message())
+    return result
