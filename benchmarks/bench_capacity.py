@@ -22,7 +22,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.conftest import make_test_image, png_base64  # noqa: E402
 from vlcache_sglang.bundled import tiny_random_model_dir  # noqa: E402
-from vlcache_sglang.serving import running_server  # noqa: E402
+from vlcache_sglang.tooling.serving import running_server  # noqa: E402
 
 PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
           "Describe the picture.<|im_end|>\n<|im_start|>assistant\n")

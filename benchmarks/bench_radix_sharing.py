@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.conftest import png_base64  # noqa: E402
 from vlcache_sglang.bundled import bundled_model_dir  # noqa: E402
-from vlcache_sglang.hf_eval.items import ChatPrompter  # noqa: E402
-from vlcache_sglang.serving import running_server, vlcache_state  # noqa: E402
-from vlcache_sglang.tasks.shared_page import questions_on_one_page  # noqa: E402
+from vlcache_sglang.research.hf_eval.items import ChatPrompter  # noqa: E402
+from vlcache_sglang.tooling.serving import running_server, vlcache_state  # noqa: E402
+from vlcache_sglang.research.tasks.shared_page import questions_on_one_page  # noqa: E402
 
 CONFIGS = {
     "full cache": {"budget": 1.0},

@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    from vlcache_sglang.serving import free_port
+    from vlcache_sglang.tooling.serving import free_port
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()

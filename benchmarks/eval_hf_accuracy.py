@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
 
-    from vlcache_sglang.hf_eval import ChatPrompter, evaluate_policies, items_from_dataset, load_model
-    from vlcache_sglang.hf_eval.report import markdown_tables, plot_accuracy_vs_budget
-    from vlcache_sglang.tasks.datasets_io import load_eval_dataset
+    from vlcache_sglang.research.hf_eval import ChatPrompter, evaluate_policies, items_from_dataset, load_model
+    from vlcache_sglang.research.hf_eval.report import markdown_tables, plot_accuracy_vs_budget
+    from vlcache_sglang.research.tasks.datasets_io import load_eval_dataset
 
     torch.set_num_threads(args.threads)
     items = items_from_dataset(load_eval_dataset(args.split_dir), args.n, args.qtypes)

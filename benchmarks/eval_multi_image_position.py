@@ -18,7 +18,7 @@ import json
 import requests
 from PIL import Image
 
-from vlcache_sglang.tasks.docvqa import DocGenerator
+from vlcache_sglang.research.tasks.docvqa import DocGenerator
 
 PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
           "<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>"

@@ -21,7 +21,7 @@ from tuning.data import load_items  # noqa: E402
 from tuning.evaluator import FULL_CACHE, ServerEvaluator  # noqa: E402
 from vlcache_sglang.bundled import bundled_model_dir  # noqa: E402
 from vlcache_sglang.policy import PolicyConfig  # noqa: E402
-from vlcache_sglang.serving import running_server  # noqa: E402
+from vlcache_sglang.tooling.serving import running_server  # noqa: E402
 
 
 def main() -> None:

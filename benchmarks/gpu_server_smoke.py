@@ -27,8 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vlcache_sglang.gpu_kit import GPU_SERVER_ARGS as GPU_PROFILE_ARGS  # noqa: E402
-from vlcache_sglang.gpu_kit import GPU_SERVER_ENV as GPU_PROFILE_ENV  # noqa: E402
+from vlcache_sglang.tooling.gpu_kit import GPU_SERVER_ARGS as GPU_PROFILE_ARGS  # noqa: E402
+from vlcache_sglang.tooling.gpu_kit import GPU_SERVER_ENV as GPU_PROFILE_ENV  # noqa: E402
 
 QUESTION = "What is the value of U?"
 
@@ -48,7 +48,7 @@ def ask(url: str, image_b64: str, budget: float | None, max_new: int = 12) -> di
 
 
 def serve(model: Path, backend: str, out: Path, name: str, extra_args: list[str], fn) -> dict:
-    from vlcache_sglang.serving import running_server
+    from vlcache_sglang.tooling.serving import running_server
 
     log = out / f"server_{name}.log"
     try:
@@ -91,7 +91,7 @@ def main() -> int:
             import torch
             from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-            from vlcache_sglang.hf_reference import greedy_with_plan
+            from vlcache_sglang.research.hf_reference import greedy_with_plan
 
             hf = Qwen2VLForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
             proc = AutoProcessor.from_pretrained(model)

@@ -1,39 +1,44 @@
 """Which implementation runs where: Triton on CUDA, the torch reference elsewhere.
 
-``VLCACHE_KERNELS=torch`` forces the torch reference everywhere (debugging, A/B checks);
-``VLCACHE_KERNELS=triton`` forces Triton (on CPU tensors that means Triton's interpreter: slow,
-for tests only). Everything here takes and returns the same objects as the reference.
+Every entry point takes the choice as an explicit ``mode`` (:data:`KERNEL_MODES`): ``"auto"``
+(Triton on CUDA, torch elsewhere), ``"torch"`` (the torch reference everywhere: debugging, A/B
+checks) or ``"triton"`` (Triton everywhere; on CPU tensors that means Triton's interpreter: slow,
+for tests only). Nothing here reads the environment: the launch settings own that choice and pass
+it down. Everything here takes and returns the same objects as the reference.
 
-What the server calls (the lead wires these in):
+What the server calls:
 
-* statistics, one layer of an extend batch: :func:`batched_attention_stats` (all compressing
-  requests of the batch at once; build the block tables once per forward with
-  :func:`plan_batched_stats` and pass them as ``plan=`` to every layer), or the one-request
-  drop-in :func:`attention_stats_auto` with the signature of
-  :func:`vlcache_sglang.policy.stats.attention_stats`;
+* statistics of one request: :func:`attention_stats_auto`, with the signature of
+  :func:`vlcache_sglang.policy.stats.attention_stats` (a ``StatsFn``), handed to
+  ``StatsAccumulator(..., stats_fn=...)``; the batched kernel itself is
+  :func:`vlcache_sglang.kernels.attention_stats.attention_stats_batched`;
 * compaction: :func:`move_kv_rows_auto` (or ``kv_move.compact_requests`` for many requests).
 """
 from __future__ import annotations
 
-import os
-from typing import Sequence
+from typing import Literal
 
 import torch
 
 from vlcache_sglang.policy.stats import AttentionStats
 
 __all__ = [
+    "KERNEL_MODES",
+    "KernelMode",
     "attention_stats_auto",
-    "batched_attention_stats",
     "move_kv_rows_auto",
-    "plan_batched_stats",
     "use_triton",
 ]
 
+KernelMode = Literal["auto", "torch", "triton"]
+KERNEL_MODES: tuple[str, ...] = ("auto", "torch", "triton")
 
-def use_triton(device: torch.device | str) -> bool:
-    """Triton on CUDA (unless ``VLCACHE_KERNELS=torch``); torch elsewhere (unless ``=triton``)."""
-    mode = os.environ.get("VLCACHE_KERNELS", "auto").lower()
+
+def use_triton(device: torch.device | str, mode: KernelMode = "auto") -> bool:
+    """``mode="auto"``: Triton on CUDA (when triton imports), torch elsewhere; ``"torch"`` / ``"triton"``
+    force one. Raises ValueError for any other mode."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernel mode must be one of {', '.join(KERNEL_MODES)}; got {mode!r}")
     if mode == "torch":
         return False
     if mode == "triton":
@@ -47,40 +52,15 @@ def use_triton(device: torch.device | str) -> bool:
     return True
 
 
-def plan_batched_stats(qo_indptr_cpu: Sequence[int], kv_indptr_cpu: Sequence[int], device, num_q_heads: int):
-    """Block tables for :func:`batched_attention_stats` (``None`` where torch will run)."""
-    if not use_triton(device):
-        return None
-    from vlcache_sglang.kernels.attention_stats import plan_stats
-
-    return plan_stats(qo_indptr_cpu, kv_indptr_cpu, device, num_q_heads=num_q_heads)
-
-
-def batched_attention_stats(q, q_positions, qo_indptr_cpu, k_pool, kv_indices, kv_indptr_cpu, scale: float,
-                            threshold: float = 0.01, *, plan=None, dtype: torch.dtype = torch.float32):
-    """:class:`~vlcache_sglang.kernels.attention_stats.BatchedStats` of one layer for a batch.
-
-    ``dtype`` is the torch reference's accumulation dtype (the Triton kernel accumulates in fp32;
-    a float64 request, ``stats_dtype="float64"``, therefore always takes the torch path).
-    """
-    if dtype == torch.float64 or not use_triton(k_pool.device):
-        from vlcache_sglang.kernels.attention_stats import attention_stats_batched_torch
-
-        return attention_stats_batched_torch(q, q_positions, qo_indptr_cpu, k_pool, kv_indices, kv_indptr_cpu,
-                                             scale, threshold, dtype=dtype)
-    from vlcache_sglang.kernels.attention_stats import attention_stats_batched
-
-    return attention_stats_batched(q, q_positions, qo_indptr_cpu, k_pool, kv_indices, kv_indptr_cpu, scale,
-                                   threshold, plan=plan)
-
-
 def attention_stats_auto(q: torch.Tensor, q_positions: torch.Tensor, k: torch.Tensor, scale: float,
                          threshold: float = 0.01, *, key_chunk: int = 1024, query_chunk: int = 128,
-                         dtype: torch.dtype = torch.float32) -> AttentionStats:
+                         dtype: torch.dtype = torch.float32, mode: KernelMode = "auto") -> AttentionStats:
     """Drop-in for :func:`vlcache_sglang.policy.stats.attention_stats` (one request, keys given
-    as a ``[n_k, Hkv, D]`` tensor): the Triton kernel on CUDA (fp32 accumulation), the torch
-    reference elsewhere or when ``dtype`` is float64."""
-    if dtype == torch.float64 or not use_triton(k.device):
+    as a ``[n_k, Hkv, D]`` tensor): the Triton kernel where :func:`use_triton` says so (fp32
+    accumulation), the torch reference otherwise or when ``dtype`` is float64. With a mode other
+    than ``"auto"``, bind it (``functools.partial(attention_stats_auto, mode=...)``) to get a
+    ``StatsFn``."""
+    if dtype == torch.float64 or not use_triton(k.device, mode):
         from vlcache_sglang.policy.stats import attention_stats
 
         return attention_stats(q, q_positions, k, scale, threshold, key_chunk=key_chunk,
@@ -93,11 +73,13 @@ def attention_stats_auto(q: torch.Tensor, q_positions: torch.Tensor, k: torch.Te
     return AttentionStats(out.col, out.below[0], out.causal[0])
 
 
-def move_kv_rows_auto(k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """``k[dst] = k[src]; v[dst] = v[src]`` (sources read first): Triton on CUDA, torch elsewhere."""
+def move_kv_rows_auto(k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *,
+                      mode: KernelMode = "auto") -> None:
+    """``k[dst] = k[src]; v[dst] = v[src]`` (sources read first): Triton where :func:`use_triton`
+    says so (``mode="auto"``: on CUDA), torch otherwise."""
     from vlcache_sglang.kernels import kv_move
 
-    if use_triton(k.device):
+    if use_triton(k.device, mode):
         kv_move.move_kv_rows_triton(k, v, src, dst)
     else:
         kv_move.move_kv_rows(k, v, src, dst)

@@ -6,4 +6,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$(bash "$ROOT/scripts/setup_env.sh" | tail -n 1)"
 cd "$ROOT"
-exec "$VENV/bin/python" -m vlcache_sglang.demo "$@"
+exec "$VENV/bin/python" -m vlcache_sglang.tooling.demo "$@"

@@ -28,8 +28,8 @@ fi
 # out/gpu-site, and a whole SGLang server runs first (benchmarks/gpu_server_smoke.py).
 if [ -f out/gpu-server-kit/MANIFEST.json ]; then
   if [ ! -f out/gpu-site/.installed ]; then
-    if PYTHONPATH="$ROOT" python3 -m vlcache_sglang.gpu_kit status --kit out/gpu-server-kit; then
-      PYTHONPATH="$ROOT" python3 -m vlcache_sglang.gpu_kit install --kit out/gpu-server-kit --target out/gpu-site \
+    if PYTHONPATH="$ROOT" python3 -m vlcache_sglang.tooling.gpu_kit status --kit out/gpu-server-kit; then
+      PYTHONPATH="$ROOT" python3 -m vlcache_sglang.tooling.gpu_kit install --kit out/gpu-server-kit --target out/gpu-site \
         && touch out/gpu-site/.installed
     fi
   fi

@@ -35,7 +35,7 @@ for k in a b c; do
   d="/tmp/gv_$k"
   python3 scripts/train_tinyvlm.py --out "$d" --stage compose --model-out "/tmp/model_$k" --device cpu >> "$d/train.log" 2>&1 \
     && cp "/tmp/model_$k/model.safetensors" "$OUT/$k.safetensors"
-  timeout "$EVAL_TIMEOUT" python3 -m vlcache_sglang.tinyvlm.evaluate --model "/tmp/model_$k" --grids 16,32 --n 64 \
+  timeout "$EVAL_TIMEOUT" python3 -m vlcache_sglang.research.tinyvlm.evaluate --model "/tmp/model_$k" --grids 16,32 --n 64 \
     --threads 5 > "$OUT/eval_$k.jsonl" 2>"$d/eval.err" &
 done
 wait

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from vlcache_sglang.tinyvlm.assets import ModelSize
-from vlcache_sglang.tinyvlm.training import (DecodeConfig, Env, LookupConfig, VisionConfig, compose, train_decode,
-                                             train_lookup, train_vision)
+from vlcache_sglang.research.tinyvlm.assets import ModelSize
+from vlcache_sglang.research.tinyvlm.training import (DecodeConfig, Env, LookupConfig, VisionConfig, compose,
+                                                      train_decode, train_lookup, train_vision)
 
 
 def main(argv: list[str] | None = None) -> None:

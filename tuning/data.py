@@ -1,7 +1,7 @@
 """Evaluation items for tuning: a study split and a disjoint held-out split of one dataset.
 
 A dataset is a directory holding one ``datasets`` folder per split (as written by
-``python -m vlcache_sglang.tasks.datasets_io``: ``calibration/`` and ``heldout/``), or a Hugging
+``python -m vlcache_sglang.research.tasks.datasets_io``: ``calibration/`` and ``heldout/``), or a Hugging
 Face dataset id (``name`` or ``name:config``) whose split names may use slicing
 (``validation[:200]``). Rows need ``image``, ``question`` and ``answer`` (a string) or
 ``answers`` (a list); an optional ``qtype`` column groups the accuracy.
@@ -67,7 +67,7 @@ def load_split(dataset: str | Path, split: str):
             f"could not load the Hugging Face dataset {name!r} (split {split!r}): {type(e).__name__}: {e}. "
             "Loading a dataset by name needs network access to the Hugging Face Hub or a local cache; "
             "offline, pass a directory with one folder per split "
-            "(`python -m vlcache_sglang.tasks.datasets_io --out DIR` writes one).") from e
+            "(`python -m vlcache_sglang.research.tasks.datasets_io --out DIR` writes one).") from e
 
 
 def _answers(row: dict[str, Any]) -> tuple[str, ...]:

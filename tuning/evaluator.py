@@ -5,7 +5,7 @@ SGLang server (``--attention-backend vlcache``) through its OpenAI chat endpoint
 *whole* policy per request in ``custom_params["vlcache"]`` (so whatever policy file the server
 loaded never leaks into a trial) and reading the measured ``vlcache_kept_ratio`` from the
 response's ``meta_info``. :func:`hf_evaluator` adapts the Hugging Face harness
-(``vlcache_sglang.hf_eval``) to the same interface.
+(``vlcache_sglang.research.hf_eval``) to the same interface.
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ class ServerEvaluator:
 
 
 class HFEvaluator:
-    """Adapter over ``vlcache_sglang.hf_eval`` (Hugging Face transformers, the policy's plan applied).
+    """Adapter over ``vlcache_sglang.research.hf_eval`` (Hugging Face transformers, the policy's plan applied).
 
     Assumed API: ``hf_eval.load(model_path, *, device) -> handle`` and
     ``hf_eval.answer(handle, policy: PolicyConfig, image: PIL.Image, question: str, *,
@@ -155,13 +155,13 @@ class HFEvaluator:
 
     def __init__(self, model_path: str, *, max_tokens: int = 16, device: str = "cpu") -> None:
         try:
-            import vlcache_sglang.hf_eval as hf_eval
+            import vlcache_sglang.research.hf_eval as hf_eval
         except ImportError as exc:
-            raise RuntimeError(f"--backend hf needs vlcache_sglang.hf_eval, which is not available ({exc}); "
+            raise RuntimeError(f"--backend hf needs vlcache_sglang.research.hf_eval, which is not available ({exc}); "
                                "use --backend server") from exc
         missing = [n for n in ("load", "answer") if not callable(getattr(hf_eval, n, None))]
         if missing:
-            raise RuntimeError(f"vlcache_sglang.hf_eval lacks {missing}; --backend hf expects "
+            raise RuntimeError(f"vlcache_sglang.research.hf_eval lacks {missing}; --backend hf expects "
                                "load(model_path, device=...) and answer(handle, policy, image, question, "
                                "max_new_tokens=...)")
         self._hf = hf_eval

@@ -99,7 +99,7 @@ def open_evaluator(args: argparse.Namespace, spec: ModelSpec) -> Iterator[Evalua
             yield ev
             return
         raise StudyError(f"the server at {args.url} serves {served!r}, not {spec.model_path!r}")
-    from vlcache_sglang.serving import running_server
+    from vlcache_sglang.tooling.serving import running_server
 
     print(f"starting an SGLang server for {spec.model_path} ...", flush=True)
     # the policy travels whole in every request; 'none' keeps any per-model default out of it

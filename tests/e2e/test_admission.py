@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from tests.conftest import make_test_image, png_base64
-from vlcache_sglang.serving import running_server, vlcache_state
+from vlcache_sglang.tooling.serving import running_server, vlcache_state
 
 pytestmark = pytest.mark.server
 POOL = 4000

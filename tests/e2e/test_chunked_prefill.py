@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from tests.conftest import make_test_image, png_base64
-from vlcache_sglang.serving import running_server
+from vlcache_sglang.tooling.serving import running_server
 
 pytestmark = pytest.mark.server
 PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"

@@ -10,7 +10,7 @@
   every iteration and holds with compressed requests live;
 - ``--enable-metrics``: requests left uncompressed carry a reason code in ``meta_info`` and in
   ``vlcache_requests_not_compressed_total{reason}``;
-- the GPU machine's serving profile (``vlcache_sglang.gpu_kit.GPU_SERVER_ENV/ARGS``: SGLang's
+- the GPU machine's serving profile (``vlcache_sglang.tooling.gpu_kit.GPU_SERVER_ENV/ARGS``: SGLang's
   pure-torch fused ops, torch sampler, SDPA vision attention), rehearsed here;
 - ``VLCACHE_DEBUG_CHECKS=1``: freed-KV reads are counted (none) and plans from incomplete
   statistics would raise.
@@ -26,8 +26,8 @@ import requests
 
 from tests.conftest import make_test_image
 from tests.e2e.test_compression import PROMPT, generate
-from vlcache_sglang.gpu_kit import GPU_SERVER_ARGS, GPU_SERVER_ENV
-from vlcache_sglang.serving import running_server, vlcache_state
+from vlcache_sglang.tooling.gpu_kit import GPU_SERVER_ARGS, GPU_SERVER_ENV
+from vlcache_sglang.tooling.serving import running_server, vlcache_state
 
 pytestmark = pytest.mark.server
 MAX_NEW = 24

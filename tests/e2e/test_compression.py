@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from tests.conftest import make_test_image, png_base64
-from vlcache_sglang.serving import running_server, vlcache_state
+from vlcache_sglang.tooling.serving import running_server, vlcache_state
 
 pytestmark = pytest.mark.server
 MAX_NEW = 10
@@ -65,7 +65,7 @@ CASES = [("vlcache", 0.3, 21), ("vlcache", 0.1, 22), ("snapkv", 0.2, 23), ("pyra
 def test_server_tokens_equal_hf_with_the_same_plan(server, hf, method, budget, seed):
     import torch
 
-    from vlcache_sglang.hf_reference import greedy_with_plan
+    from vlcache_sglang.research.hf_reference import greedy_with_plan
 
     model, processor = hf
     image = make_test_image(seed, (336, 280))

@@ -29,7 +29,7 @@ import pytest
 import requests
 
 from tests.conftest import make_test_image, png_base64
-from vlcache_sglang.serving import running_server, vlcache_state
+from vlcache_sglang.tooling.serving import running_server, vlcache_state
 
 pytestmark = pytest.mark.server
 POOL = 1500
@@ -126,7 +126,7 @@ RETRACT_NEW = 300  # 6 x 300 generated tokens cannot fit a 1,500-token pool
 def test_decode_out_of_memory_retracts_and_the_retracted_request_recomputes(server, hf):
     import torch
 
-    from vlcache_sglang.hf_reference import greedy_with_plan
+    from vlcache_sglang.research.hf_reference import greedy_with_plan
 
     assert_at_start(settle(server))
     offset = log_offset(server)

@@ -16,7 +16,7 @@ import io
 import pytest
 
 from vlcache_sglang.bundled import bundled_model_dir, trained_model_dir
-from vlcache_sglang.serving import running_server
+from vlcache_sglang.tooling.serving import running_server
 
 pytestmark = pytest.mark.server
 MAX_TOKENS = 8
@@ -32,7 +32,7 @@ def model_dir():
 
 @pytest.fixture(scope="module")
 def example():
-    from vlcache_sglang.tasks import demo_example
+    from vlcache_sglang.research.tasks import demo_example
 
     return demo_example()  # (image, question, gold answer)
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import make_test_image
 from tests.e2e.test_compression import generate as compression_generate
-from vlcache_sglang.serving import flush_cache, running_server
+from vlcache_sglang.tooling.serving import flush_cache, running_server
 
 pytestmark = pytest.mark.server
 MAX_NEW = 12

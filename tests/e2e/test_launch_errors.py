@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from vlcache_sglang.serving import server_command, server_env
+from vlcache_sglang.tooling.serving import server_command, server_env
 
 
 @pytest.mark.parametrize("extra_args,extra_env,expected", [

@@ -21,9 +21,9 @@ from PIL import Image
 from tests.conftest import png_base64
 
 from vlcache_sglang.bundled import bundled_model_dir
-from vlcache_sglang.hf_eval.items import ChatPrompter
-from vlcache_sglang.serving import flush_cache, running_server, vlcache_state
-from vlcache_sglang.tasks.shared_page import questions_on_one_page
+from vlcache_sglang.research.hf_eval.items import ChatPrompter
+from vlcache_sglang.tooling.serving import flush_cache, running_server, vlcache_state
+from vlcache_sglang.research.tasks.shared_page import questions_on_one_page
 
 pytestmark = pytest.mark.server
 MAX_NEW = 12
@@ -83,7 +83,7 @@ def test_vlcache_radix_cache_is_selected_by_the_backend(server):
 def test_turn_two_reuses_turn_one_compressed_and_matches_hf(server, processor, prompter):
     from transformers import Qwen2VLForConditionalGeneration
 
-    from vlcache_sglang.hf_multiturn import greedy_after_turns
+    from vlcache_sglang.research.hf_multiturn import greedy_after_turns
 
     flush(server)
     rgb, qa = questions_on_one_page(seed=3, n=2)

@@ -4,7 +4,7 @@ is unreachable through SGLang), on one
 SGLang runtime with the trained bundled model (``models/tinyvlm-docvqa``, its pages as images and
 as video frames).
 
-The runtime is SGLang's offline ``Engine`` in a child process (``vlcache_sglang.engine_worker``),
+The runtime is SGLang's offline ``Engine`` in a child process (``vlcache_sglang.tooling.engine_worker``),
 not the HTTP server: SGLang 0.5.23's ``/generate`` takes a video only as an encoded file (path,
 URL, base64), which needs torchcodec or decord, absent from the CPU install; the Engine takes the
 frames as an array and serves them through the same tokenizer manager, scheduler, model and
@@ -32,12 +32,11 @@ from __future__ import annotations
 import time
 
 import pytest
-import requests
 import torch
 
 from vlcache_sglang.bundled import trained_model_dir
 from vlcache_sglang.policy import PolicyConfig
-from vlcache_sglang.engine_worker import running_engine
+from vlcache_sglang.tooling.engine_worker import running_engine
 
 pytestmark = pytest.mark.server
 MODEL = trained_model_dir()
@@ -60,7 +59,7 @@ def server():
 def mm_size() -> dict:
     """The processor size the runtime applies (``--mm-process-config``; SGLang passes it to the
     video processor as well), so that the HF reference sees the same pixels."""
-    from vlcache_sglang.serving import mm_process_config
+    from vlcache_sglang.tooling.serving import mm_process_config
 
     return mm_process_config(MODEL)["image"]["size"]
 
@@ -69,7 +68,7 @@ def mm_size() -> dict:
 def hf():
     from transformers import AutoProcessor
 
-    from vlcache_sglang.hf_eval import load_model
+    from vlcache_sglang.research.hf_eval import load_model
 
     torch.set_num_threads(1)
     return load_model(MODEL), AutoProcessor.from_pretrained(MODEL)
@@ -78,7 +77,7 @@ def hf():
 def pages(n: int, seed: int):
     from PIL import Image
 
-    from vlcache_sglang.tasks.docvqa import DocGenerator
+    from vlcache_sglang.research.tasks.docvqa import DocGenerator
 
     gen = DocGenerator(seed, digit_split="heldout")
     docs = [gen.sample(GRID, "single") for _ in range(n)]
@@ -115,8 +114,8 @@ def check_against_hf(hf, body: dict, text: str, policy: PolicyConfig, images=Non
                      ) -> tuple[list[list[int]], torch.Tensor]:
     """The server's plan is the harness plan and its tokens are the HF reference's with that plan;
     returns the server's kept positions and the prompt ids."""
-    from vlcache_sglang.hf_eval.planning import layer_positions, plan_in_hf
-    from vlcache_sglang.hf_reference import greedy_with_plan
+    from vlcache_sglang.research.hf_eval.planning import layer_positions, plan_in_hf
+    from vlcache_sglang.research.hf_reference import greedy_with_plan
 
     model, processor = hf
     meta = body["meta_info"]
@@ -136,7 +135,7 @@ def check_against_hf(hf, body: dict, text: str, policy: PolicyConfig, images=Non
 
 
 def visual_runs(ids: torch.Tensor, token_id: int) -> list[tuple[int, int]]:
-    from vlcache_sglang.hf_eval.planning import image_spans
+    from vlcache_sglang.research.hf_eval.planning import image_spans
 
     return image_spans(ids, [token_id])
 

@@ -2,7 +2,7 @@
 
 One ``--attention-backend vlcache`` server; 8 held-out items (2 per question type) x
 {VL-Cache, SnapKV, H2O} x alpha {0.05, 0.1, 0.2}, each a per-request override with
-``return_plan``, plus the full cache. The harness (``vlcache_sglang.hf_eval``) computes its
+``return_plan``, plus the full cache. The harness (``vlcache_sglang.research.hf_eval``) computes its
 plans from its own HF prefill. Checked:
 
 - the same prompt token ids reach both (same chat-template text, same image);
@@ -26,7 +26,7 @@ import torch
 
 from tests.conftest import png_base64
 from vlcache_sglang.policy import PolicyConfig
-from vlcache_sglang.serving import flush_cache, running_server
+from vlcache_sglang.tooling.serving import flush_cache, running_server
 
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,8 +44,8 @@ if not (MODEL / "config.json").exists():
 @pytest.fixture(scope="module")
 def harness():
     """Items, prompter and the harness results (with plans) for every policy of the test."""
-    from vlcache_sglang.hf_eval import ChatPrompter, evaluate_policies, items_from_dataset, load_model
-    from vlcache_sglang.tasks.datasets_io import load_eval_dataset
+    from vlcache_sglang.research.hf_eval import ChatPrompter, evaluate_policies, items_from_dataset, load_model
+    from vlcache_sglang.research.tasks.datasets_io import load_eval_dataset
 
     torch.set_num_threads(1)
     items = items_from_dataset(load_eval_dataset(HELDOUT), PER_QTYPE)

@@ -23,7 +23,7 @@ import requests
 
 from tests.conftest import make_test_image
 from tests.e2e.test_compression import PROMPT, generate, mixed_soak
-from vlcache_sglang.serving import running_server, vlcache_state
+from vlcache_sglang.tooling.serving import running_server, vlcache_state
 
 pytestmark = pytest.mark.server
 MAX_NEW = 10
@@ -49,7 +49,7 @@ def hf(tiny_model_dir):
 def reference(hf, text, image, kept):
     import torch
 
-    from vlcache_sglang.hf_reference import greedy_with_plan
+    from vlcache_sglang.research.hf_reference import greedy_with_plan
 
     model, processor = hf
     inputs = processor(text=[text], images=[image], return_tensors="pt")

@@ -1,7 +1,7 @@
 """Kernel tests: Triton's interpreter on CPU-only machines, compiled kernels on CUDA.
 
 ``TRITON_INTERPRET=1`` is set here when CUDA is absent, but the kernels do not rely on it: they
-pick the interpreter for CPU tensors at launch (``vlcache_sglang/kernels/_triton.py``), so it does
+pick the interpreter for CPU tensors at launch (``kernels/_triton.py``), so it does
 not matter whether SGLang (which imports triton) was imported earlier in the same pytest process.
 """
 from __future__ import annotations

@@ -175,7 +175,7 @@ def test_bad_inputs_raise(device):
         attention_stats_batched(q[:, :3], pos, qo, k_pool, idx, kv, 0.5)
 
 
-def test_dispatch_matches_policy_reference(device, monkeypatch):
+def test_dispatch_matches_policy_reference(device):
     """The one-request drop-in gives the policy's AttentionStats on both paths."""
     from vlcache_sglang.kernels import dispatch
     from vlcache_sglang.policy.stats import attention_stats
@@ -186,12 +186,44 @@ def test_dispatch_matches_policy_reference(device, monkeypatch):
     pos = torch.arange(22, 29, device=device)
     ref = attention_stats(q, pos, k, 0.35, 0.02)
     assert dispatch.use_triton(device) == (device.type == "cuda")
+    assert dispatch.use_triton(device, "torch") is False and dispatch.use_triton(device, "triton") is True
+    with pytest.raises(ValueError):
+        dispatch.use_triton(device, "cuda")
     for mode in ("torch", "triton"):
-        monkeypatch.setenv("VLCACHE_KERNELS", mode)
-        got = dispatch.attention_stats_auto(q, pos, k, 0.35, 0.02)
+        got = dispatch.attention_stats_auto(q, pos, k, 0.35, 0.02, mode=mode)
         torch.testing.assert_close(got.col.float(), ref.col.float(), rtol=2e-5, atol=2e-5)
         assert torch.equal(got.causal.cpu(), ref.causal.cpu())
         assert (got.below.cpu() - ref.below.cpu()).abs().max() <= 2
+
+
+@pytest.mark.parametrize("method", ["vlcache", "h2o"])
+def test_accumulator_with_the_dispatch_as_stats_fn(device, method):
+    """``StatsAccumulator(..., stats_fn=attention_stats_auto)`` (what the backend hands the policy)
+    gathers the statistics of the policy's own reference, chunk by chunk and layer by layer."""
+    from functools import partial
+
+    from vlcache_sglang.kernels import dispatch
+    from vlcache_sglang.policy import PolicyConfig, StatsAccumulator, locate_window
+
+    m, hq, hkv, d = 40, 4, 2, 8
+    cfg = PolicyConfig(method=method, alpha=0.3, window_size=9)
+    window = locate_window(m, [(2, 25)], cfg)
+    g = torch.Generator().manual_seed(4)
+    layers = [(torch.randn(m, hq, d, generator=g).to(device), torch.randn(m, hkv, d, generator=g).to(device))
+              for _ in range(2)]
+    accs = {"ref": StatsAccumulator(2, hq, hkv, m, window, cfg),
+            "kernel": StatsAccumulator(2, hq, hkv, m, window, cfg,
+                                       stats_fn=partial(dispatch.attention_stats_auto, mode="triton"))}
+    for acc in accs.values():
+        for start, end in ((0, 30), (30, m)):  # two prefill chunks
+            for layer, (q, k) in enumerate(layers):
+                pos = torch.arange(start, end, device=device)
+                acc.add(layer, q[start:end], pos, k[:end], d ** -0.5)
+    ref, got = accs["ref"].stats, accs["kernel"].stats
+    assert got.complete and got.rows_seen == ref.rows_seen
+    torch.testing.assert_close(got.col.float(), ref.col.float(), rtol=2e-5, atol=2e-5)
+    assert torch.equal(got.causal.cpu(), ref.causal.cpu())
+    assert (got.below.cpu() - ref.below.cpu()).abs().max() <= 2
 
 
 # ----------------------------------------------------------------------------------------------

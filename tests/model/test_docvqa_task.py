@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vlcache_sglang.tasks.docvqa import CELL, LETTERS, NO_KEY, QTYPES, DocGenerator
+from vlcache_sglang.research.tasks.docvqa import CELL, LETTERS, NO_KEY, QTYPES, DocGenerator
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -41,7 +41,7 @@ def test_page_geometry(grid):
 def test_patchify_and_prompt_match_the_real_processor():
     from PIL import Image
 
-    from vlcache_sglang.tinyvlm.assets import Prompter, build_processor, build_tokenizer, patchify
+    from vlcache_sglang.research.tinyvlm.assets import Prompter, build_processor, build_tokenizer, patchify
 
     tok = build_tokenizer()
     proc, prompter = build_processor(tok), Prompter(tok)
@@ -59,7 +59,7 @@ def test_patchify_and_prompt_match_the_real_processor():
 
 
 def test_datasets_roundtrip_and_offline_hub_error(tmp_path, monkeypatch):
-    from vlcache_sglang.tasks.datasets_io import build_all, load_eval_dataset
+    from vlcache_sglang.research.tasks.datasets_io import build_all, load_eval_dataset
 
     paths = build_all(tmp_path, [8], 2)
     cal, held = load_eval_dataset(paths["calibration"]), load_eval_dataset(paths["heldout"])

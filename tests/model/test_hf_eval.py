@@ -1,4 +1,4 @@
-"""The Hugging Face reference evaluation (``vlcache_sglang.hf_eval``) on the bundled model, no server.
+"""The Hugging Face reference evaluation (``vlcache_sglang.research.hf_eval``) on the bundled model, no server.
 
 - the q/k capture leaves the prefill unchanged, and the captured post-RoPE q/k reproduce the
   model's own attention probabilities (eager ``output_attentions``) and outputs;
@@ -28,8 +28,8 @@ pytestmark = pytest.mark.skipif(not (MODEL / "config.json").exists(), reason="mo
 
 @pytest.fixture(scope="module")
 def setup():
-    from vlcache_sglang.hf_eval import ChatPrompter, items_from_dataset, load_model
-    from vlcache_sglang.tasks.datasets_io import load_eval_dataset
+    from vlcache_sglang.research.hf_eval import ChatPrompter, items_from_dataset, load_model
+    from vlcache_sglang.research.tasks.datasets_io import load_eval_dataset
 
     torch.set_num_threads(1)
     items = items_from_dataset(load_eval_dataset(HELDOUT), 2)  # 2 per question type, 8 in all
@@ -49,8 +49,8 @@ def _inputs(prompter, item):
 
 
 def test_capture_leaves_the_prefill_unchanged(setup):
-    from vlcache_sglang.hf_eval import prefill_with_capture
-    from vlcache_sglang.hf_reference import prefill
+    from vlcache_sglang.research.hf_eval import prefill_with_capture
+    from vlcache_sglang.research.hf_reference import prefill
 
     model, prompter, items = setup
     inputs = _inputs(prompter, items[0])
@@ -70,8 +70,8 @@ def test_capture_leaves_the_prefill_unchanged(setup):
 
 
 def test_captured_qk_reproduce_the_models_attention(setup, eager_model):
-    from vlcache_sglang.hf_eval import prefill_with_capture
-    from vlcache_sglang.tinyvlm.kvcache import rope_positions
+    from vlcache_sglang.research.hf_eval import prefill_with_capture
+    from vlcache_sglang.research.tinyvlm.kvcache import rope_positions
 
     model, prompter, items = setup
     inputs = _inputs(prompter, items[1])
@@ -94,7 +94,7 @@ def test_captured_qk_reproduce_the_models_attention(setup, eager_model):
 
 def _oracle_plan(att, input_ids, cfg: PolicyConfig, visual_ids):
     """The plan built from the model's own (eager) attention probabilities."""
-    from vlcache_sglang.hf_eval import image_spans
+    from vlcache_sglang.research.hf_eval import image_spans
     from vlcache_sglang.policy import PolicyStats, build_plan, get_method, locate_window
 
     m = input_ids.shape[1]
@@ -117,8 +117,8 @@ def _oracle_plan(att, input_ids, cfg: PolicyConfig, visual_ids):
 @pytest.mark.parametrize("method,alpha", [("vlcache", 0.1), ("vlcache", 0.02), ("snapkv", 0.2), ("h2o", 0.1),
                                           ("pyramidkv", 0.2)])
 def test_harness_plan_equals_dense_oracle_from_model_attention(setup, eager_model, method, alpha):
-    from vlcache_sglang.hf_eval import plan_in_hf, visual_token_ids
-    from vlcache_sglang.tinyvlm.kvcache import rope_positions
+    from vlcache_sglang.research.hf_eval import plan_in_hf, visual_token_ids
+    from vlcache_sglang.research.tinyvlm.kvcache import rope_positions
 
     model, prompter, items = setup
     cfg = PolicyConfig(method=method, alpha=alpha)
@@ -139,8 +139,8 @@ def test_harness_plan_equals_dense_oracle_from_model_attention(setup, eager_mode
 
 
 def test_identity_plans_give_the_full_cache(setup):
-    from vlcache_sglang.hf_eval import evaluate_policies, plan_in_hf
-    from vlcache_sglang.hf_reference import greedy_with_plan
+    from vlcache_sglang.research.hf_eval import evaluate_policies, plan_in_hf
+    from vlcache_sglang.research.hf_reference import greedy_with_plan
 
     model, prompter, items = setup
     inputs = _inputs(prompter, items[0])
@@ -162,8 +162,8 @@ def test_identity_plans_give_the_full_cache(setup):
 
 
 def test_compressed_results_equal_an_independent_reprefill(setup):
-    from vlcache_sglang.hf_eval import evaluate_policy, exact_match
-    from vlcache_sglang.hf_reference import greedy_with_plan
+    from vlcache_sglang.research.hf_eval import evaluate_policy, exact_match
+    from vlcache_sglang.research.hf_reference import greedy_with_plan
 
     model, prompter, items = setup
     res = evaluate_policy(model, prompter, items, PolicyConfig(method="vlcache", alpha=0.05), MAX_NEW,
@@ -184,7 +184,7 @@ def test_compressed_results_equal_an_independent_reprefill(setup):
 
 
 def test_tuning_adapter_answer(setup):
-    from vlcache_sglang.hf_eval import HFHandle, answer, evaluate_policy
+    from vlcache_sglang.research.hf_eval import HFHandle, answer, evaluate_policy
 
     model, prompter, items = setup
     cfg = PolicyConfig(method="snapkv", alpha=0.2)
@@ -195,7 +195,7 @@ def test_tuning_adapter_answer(setup):
 
 
 def test_fidelity_measures():
-    from vlcache_sglang.hf_eval import next_token_kl, token_agreement
+    from vlcache_sglang.research.hf_eval import next_token_kl, token_agreement
 
     assert token_agreement([1, 2, 3], [1, 2, 3]) == 1.0
     assert token_agreement([1, 2, 3, 4], [1, 5, 3]) == 0.5
@@ -210,8 +210,8 @@ def test_fidelity_measures():
 
 
 def test_bad_input_fails_clearly(setup):
-    from vlcache_sglang.hf_eval import evaluate_policy, items_from_dataset
-    from vlcache_sglang.tasks.datasets_io import load_eval_dataset
+    from vlcache_sglang.research.hf_eval import evaluate_policy, items_from_dataset
+    from vlcache_sglang.research.tasks.datasets_io import load_eval_dataset
 
     model, prompter, items = setup
     with pytest.raises(PolicyConfigError, match="clip_min"):

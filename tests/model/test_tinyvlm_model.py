@@ -1,6 +1,6 @@
 """The shipped tiny document-VQA model (models/tinyvlm-docvqa): accuracy and decode-time dependence.
 
-The held-out set is the one of ``python -m vlcache_sglang.tinyvlm.evaluate --grids 16 --n 64`` (same seeds,
+The held-out set is the one of ``python -m vlcache_sglang.research.tinyvlm.evaluate --grids 16 --n 64`` (same seeds,
 held-out digits), so these tests evaluate the items of the 256-visual-token rows of docs/tinyvlm.md. The
 issue's bars are asserted as such (xfail where the shipped checkpoint misses them); the regression pins
 hold every measured figure of those rows to within two items of 64 (``PINS``; the counts are printed).
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlcache_sglang.tasks.docvqa import QTYPES
+from vlcache_sglang.research.tasks.docvqa import QTYPES
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "tinyvlm-docvqa"
 N = 64            # items per question type
@@ -25,8 +25,8 @@ pytestmark = pytest.mark.skipif(not (MODEL / "config.json").exists(), reason="mo
 
 @pytest.fixture(scope="module")
 def loaded():
-    from vlcache_sglang.tinyvlm.assets import Prompter
-    from vlcache_sglang.tinyvlm.evaluate import load_model
+    from vlcache_sglang.research.tinyvlm.assets import Prompter
+    from vlcache_sglang.research.tinyvlm.evaluate import load_model
 
     torch.set_num_threads(1)
     model, tok = load_model(MODEL)
@@ -35,7 +35,7 @@ def loaded():
 
 @pytest.fixture(scope="module")
 def results(loaded):
-    from vlcache_sglang.tinyvlm.evaluate import batch_size_for, evaluate_items, items_from_generator
+    from vlcache_sglang.research.tinyvlm.evaluate import batch_size_for, evaluate_items, items_from_generator
 
     model, _, prompter = loaded
     return {q: evaluate_items(model, prompter, items_from_generator(SEED + 100 * GRID + j, q, GRID, N),
@@ -44,7 +44,7 @@ def results(loaded):
 
 
 def test_reloaded_tokenizer_gives_the_training_ids(loaded):
-    from vlcache_sglang.tinyvlm.assets import Prompter, build_tokenizer
+    from vlcache_sglang.research.tinyvlm.assets import Prompter, build_tokenizer
 
     _, _, saved = loaded
     fresh = Prompter(build_tokenizer())
@@ -55,9 +55,9 @@ def test_reloaded_tokenizer_gives_the_training_ids(loaded):
 
 def test_noop_crop_equals_generate(loaded):
     """The cropping evaluation with nothing removed reproduces model.generate (positions are right)."""
-    from vlcache_sglang.tinyvlm.assets import patchify
-    from vlcache_sglang.tinyvlm.evaluate import items_from_generator
-    from vlcache_sglang.tinyvlm.kvcache import crop_cache, greedy_from_cache, prefill
+    from vlcache_sglang.research.tinyvlm.assets import patchify
+    from vlcache_sglang.research.tinyvlm.evaluate import items_from_generator
+    from vlcache_sglang.research.tinyvlm.kvcache import crop_cache, greedy_from_cache, prefill
 
     model, _, prompter = loaded
     for q in ("single", "multi"):

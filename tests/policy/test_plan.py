@@ -15,6 +15,7 @@ from vlcache_sglang.policy import (
     PolicyError,
     PolicyStats,
     StatsAccumulator,
+    attention_stats,
     available_methods,
     build_plan,
     locate_window,
@@ -26,10 +27,10 @@ M, L, HQ, HKV, D = 80, 3, 4, 2, 8
 SPANS = [(3, 20), (22, 50)]  # two images; post-vision window is [51, 80)
 
 
-def _run(cfg: PolicyConfig, m: int = M, spans=SPANS, seed: int = 0, device: str = "cpu"):
+def _run(cfg: PolicyConfig, m: int = M, spans=SPANS, seed: int = 0, device: str = "cpu", stats_fn=attention_stats):
     g = torch.Generator().manual_seed(seed)
     window = locate_window(m, spans, cfg)
-    acc = StatsAccumulator(L, HQ, HKV, m, window, cfg)
+    acc = StatsAccumulator(L, HQ, HKV, m, window, cfg, stats_fn=stats_fn)
     for layer in range(L):
         q = (torch.randn(m, HQ, D, generator=g) * (1 + layer)).to(device)
         k = (torch.randn(m, HKV, D, generator=g) * 2).to(device)
@@ -211,7 +212,9 @@ def test_plan_properties(method, granularity, m, n_layers, alpha, recent_share, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", ["vlcache", "h2o", "streamingllm", "random"])
 def test_cuda_plan_matches_cpu(method: str) -> None:
+    from vlcache_sglang.kernels.dispatch import attention_stats_auto  # what the backend hands the policy on CUDA
+
     cfg = PolicyConfig(method=method, alpha=0.3, stats_dtype="float64")
-    cpu, gpu = _run(cfg), _run(cfg, device="cuda")
+    cpu, gpu = _run(cfg), _run(cfg, device="cuda", stats_fn=attention_stats_auto)
     assert gpu.kept[0].device.type == "cuda" and gpu.budgets == cpu.budgets
     assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu.kept, gpu.kept))

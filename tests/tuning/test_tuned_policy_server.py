@@ -12,7 +12,7 @@ from tuning.evaluator import ServerEvaluator
 from vlcache_sglang import tuned_configs as tc
 from vlcache_sglang.bundled import REPO_ROOT, bundled_model_dir
 from vlcache_sglang.policy import PolicyConfig
-from vlcache_sglang.serving import running_server, server_command, server_env
+from vlcache_sglang.tooling.serving import running_server, server_command, server_env
 
 pytestmark = pytest.mark.server
 TUNED = PolicyConfig(alpha=0.25, granularity="head", recent_share=0.2)

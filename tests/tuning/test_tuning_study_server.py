@@ -23,7 +23,7 @@ from tuning.study import open_storage, storage_url
 from tuning.tune import main
 from vlcache_sglang.bundled import REPO_ROOT, bundled_model_dir
 from vlcache_sglang.policy import PolicyConfig
-from vlcache_sglang.serving import running_server
+from vlcache_sglang.tooling.serving import running_server
 
 pytestmark = pytest.mark.server
 COMMON = ["--model", "qwen2-vl", "--offline", "--per-group", "1", "--concurrency", "4"]

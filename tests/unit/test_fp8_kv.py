@@ -213,7 +213,7 @@ def test_triton_ragged_decode_dequantizes_fp8_with_the_layer_scales(kv_dtype, sc
 
 
 @pytest.mark.parametrize("kv_dtype", FP8)
-def test_triton_statistics_read_fp8_keys_as_the_torch_path_reads_their_values(kv_dtype, monkeypatch):
+def test_triton_statistics_read_fp8_keys_as_the_torch_path_reads_their_values(kv_dtype):
     """On CUDA the prefill statistics run through the fused Triton kernel on the pool's keys (here
     the interpreter): fp8 keys give what the torch statistics give on the same values."""
     from vlcache_sglang.kernels.dispatch import attention_stats_auto
@@ -225,6 +225,5 @@ def test_triton_statistics_read_fp8_keys_as_the_torch_path_reads_their_values(kv
     q = torch.randn(n_q, H, D, generator=g).to(MODEL_DTYPE)
     pos = torch.arange(n_k - n_q, n_k)
     ref = attention_stats(q, pos, k8.to(MODEL_DTYPE), 1 / math.sqrt(D), 0.01)
-    monkeypatch.setenv("VLCACHE_KERNELS", "triton")
-    got = attention_stats_auto(q, pos, k8, 1 / math.sqrt(D), 0.01)
+    got = attention_stats_auto(q, pos, k8, 1 / math.sqrt(D), 0.01, mode="triton")
     torch.testing.assert_close(got.col.float(), ref.col.float(), atol=1e-3, rtol=1e-3)

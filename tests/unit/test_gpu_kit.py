@@ -1,4 +1,4 @@
-"""The GPU server kit (vlcache_sglang.gpu_kit) on local wheels: parts never exceed their limit,
+"""The GPU server kit (vlcache_sglang.tooling.gpu_kit) on local wheels: parts never exceed their limit,
 the default part fits one device-tool call beside the working tree, a missing or corrupt part is
 named, a wheel published for another CPython is repacked without its extension modules, and the
 kit installs with pip from its parts alone (no index), importable from the target folder."""
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vlcache_sglang import gpu_kit
+from vlcache_sglang.tooling import gpu_kit
 
 REPO = Path(__file__).resolve().parents[2]
 

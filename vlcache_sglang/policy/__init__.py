@@ -28,6 +28,7 @@ from vlcache_sglang.policy.stats import (
     AttentionStats,
     PolicyStats,
     StatsAccumulator,
+    StatsFn,
     attention_stats,
     dense_attention_stats,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "PolicyStats",
     "ScoreContext",
     "StatsAccumulator",
+    "StatsFn",
     "WindowSpec",
     "adaptive_budgets",
     "attention_stats",

@@ -1,7 +1,7 @@
 """Validated configuration of the compression policy (JSON in, JSON out).
 
 Symbols follow VL-Cache (Tu et al., ICLR 2025, arXiv 2410.23317): ``alpha`` is the
-whole-model retention ratio (Sec. 2 of docs/vl-cache.md), ``sparsity_threshold`` is the
+whole-model retention ratio (docs/policy.md, Configuration), ``sparsity_threshold`` is the
 row-relative filter ``p`` of the layer sparsity (Eq. for gamma), ``clip_min``/``clip_max`` are
 the bounds of ``beta[l] = clip(d[l] / Z * alpha * L, 0.01, 1)``.
 

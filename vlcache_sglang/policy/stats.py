@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 
@@ -34,6 +34,7 @@ __all__ = [
     "AttentionStats",
     "PolicyStats",
     "StatsAccumulator",
+    "StatsFn",
     "attention_stats",
     "dense_attention_stats",
 ]
@@ -124,6 +125,11 @@ def attention_stats(q: torch.Tensor, q_positions: torch.Tensor, k: torch.Tensor,
     return AttentionStats(col.reshape(hq, n_k), below.reshape(hq), causal)
 
 
+StatsFn = Callable[..., AttentionStats]
+"""A statistics function with the signature of :func:`attention_stats` (``q, q_positions, k, scale,
+threshold, *, key_chunk, query_chunk, dtype``) and its outputs: the reference, or a fused kernel in its place."""
+
+
 def _logits(qh: torch.Tensor, kt: torch.Tensor, k0: int, k1: int, pos: torch.Tensor,
             pos_host: torch.Tensor, key_idx: torch.Tensor, g: int, nq: int) -> tuple[torch.Tensor, int]:
     """Causally masked logits ``[Hkv, G, nq, k1-k0]`` of the pre-scaled queries and the number
@@ -202,10 +208,16 @@ class StatsAccumulator:
     ``add`` keeps only the query rows the method needs (window rows for VL-Cache, SnapKV and
     PyramidKV; all rows for H2O; none for StreamingLLM, random and full) and adds their
     statistics into ``[L, Hkv, m]`` / ``[L, Hq]`` buffers allocated on the first call's device.
+
+    ``stats_fn`` computes one call's statistics (a :data:`StatsFn`); the default is the torch
+    reference :func:`attention_stats`. The policy never picks a kernel itself: an engine with a
+    fused kernel hands it in (the SGLang backend passes ``kernels.dispatch.attention_stats_auto``,
+    Triton on CUDA).
     """
 
     def __init__(self, num_layers: int, num_q_heads: int, num_kv_heads: int, prompt_len: int,
-                 window: WindowSpec, cfg: "PolicyConfig", first_row: int = 0) -> None:
+                 window: WindowSpec, cfg: "PolicyConfig", first_row: int = 0, *,
+                 stats_fn: StatsFn = attention_stats) -> None:
         from vlcache_sglang.policy.methods import get_method
 
         if num_q_heads % num_kv_heads:
@@ -220,6 +232,7 @@ class StatsAccumulator:
         self.stats = PolicyStats(prompt_len, num_layers, num_q_heads, num_kv_heads, window, rows,
                                  rows_seen=[0] * num_layers, first_row=first_row)
         self._dtype = torch.float64 if cfg.stats_dtype == "float64" else torch.float32
+        self._stats_fn = stats_fn
 
     @property
     def needs_attention(self) -> bool:
@@ -277,12 +290,8 @@ class StatsAccumulator:
             q_index = torch.searchsorted(key_positions, q_positions, right=True) - 1
         else:
             q_index = q_positions
-        stats_fn = attention_stats
-        if q_rows.is_cuda:  # the fused Triton kernel (vlcache_sglang.kernels), same outputs
-            from vlcache_sglang.kernels.dispatch import attention_stats_auto as stats_fn
-        out = stats_fn(q_rows, q_index, k_all, scale, self.cfg.sparsity_threshold,
-                              key_chunk=self.cfg.key_chunk, query_chunk=self.cfg.query_chunk,
-                              dtype=self._dtype)
+        out = self._stats_fn(q_rows, q_index, k_all, scale, self.cfg.sparsity_threshold,
+                             key_chunk=self.cfg.key_chunk, query_chunk=self.cfg.query_chunk, dtype=self._dtype)
         n_k = k_all.shape[0]
         g = st.num_q_heads // st.num_kv_heads
         col = out.col.view(st.num_kv_heads, g, n_k).sum(1).to(st.col.dtype)

@@ -1,7 +1,7 @@
 """Locating the statistics window of a prompt (VL-Cache Sec. 3: the post-vision window).
 
 With ``v`` the first language token after the last visual token, the post-vision window is
-``P = {v, ..., m-1}`` (docs/vl-cache.md, Notation). Every window this module returns is a
+``P = {v, ..., m-1}`` (docs/policy.md, Window). Every window this module returns is a
 suffix ``[start, m)`` of the prompt, so "keep the window" and "keep the recent tokens" are
 both suffix operations.
 """

@@ -12,7 +12,7 @@ positions and a chosen set of visual positions. Conditions:
 
 Exact match = the greedy output equals ``<prefix> d ...<|im_end|>`` token for token.
 
-    python -m vlcache_sglang.tinyvlm.evaluate --model models/tinyvlm-docvqa --grids 16,32,64 --n 64
+    python -m vlcache_sglang.research.tinyvlm.evaluate --model models/tinyvlm-docvqa --grids 16,32,64 --n 64
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlcache_sglang.tasks.docvqa import QTYPES, DocGenerator, Document
-from vlcache_sglang.tinyvlm.assets import Prompter, patchify
-from vlcache_sglang.tinyvlm.kvcache import crop_cache, greedy_from_cache, prefill
+from vlcache_sglang.research.tasks.docvqa import QTYPES, DocGenerator, Document
+from vlcache_sglang.research.tinyvlm.assets import Prompter, patchify
+from vlcache_sglang.research.tinyvlm.kvcache import crop_cache, greedy_from_cache, prefill
 
 CONDITIONS = ("full", "drop_targets", "top10", "rand10")
 
@@ -55,7 +55,7 @@ def items_from_generator(seed: int, qtype: str, grid: int, n: int, digit_split: 
 
 
 def items_from_dataset(ds) -> list[EvalItem]:
-    """Items from a dataset written by :mod:`vlcache_sglang.tasks.datasets_io`."""
+    """Items from a dataset written by :mod:`vlcache_sglang.research.tasks.datasets_io`."""
     return [EvalItem(np.asarray(r["image"].convert("RGB")), r["qtype"], list(r["keys"]), list(r["answer_digits"]),
                      list(r["target_cells"]), int(r["grid"])) for r in ds]
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict] = {}
     groups: dict[tuple[str, int], list[EvalItem]] = {}
     if args.dataset:
-        from vlcache_sglang.tasks.datasets_io import load_eval_dataset
+        from vlcache_sglang.research.tasks.datasets_io import load_eval_dataset
 
         for it in items_from_dataset(load_eval_dataset(args.dataset)):
             groups.setdefault((it.qtype, it.grid), []).append(it)

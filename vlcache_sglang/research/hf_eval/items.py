@@ -28,7 +28,7 @@ class EvalItem:
 
 def items_from_dataset(ds, n_per_qtype: int | None = None, qtypes: Sequence[str] | None = None) -> list[EvalItem]:
     """Items from a dataset with ``image``, ``question``, ``answer`` (and optional ``qtype``, ``id``)
-    columns, e.g. :func:`vlcache_sglang.tasks.datasets_io.load_eval_dataset`; the first
+    columns, e.g. :func:`vlcache_sglang.research.tasks.datasets_io.load_eval_dataset`; the first
     ``n_per_qtype`` rows of each question type, in ``qtypes`` order (default: order of appearance)."""
     missing = [c for c in ("image", "question", "answer") if c not in ds.column_names]
     if missing:

@@ -1,7 +1,7 @@
 """The README's main job: serve the bundled model with ``--attention-backend vlcache`` on
 127.0.0.1, ask a question about an image through the OpenAI API, print the answer, stop.
 
-    python -m vlcache_sglang.demo [--budget 0.1] [--method vlcache] [--model PATH]
+    python -m vlcache_sglang.tooling.demo [--budget 0.1] [--method vlcache] [--model PATH]
 
 Without ``--budget``/``--method`` the server compresses with the model's tuned default policy
 (``vlcache_policy.json`` next to the weights, written by ``tune.py``).
@@ -14,7 +14,7 @@ import io
 import time
 
 from vlcache_sglang.bundled import bundled_model_dir, trained_model_dir
-from vlcache_sglang.serving import running_server, vlcache_state
+from vlcache_sglang.tooling.serving import running_server, vlcache_state
 
 
 def demo_image_and_question(model_dir):
@@ -22,7 +22,7 @@ def demo_image_and_question(model_dir):
     otherwise a plain synthetic picture (the random fixture cannot really answer)."""
     if trained_model_dir() is not None and model_dir == trained_model_dir():
         try:
-            from vlcache_sglang.tasks import demo_example  # provided with the trained model
+            from vlcache_sglang.research.tasks import demo_example  # provided with the trained model
 
             return demo_example()
         except ImportError:

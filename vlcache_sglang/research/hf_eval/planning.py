@@ -4,7 +4,7 @@ The server (``vlcache_sglang.backend.compressor``) builds, per request, ``locate
 image_spans, policy)`` and a :class:`~vlcache_sglang.policy.StatsAccumulator`, feeds it each
 layer's needed query rows (post-RoPE) against all the prompt's keys, and calls
 :func:`~vlcache_sglang.policy.build_plan`. Here the same three calls are fed from a captured HF
-prefill (:mod:`vlcache_sglang.hf_eval.capture`), so the harness plan equals the server plan up
+prefill (:mod:`vlcache_sglang.research.hf_eval.capture`), so the harness plan equals the server plan up
 to float noise in q and k.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from vlcache_sglang.hf_eval.capture import QKCapture, prefill_with_capture
+from vlcache_sglang.research.hf_eval.capture import QKCapture, prefill_with_capture
 from vlcache_sglang.policy import CompressionPlan, PolicyConfig, StatsAccumulator, build_plan, locate_window
 
 

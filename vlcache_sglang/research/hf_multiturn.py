@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from vlcache_sglang.hf_reference import crop_cache_positions, decode_greedy
-from vlcache_sglang.tinyvlm.kvcache import decode_positions, rope_positions
+from vlcache_sglang.research.hf_reference import crop_cache_positions, decode_greedy
+from vlcache_sglang.research.tinyvlm.kvcache import decode_positions, rope_positions
 
 
 class PositionedCache:

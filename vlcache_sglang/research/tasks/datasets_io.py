@@ -1,10 +1,10 @@
 """Evaluation sets of the synthetic document-VQA task as Hugging Face ``datasets`` on disk.
 
 Two splits, kept apart: ``calibration`` (for tuning compression policies) and ``heldout`` (for reporting).
-They use disjoint handwritten-digit samples (see :func:`vlcache_sglang.tasks.docvqa.handwritten_digits`),
+They use disjoint handwritten-digit samples (see :func:`vlcache_sglang.research.tasks.docvqa.handwritten_digits`),
 disjoint seeds, and neither shares digits with the training split.
 
-    python -m vlcache_sglang.tasks.datasets_io --out data/tinyvlm-docvqa --grids 16 --n 32
+    python -m vlcache_sglang.research.tasks.datasets_io --out data/tinyvlm-docvqa --grids 16 --n 32
 
 Each row: ``image`` (PIL), ``question``, ``answer``, ``qtype``, ``grid``, ``keys`` (letter indices),
 ``answer_digits``, ``target_cells`` (row-major cell = visual-token index), ``id``.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlcache_sglang.tasks.docvqa import QTYPES, DocGenerator
+from vlcache_sglang.research.tasks.docvqa import QTYPES, DocGenerator
 
 SPLIT_SEEDS = {"calibration": 1_000_000, "heldout": 2_000_000}
 
@@ -84,7 +84,7 @@ def load_eval_dataset(name_or_path: str | Path, split: str | None = None):
         raise RuntimeError(
             f"could not load the Hugging Face dataset {str(name_or_path)!r}: {type(e).__name__}: {e}. "
             "Loading a dataset by name needs network access to the Hugging Face Hub (or a local cache); "
-            "offline, pass a directory written by `python -m vlcache_sglang.tasks.datasets_io --out DIR`."
+            "offline, pass a directory written by `python -m vlcache_sglang.research.tasks.datasets_io --out DIR`."
         ) from e
 
 

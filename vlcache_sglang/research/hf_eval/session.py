@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from vlcache_sglang.hf_eval.evaluate import run_item
-from vlcache_sglang.hf_eval.items import ChatPrompter
-from vlcache_sglang.hf_eval.planning import layer_positions
+from vlcache_sglang.research.hf_eval.evaluate import run_item
+from vlcache_sglang.research.hf_eval.items import ChatPrompter
+from vlcache_sglang.research.hf_eval.planning import layer_positions
 from vlcache_sglang.policy import PolicyConfig
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vlcache_sglang.tasks.docvqa import N_PARTS, DocGenerator, Document
-from vlcache_sglang.tinyvlm.assets import Prompter, patchify
+from vlcache_sglang.research.tasks.docvqa import N_PARTS, DocGenerator, Document
+from vlcache_sglang.research.tinyvlm.assets import Prompter, patchify
 
 AUX_SLOTS = 1 + N_PARTS          # slot 0: a single value; slots 1..3: the parts of a number
 

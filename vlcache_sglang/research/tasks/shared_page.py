@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from vlcache_sglang.tasks.docvqa import NO_KEY, NO_PART, DocGenerator
+from vlcache_sglang.research.tasks.docvqa import NO_KEY, NO_PART, DocGenerator
 
 
 def questions_on_one_page(seed: int, n: int, grid: int = 16, digit_split: str = "heldout"

@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from vlcache_sglang.hf_eval.capture import prefill_with_capture
-from vlcache_sglang.hf_eval.fidelity import next_token_kl, token_agreement
-from vlcache_sglang.hf_eval.items import ChatPrompter, EvalItem, exact_match
-from vlcache_sglang.hf_eval.planning import layer_positions, plan_from_capture, visual_token_ids
-from vlcache_sglang.hf_reference import crop_cache_positions, decode_steps, teacher_forced_logits
+from vlcache_sglang.research.hf_eval.capture import prefill_with_capture
+from vlcache_sglang.research.hf_eval.fidelity import next_token_kl, token_agreement
+from vlcache_sglang.research.hf_eval.items import ChatPrompter, EvalItem, exact_match
+from vlcache_sglang.research.hf_eval.planning import layer_positions, plan_from_capture, visual_token_ids
+from vlcache_sglang.research.hf_reference import crop_cache_positions, decode_steps, teacher_forced_logits
 from vlcache_sglang.policy import CompressionPlan, PolicyConfig
 
 
@@ -196,7 +196,7 @@ def evaluate_policies(model, prompter: ChatPrompter, items: Sequence[EvalItem], 
     Args:
         model: a ``Qwen2VLForConditionalGeneration`` in eval mode (sdpa or eager text attention).
         prompter: :class:`ChatPrompter` of the model's processor (prompt text, inputs, EOS ids).
-        items: :class:`EvalItem` list (see :func:`vlcache_sglang.hf_eval.items.items_from_dataset`).
+        items: :class:`EvalItem` list (see :func:`vlcache_sglang.research.hf_eval.items.items_from_dataset`).
         policies: validated :class:`PolicyConfig` objects (``alpha`` below ``clip_min`` or an unknown
             method is rejected when the config is built: :class:`PolicyConfigError`).
         max_new_tokens: greedy tokens at most (stops after EOS).

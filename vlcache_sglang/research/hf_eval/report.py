@@ -5,7 +5,7 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from vlcache_sglang.hf_eval.evaluate import EvalResult
+from vlcache_sglang.research.hf_eval.evaluate import EvalResult
 
 MARKERS = {"vlcache": "o", "snapkv": "s", "pyramidkv": "x", "h2o": "^", "streamingllm": "v", "random": "D"}
 METHOD_LABELS = {"vlcache": "VL-Cache", "snapkv": "SnapKV", "pyramidkv": "PyramidKV", "h2o": "H2O",

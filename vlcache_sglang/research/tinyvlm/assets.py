@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from vlcache_sglang.fixtures import qwen2vl_assets as qa
-from vlcache_sglang.tasks.docvqa import LETTERS, QTYPES, answer_text, question_text, tokenizer_corpus
+from vlcache_sglang.research.tasks.docvqa import LETTERS, QTYPES, answer_text, question_text, tokenizer_corpus
 
 PATCH, MERGE, TEMPORAL = 8, 2, 2
 CELL = PATCH * MERGE

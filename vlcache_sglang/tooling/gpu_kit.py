@@ -3,9 +3,9 @@ in parts small enough for the device tool (at most 64 MiB per call, working tree
 
 Standard library only: it runs on the GPU machine's bare Python 3.12 before anything is installed.
 
-    python -m vlcache_sglang.gpu_kit build   --lock requirements/gpu/server-lock.txt --out out/gpu-server-kit
-    python -m vlcache_sglang.gpu_kit status  --kit out/gpu-server-kit      # which parts are here
-    python -m vlcache_sglang.gpu_kit install --kit out/gpu-server-kit --target out/gpu-site
+    python -m vlcache_sglang.tooling.gpu_kit build   --lock requirements/gpu/server-lock.txt --out out/gpu-server-kit
+    python -m vlcache_sglang.tooling.gpu_kit status  --kit out/gpu-server-kit      # which parts are here
+    python -m vlcache_sglang.tooling.gpu_kit install --kit out/gpu-server-kit --target out/gpu-site
 
 ``build`` (here, with PyPI) downloads the lock file's wheels for CPython 3.12 manylinux with
 ``--no-deps``; a wheel published for another CPython only (SGLang 0.5.23's here is cp311, for its
@@ -174,7 +174,7 @@ def build(lock: Path, out: Path, part_bytes: int, pip: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vlcache_sglang.gpu_kit", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m vlcache_sglang.tooling.gpu_kit", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("--lock", type=Path, required=True)

@@ -20,7 +20,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from vlcache_sglang.hf_reference import Prefill, prefill
+from vlcache_sglang.research.hf_reference import Prefill, prefill
 
 _PREFIX = "vlcache_capture_"
 _SUPPORTED = ("sdpa", "eager")
@@ -106,7 +106,7 @@ def capturing(model) -> Iterator[QKCapture]:
 
 
 def prefill_with_capture(model, inputs: dict) -> tuple[Prefill, QKCapture]:
-    """:func:`vlcache_sglang.hf_reference.prefill` that also returns every layer's post-RoPE q/k."""
+    """:func:`vlcache_sglang.research.hf_reference.prefill` that also returns every layer's post-RoPE q/k."""
     with capturing(model) as capture:
         pre = prefill(model, inputs)
     n_layers = model.config.text_config.num_hidden_layers

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import DynamicCache, Qwen2VLForConditionalGeneration
 
-from vlcache_sglang.tasks.docvqa import NO_DIGIT, NO_KEY, N_PARTS, QTYPES, DocGenerator
-from vlcache_sglang.tinyvlm.assets import ModelSize, Prompter, build_config, build_processor, build_tokenizer
-from vlcache_sglang.tinyvlm.data import AUX_SLOTS, Batch, make_batch, render_batch
-from vlcache_sglang.tinyvlm.kvcache import crop_cache, decode_positions, rope_positions
+from vlcache_sglang.research.tasks.docvqa import NO_DIGIT, NO_KEY, N_PARTS, QTYPES, DocGenerator
+from vlcache_sglang.research.tinyvlm.assets import ModelSize, Prompter, build_config, build_processor, build_tokenizer
+from vlcache_sglang.research.tinyvlm.data import AUX_SLOTS, Batch, make_batch, render_batch
+from vlcache_sglang.research.tinyvlm.kvcache import crop_cache, decode_positions, rope_positions
 
 GROUP_NAMES = QTYPES
 

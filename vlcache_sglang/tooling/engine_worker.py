@@ -96,8 +96,8 @@ class EngineHandle:
 
 @contextmanager
 def running_engine(model_path: str | os.PathLike, startup_timeout: float = 300.0, **engine_kwargs) -> Iterator[EngineHandle]:
-    """An ``attention_backend="vlcache"`` Engine (CPU switches as :mod:`vlcache_sglang.serving`)."""
-    from vlcache_sglang.serving import has_cuda, mm_process_config
+    """An ``attention_backend="vlcache"`` Engine (CPU switches as :mod:`vlcache_sglang.tooling.serving`)."""
+    from vlcache_sglang.tooling.serving import has_cuda, mm_process_config
 
     kwargs: dict = {"attention_backend": "vlcache", "dtype": "float32", "max_total_tokens": 16384,
                     "max_running_requests": 16}

@@ -5,7 +5,7 @@ The first output token comes from the prefill logits (full cache), as in SGLang;
 token attends, in layer ``l``, to ``plan.kept[l]`` plus the generated tail. Keys are stored
 after RoPE, so cropping moves no position.
 
-The pieces are public so that one prefill can serve many plans (``vlcache_sglang.hf_eval``):
+The pieces are public so that one prefill can serve many plans (``vlcache_sglang.research.hf_eval``):
 :func:`prefill` -> :func:`crop_cache_positions` -> :func:`decode_steps` (greedy or
 teacher forced); :func:`greedy_with_plan` chains them for one plan.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from vlcache_sglang.tinyvlm.kvcache import decode_positions, rope_positions
+from vlcache_sglang.research.tinyvlm.kvcache import decode_positions, rope_positions
 
 
 @dataclass
