@@ -42,7 +42,7 @@ def plugin(monkeypatch: pytest.MonkeyPatch) -> Iterator[Method]:
 def test_registered_method_is_selectable(plugin: Method) -> None:
     assert NAME in available_methods() and get_method(NAME) is plugin
     cfg = PolicyConfig(method=NAME, alpha=0.2)
-    assert cfg.resolved_budget() == "adaptive"
+    assert cfg.resolved_budget_fn() == "adaptive"
     assert PolicyConfig.from_dict(cfg.to_dict()) == cfg
     assert (NAME, "layer") in method_matrix() and NAME in compressing_methods()
     for granularity in GRANULARITIES:
