@@ -21,16 +21,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ["vlcache", "snapkv", "pyramidkv", "h2o", "streamingllm", "random", "full"]
 ALPHAS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 1.0]
 
 
 def parse_args(argv: list[str] | None = None):
     from vlcache_sglang.bundled import bundled_model_dir
+    from vlcache_sglang.hf_eval.report import method_order
     from vlcache_sglang.policy import PolicyConfig, PolicyConfigError
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--methods", nargs="+", default=None, help="registered method names (default: all)")
     p.add_argument("--alphas", type=float, nargs="+", default=ALPHAS)
     p.add_argument("--n", type=int, default=32, help="items per question type (32 = the whole split)")
     p.add_argument("--qtypes", nargs="+", default=None, help="question types (default: all of the split)")
@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None = None):
                    help="PolicyConfig.recent_window of every policy (default: the policy default)")
     args = p.parse_args(argv)
     args.model = args.model or str(bundled_model_dir())
+    args.methods = args.methods or method_order()
     if args.n < 1 or args.max_new_tokens < 1 or args.threads < 1:
         p.error("--n, --max-new-tokens and --threads must be >= 1")
     try:

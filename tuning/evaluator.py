@@ -66,14 +66,9 @@ def is_correct(prediction: str, answers: Sequence[str]) -> bool:
 
 
 def policy_request(policy: PolicyConfig) -> dict[str, Any]:
-    """The complete ``custom_params["vlcache"]`` for ``policy`` (``alpha`` travels as ``budget``).
-
-    The request key ``budget`` is the ratio alpha, so the policy field ``budget`` (the budget
-    function) cannot travel per request: it must stay None (the method's default).
-    """
+    """The complete ``custom_params["vlcache"]`` for ``policy``: ``alpha`` travels as the
+    request key ``budget``, every other field (``budget_fn`` among them) under its own name."""
     fields = policy.to_dict()
-    if fields.pop("budget") is not None:
-        raise ValueError(f"budget function {policy.budget!r} cannot be set per request; leave it None")
     return {"budget": fields.pop("alpha"), "method": fields.pop("method"), **fields}
 
 

@@ -86,8 +86,6 @@ class SearchSpace:
             dists.pop("max_window", None)
         if fixed.get("window_mode") == "post_vision":
             dists.pop("window_size", None)
-        if "budget" in fixed and fixed["budget"] is not None:
-            raise SpaceError("--fix budget: the budget function cannot be set per request; leave it unset")
         space = cls(dists, fixed)
         try:  # fail now, not in trial 1: fixed values with the widest sampled values
             for extreme in (0, -1):

@@ -87,7 +87,6 @@ def pages(n: int, seed: int):
 def request_policy(policy: PolicyConfig) -> dict:
     """The whole policy as ``custom_params["vlcache"]`` (``alpha`` travels as ``budget``)."""
     fields = policy.to_dict()
-    assert fields.pop("budget") is None
     return {"budget": fields.pop("alpha"), **fields, "return_plan": True}
 
 

@@ -13,15 +13,15 @@ def test_defaults_are_valid_and_paper_like() -> None:
     cfg = PolicyConfig()
     assert cfg.method == "vlcache" and cfg.alpha == 0.1 and cfg.sparsity_threshold == 0.01
     assert (cfg.clip_min, cfg.clip_max, cfg.recent_share) == (0.01, 1.0, 0.1)
-    assert cfg.resolved_budget() == "adaptive" and cfg.resolved_pool_kernel() == 1
+    assert cfg.resolved_budget_fn() == "adaptive" and cfg.resolved_pool_kernel() == 1
     assert not cfg.resolved_protect_window()
 
 
 def test_method_defaults_resolve() -> None:
     snap = PolicyConfig(method="snapkv")
     assert snap.resolved_pool_kernel() == 5 and snap.resolved_protect_window()
-    assert snap.resolved_budget() == "uniform"
-    assert PolicyConfig(method="pyramidkv").resolved_budget() == "pyramid"
+    assert snap.resolved_budget_fn() == "uniform"
+    assert PolicyConfig(method="pyramidkv").resolved_budget_fn() == "pyramid"
     assert PolicyConfig(method="snapkv", pool_kernel=1, protect_window=False).resolved_pool_kernel() == 1
 
 
@@ -34,8 +34,24 @@ def test_json_round_trip(tmp_path) -> None:
     assert json.loads(path.read_text())["pool_kernel"] == 7
 
 
+def test_legacy_budget_key_loads_as_budget_fn(tmp_path) -> None:
+    """Files saved before the rename name the budget function ``budget``."""
+    legacy = {**PolicyConfig().to_dict(), "budget": "uniform"}
+    del legacy["budget_fn"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(legacy))
+    assert PolicyConfig.load(path) == PolicyConfig(budget_fn="uniform")
+    assert PolicyConfig.from_dict({"budget": None}).budget_fn is None
+    with pytest.raises(PolicyConfigError, match="'budget_fn' and as its old name 'budget'"):
+        PolicyConfig.from_dict({"budget": "uniform", "budget_fn": "uniform"})
+    with pytest.raises(PolicyConfigError, match="budget_fn: 'cosine'"):
+        PolicyConfig.from_dict({"budget": "cosine"})
+    with pytest.raises(PolicyConfigError, match="budget: unknown field"):  # replace() takes field names only
+        PolicyConfig().replace(budget="uniform")
+
+
 def test_replace_accepts_json_scalars() -> None:
-    cfg = PolicyConfig().replace(**json.loads('{"alpha": 1, "window_size": 32.0, "budget": null, '
+    cfg = PolicyConfig().replace(**json.loads('{"alpha": 1, "window_size": 32.0, "budget_fn": null, '
                                               '"granularity": "head", "redistribute": false}'))
     assert cfg.alpha == 1.0 and isinstance(cfg.alpha, float)
     assert cfg.window_size == 32 and isinstance(cfg.window_size, int)
@@ -56,7 +72,7 @@ def test_replace_accepts_json_scalars() -> None:
         ({"window_mode": "tail"}, "window_mode: 'tail' is not one of"),
         ({"text_only": "drop"}, "text_only"),
         ({"granularity": "kv"}, "granularity: 'kv' is not one of 'layer', 'head'"),
-        ({"budget": "cosine"}, "budget: 'cosine'"),
+        ({"budget_fn": "cosine"}, "budget_fn: 'cosine'"),
         ({"pool_kernel": 4}, "pool_kernel: 4 must be odd"),
         ({"pool_kernel": 0}, "pool_kernel: 0 must be an integer >= 1"),
         ({"pool_kernel": 2.5}, "pool_kernel: expected an integer or null"),
@@ -70,7 +86,7 @@ def test_replace_accepts_json_scalars() -> None:
         ({"key_chunk": 0}, "key_chunk"),
         ({"stats_dtype": "float16"}, "stats_dtype"),
         ({"method": "zipcache"}, "method: unknown method 'zipcache'"),
-        ({"method": "streamingllm", "budget": "adaptive"}, "budget: 'adaptive' needs attention statistics"),
+        ({"method": "streamingllm", "budget_fn": "adaptive"}, "budget_fn: 'adaptive' needs attention statistics"),
         ({"alhpa": 0.2}, "alhpa: unknown field"),
     ],
 )

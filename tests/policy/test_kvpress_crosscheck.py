@@ -30,7 +30,7 @@ COMMON = {"alpha": 1 - PARAMS["compression_ratio"], "granularity": "head", "redi
           "recent_share": 0.0, "clip_min": 0.0, "text_only": "last_w", "window_size": PARAMS["window_size"]}
 OURS = {
     "snapkv": {"method": "snapkv", "pool_kernel": PARAMS["kernel_size"]},
-    "snapkv_kernel1": {"method": "vlcache", "window_mode": "last_w", "budget": "uniform",
+    "snapkv_kernel1": {"method": "vlcache", "window_mode": "last_w", "budget_fn": "uniform",
                        "protect_window": True, "pool_kernel": 1},
     "pyramidkv": {"method": "pyramidkv", "pyramid_beta": float(PARAMS["pyramid_beta"])},
     "streamingllm": {"method": "streamingllm", "n_sink": PARAMS["n_sink"]},

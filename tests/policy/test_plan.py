@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -10,98 +9,64 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.policy.plan_helper import (
+    D,
+    HKV,
+    HQ,
+    L,
+    M,
+    SPANS,
+    check_matrix_cell,
+    compressing_methods,
+    method_matrix,
+    run_plan,
+)
 from vlcache_sglang.policy import (
     PolicyConfig,
     PolicyError,
     PolicyStats,
     StatsAccumulator,
-    attention_stats,
     available_methods,
     build_plan,
+    get_method,
     locate_window,
     protected_suffix,
     select_kept,
 )
 
-M, L, HQ, HKV, D = 80, 3, 4, 2, 8
-SPANS = [(3, 20), (22, 50)]  # two images; post-vision window is [51, 80)
-
-
-def _run(cfg: PolicyConfig, m: int = M, spans=SPANS, seed: int = 0, device: str = "cpu", stats_fn=attention_stats):
-    g = torch.Generator().manual_seed(seed)
-    window = locate_window(m, spans, cfg)
-    acc = StatsAccumulator(L, HQ, HKV, m, window, cfg, stats_fn=stats_fn)
-    for layer in range(L):
-        q = (torch.randn(m, HQ, D, generator=g) * (1 + layer)).to(device)
-        k = (torch.randn(m, HKV, D, generator=g) * 2).to(device)
-        acc.add(layer, q, torch.arange(m, device=device), k, D ** -0.5)
-    return build_plan(acc)
-
-
-def _check_plan(plan, cfg: PolicyConfig, m: int = M) -> None:
-    assert len(plan.kept) == len(plan.budgets) == plan.num_layers
-    for layer, kept in enumerate(plan.kept):
-        rows = kept if kept.dim() == 2 else kept[None]
-        if cfg.granularity == "head":
-            assert kept.shape == (HKV, plan.budgets[layer])
-        else:
-            assert kept.shape == (plan.budgets[layer],)
-        assert kept.dtype == torch.int64
-        for row in rows:
-            assert torch.all(row[1:] > row[:-1]), "sorted and unique"
-            assert 0 <= int(row[0]) and int(row[-1]) < m
-            tail = torch.arange(m - plan.protected, m)
-            assert torch.isin(tail, row).all(), "recent window kept"
-
-
-MATRIX = [(method, gran) for method in sorted(["vlcache", "snapkv", "pyramidkv", "h2o", "streamingllm", "random", "full"])
-          for gran in ("layer", "head")]
+MATRIX = method_matrix()
 
 
 @pytest.mark.parametrize(("method", "granularity"), MATRIX)
 def test_method_matrix(method: str, granularity: str) -> None:
     assert set(m for m, _ in MATRIX) == set(available_methods())
-    cfg = PolicyConfig(method=method, granularity=granularity, alpha=0.3, window_size=8)
-    plan = _run(cfg)
-    _check_plan(plan, cfg)
-    assert plan.method == method and plan.granularity == granularity
-    assert plan.is_identity == (method == "full")
-    if method != "full":
-        assert sum(plan.budgets) == round(0.3 * M * L)  # redistribution on by default
-        assert plan.protected >= math.ceil(0.1 * 0.3 * M)
-        assert abs(plan.kept_ratio - 0.3) < 1 / M
-    again = _run(cfg)
-    assert all(torch.equal(a, b) for a, b in zip(plan.kept, again.kept)), "deterministic"
-    json.dumps(plan.to_dict())
-    # alpha = 1 keeps everything
-    full = _run(cfg.replace(alpha=1.0))
-    assert full.is_identity and all(k.shape[-1] == M for k in full.kept) and full.kept_ratio == 1.0
+    check_matrix_cell(method, granularity)
 
 
 def test_snapkv_and_pyramidkv_force_keep_their_window() -> None:
     for method in ("snapkv", "pyramidkv"):
-        plan = _run(PolicyConfig(method=method, alpha=0.3, window_size=12))
+        plan = run_plan(PolicyConfig(method=method, alpha=0.3, window_size=12))
         assert plan.protected == 12 and plan.window.mode == "last_w"
-    pyr = _run(PolicyConfig(method="pyramidkv", alpha=0.5, window_size=8, pyramid_beta=4.0, redistribute=False))
+    pyr = run_plan(PolicyConfig(method="pyramidkv", alpha=0.5, window_size=8, pyramid_beta=4.0, redistribute=False))
     assert pyr.budgets == sorted(pyr.budgets, reverse=True) and pyr.budgets[0] > pyr.budgets[-1]
 
 
 def test_streamingllm_keeps_sinks_and_recent() -> None:
-    plan = _run(PolicyConfig(method="streamingllm", alpha=0.25, n_sink=4, redistribute=False))
+    plan = run_plan(PolicyConfig(method="streamingllm", alpha=0.25, n_sink=4, redistribute=False))
     assert torch.equal(plan.kept[0], torch.cat([torch.arange(4), torch.arange(M - 16, M)]))
 
 
 def test_random_depends_on_seed_only() -> None:
-    a = _run(PolicyConfig(method="random", alpha=0.3, seed=1))
-    b = _run(PolicyConfig(method="random", alpha=0.3, seed=1), seed=9)  # other q/k
-    c = _run(PolicyConfig(method="random", alpha=0.3, seed=2))
+    a = run_plan(PolicyConfig(method="random", alpha=0.3, seed=1))
+    b = run_plan(PolicyConfig(method="random", alpha=0.3, seed=1), seed=9)  # other q/k
+    c = run_plan(PolicyConfig(method="random", alpha=0.3, seed=2))
     assert all(torch.equal(x, y) for x, y in zip(a.kept, b.kept))
     assert not all(torch.equal(x, y) for x, y in zip(a.kept, c.kept))
 
 
 def test_vlcache_budgets_follow_sparsity() -> None:
     cfg = PolicyConfig(alpha=0.3)
-    plan = _run(cfg)
+    plan = run_plan(cfg)
     window = locate_window(M, SPANS, cfg)
     acc = StatsAccumulator(L, HQ, HKV, M, window, cfg)
     g = torch.Generator().manual_seed(0)
@@ -123,13 +88,13 @@ def test_vlcache_budgets_follow_sparsity() -> None:
     ],
 )
 def test_identity_cases(cfg, m, spans, why) -> None:
-    plan = _run(cfg, m=m, spans=spans)
+    plan = run_plan(cfg, m=m, spans=spans)
     assert plan.is_identity and any(why in n for n in plan.notes), plan.notes
     assert all(torch.equal(k, torch.arange(m)) for k in plan.kept)
 
 
 def test_text_only_last_w_compresses() -> None:
-    plan = _run(PolicyConfig(text_only="last_w", window_size=10, alpha=0.2), spans=[])
+    plan = run_plan(PolicyConfig(text_only="last_w", window_size=10, alpha=0.2), spans=[])
     assert not plan.is_identity and plan.window.fell_back and plan.window.length == 10
 
 
@@ -153,14 +118,14 @@ def test_ties_keep_lower_positions() -> None:
 
 
 def test_kept_mask() -> None:
-    plan = _run(PolicyConfig(alpha=0.3, granularity="head"))
+    plan = run_plan(PolicyConfig(alpha=0.3, granularity="head"))
     mask = plan.kept_mask(1)
     assert mask.shape == (HKV, M) and mask.sum(-1).tolist() == [plan.budgets[1]] * HKV
 
 
 @settings(max_examples=40, deadline=None)
 @given(
-    method=st.sampled_from(["vlcache", "snapkv", "pyramidkv", "h2o", "streamingllm", "random"]),
+    method=st.sampled_from(compressing_methods()),
     granularity=st.sampled_from(["layer", "head"]),
     m=st.integers(1, 300),
     n_layers=st.integers(1, 6),
@@ -178,7 +143,7 @@ def test_plan_properties(method, granularity, m, n_layers, alpha, recent_share, 
     col = torch.zeros(n_layers, HKV, m) if tie_scores else torch.rand(n_layers, HKV, m, generator=g)
     causal = torch.full((n_layers, HQ), 1000, dtype=torch.int64)
     below = torch.randint(0, 1000, (n_layers, HQ), generator=g)
-    rows = "none" if method in ("streamingllm", "random") else ("all" if method == "h2o" else "window")
+    rows = get_method(method).rows
     expected = {"none": 0, "all": m, "window": window.length}[rows] if window.compress else 0
     stats = PolicyStats(m, n_layers, HQ, HKV, window, rows if window.compress else "none",
                         None if rows == "none" else col, None if rows == "none" else below,
@@ -215,6 +180,6 @@ def test_cuda_plan_matches_cpu(method: str) -> None:
     from vlcache_sglang.kernels.dispatch import attention_stats_auto  # what the backend hands the policy on CUDA
 
     cfg = PolicyConfig(method=method, alpha=0.3, stats_dtype="float64")
-    cpu, gpu = _run(cfg), _run(cfg, device="cuda", stats_fn=attention_stats_auto)
+    cpu, gpu = run_plan(cfg), run_plan(cfg, device="cuda", stats_fn=attention_stats_auto)
     assert gpu.kept[0].device.type == "cuda" and gpu.budgets == cpu.budgets
     assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu.kept, gpu.kept))

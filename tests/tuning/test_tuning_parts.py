@@ -15,6 +15,8 @@ from tuning.study import StudyError, open_storage, open_study, storage_url
 from tuning.tune import main
 from vlcache_sglang.bundled import bundled_model_dir
 from vlcache_sglang.policy import PolicyConfig
+from vlcache_sglang.policy_resolution import resolve_policy
+from vlcache_sglang.settings import CompressionSettings
 
 DATA = str(bundled_model_dir().parents[1] / "data" / "tinyvlm-docvqa")
 
@@ -77,9 +79,13 @@ def test_policy_request_carries_the_whole_policy():
     req = policy_request(PolicyConfig(alpha=0.2, granularity="head"))
     assert req["budget"] == 0.2 and req["method"] == "vlcache" and req["granularity"] == "head"
     assert "alpha" not in req and set(req) - {"budget", "method"} == set(PolicyConfig().to_dict()) - {
-        "alpha", "method", "budget"}
-    with pytest.raises(ValueError, match="budget function"):
-        policy_request(PolicyConfig(budget="uniform"))
+        "alpha", "method"}
+    assert req["budget_fn"] is None
+    # the budget function travels per request under its own name; the server resolves it back
+    policy = PolicyConfig(alpha=0.2, budget_fn="uniform", granularity="head")
+    req = policy_request(policy)
+    assert req["budget"] == 0.2 and req["budget_fn"] == "uniform"
+    assert resolve_policy(CompressionSettings(), {"vlcache": req}) == policy
 
 
 # -- search space ------------------------------------------------------------------------------
@@ -103,6 +109,8 @@ def test_fixing_a_parameter_removes_it_and_bad_values_are_refused():
     space = SearchSpace.build(fixed=parse_fixed(["granularity=layer", "window_mode=last_w"]))
     assert "granularity" not in space.distributions and "max_window" not in space.distributions
     assert space.signature() != SearchSpace.build().signature()
+    pinned = SearchSpace.build(fixed=parse_fixed(["budget_fn=uniform"]))  # travels per request
+    assert pinned.to_policy(pinned.params_for(PolicyConfig(alpha=0.1, budget_fn="uniform"))).budget_fn == "uniform"
     with pytest.raises(SpaceError, match="not a policy field"):
         parse_fixed(["windoww=3"])
     with pytest.raises(SpaceError, match="name=value"):

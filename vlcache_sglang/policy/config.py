@@ -34,7 +34,7 @@ _ENUMS: dict[str, tuple[Any, ...]] = {
     "window_mode": ("post_vision", "last_w"),
     "text_only": ("identity", "last_w"),
     "granularity": ("layer", "head"),
-    "budget": (None, "adaptive", "uniform", "pyramid"),
+    "budget_fn": (None, "adaptive", "uniform", "pyramid"),
     "stats_dtype": ("float32", "float64"),
     "recent_window": ("shared", "per_layer"),
 }
@@ -42,7 +42,9 @@ _FLOATS = {"alpha", "sparsity_threshold", "recent_share", "clip_min", "clip_max"
 _INTS = {"window_size", "max_window", "pool_kernel", "n_sink", "seed", "min_prompt_len",
          "key_chunk", "query_chunk"}
 _BOOLS = {"protect_window", "redistribute", "h2o_normalize"}
-_OPTIONAL = {"max_window", "pool_kernel", "protect_window", "budget"}
+_OPTIONAL = {"max_window", "pool_kernel", "protect_window", "budget_fn"}
+#: keys of files saved before a rename -> the field's name now
+_LEGACY_KEYS = {"budget": "budget_fn"}
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,9 @@ class PolicyConfig:
         clip_min, clip_max: per-layer budget bounds as fractions of ``m`` (paper: 0.01, 1).
         redistribute: make the kept total exactly ``round(alpha * m * L)`` (water-filling
             of what clipping cuts or adds); the paper does not (False).
-        budget: override of the method's budget function (None: method default).
+        budget_fn: override of the method's budget function (None: method default); not to be
+            confused with the launch/request "budget", which is ``alpha``. Policy files saved
+            with the old key ``budget`` still load (:meth:`from_dict`).
         granularity: ``"layer"`` (one kept set per layer) or ``"head"`` (per KV head, same
             count per head within a layer).
         pool_kernel: odd 1-D average-pooling kernel over key scores (None: method default).
@@ -93,7 +97,7 @@ class PolicyConfig:
     clip_min: float = 0.01
     clip_max: float = 1.0
     redistribute: bool = True
-    budget: str | None = None
+    budget_fn: str | None = None
     granularity: str = "layer"
     pool_kernel: int | None = None
     pyramid_beta: float = 20.0
@@ -150,18 +154,18 @@ class PolicyConfig:
         _int_min("key_chunk", self.key_chunk, 1)
         _int_min("query_chunk", self.query_chunk, 1)
         method = get_method(self.method)
-        if self.resolved_budget() == "adaptive" and method.rows == "none":
+        if self.resolved_budget_fn() == "adaptive" and method.rows == "none":
             raise PolicyConfigError(
-                f"budget: 'adaptive' needs attention statistics, which method {self.method!r} "
+                f"budget_fn: 'adaptive' needs attention statistics, which method {self.method!r} "
                 "does not gather; use 'uniform' or 'pyramid'")
         return self
 
     # ------------------------------------------------------- method-default resolution
-    def resolved_budget(self) -> str:
-        """The budget function in force (``budget`` or the method's default)."""
+    def resolved_budget_fn(self) -> str:
+        """The budget function in force (``budget_fn`` or the method's default)."""
         from vlcache_sglang.policy.methods import get_method
 
-        return self.budget if self.budget is not None else get_method(self.method).default_budget
+        return self.budget_fn if self.budget_fn is not None else get_method(self.method).default_budget
 
     def resolved_pool_kernel(self) -> int:
         """The pooling kernel in force (``pool_kernel`` or the method's default)."""
@@ -188,10 +192,13 @@ class PolicyConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PolicyConfig":
-        """Build and validate from a mapping of JSON scalars; unknown keys are errors."""
+        """Build and validate from a mapping of JSON scalars; unknown keys are errors.
+
+        A legacy key (``budget`` for ``budget_fn``) is accepted instead of the field's name.
+        """
         if not isinstance(data, Mapping):
             raise PolicyConfigError(f"config: expected a JSON object, got {type(data).__name__}")
-        return cls().replace(**data)
+        return cls().replace(**_renamed_legacy_keys(data))
 
     @classmethod
     def from_json(cls, text: str) -> "PolicyConfig":
@@ -229,6 +236,16 @@ class PolicyConfig:
 
 
 # ---------------------------------------------------------------------- helpers
+def _renamed_legacy_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(data)
+    for old, new in _LEGACY_KEYS.items():
+        if old in out:
+            if new in out:
+                raise PolicyConfigError(f"{new}: given twice, as {new!r} and as its old name {old!r}; keep one")
+            out[new] = out.pop(old)
+    return out
+
+
 def _coerce(name: str, value: Any) -> Any:
     if value is None and name in _OPTIONAL:
         return None

@@ -163,7 +163,7 @@ def build_plan(source: StatsAccumulator | PolicyStats, cfg: "PolicyConfig | None
             st.causal = torch.zeros(n_layers, st.num_q_heads, dtype=torch.int64, device=device)
 
     protected = protected_suffix(m, st.window, cfg)
-    budget_kind = cfg.resolved_budget()
+    budget_kind = cfg.resolved_budget_fn()
     sparsity = st.layer_sparsity() if st.below is not None else None
     raw = BUDGET_FUNCTIONS[budget_kind](BudgetContext(m, n_layers, cfg, sparsity))
     budgets, budget_notes = finalize_budgets(raw, m, cfg, protected)

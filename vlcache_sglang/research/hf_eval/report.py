@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from vlcache_sglang.research.hf_eval.evaluate import EvalResult
@@ -13,7 +13,18 @@ METHOD_LABELS = {"vlcache": "VL-Cache", "snapkv": "SnapKV", "pyramidkv": "Pyrami
 
 
 def label(method: str) -> str:
+    """Display name of ``method`` (a method without a label shows its registry name)."""
     return METHOD_LABELS.get(method, method)
+
+
+def method_order(names: Iterable[str] | None = None) -> list[str]:
+    """``names`` (default: every registered method) in display order: the labelled methods in
+    :data:`METHOD_LABELS` order, then the others sorted, the full cache last."""
+    from vlcache_sglang.policy import available_methods
+
+    known = list(METHOD_LABELS)
+    return sorted(available_methods() if names is None else names,
+                  key=lambda m: (m == "full", known.index(m) if m in known else len(known), m))
 
 
 def grid(results: Sequence[EvalResult]) -> tuple[list[str], list[float], dict[tuple[str, float], EvalResult]]:
