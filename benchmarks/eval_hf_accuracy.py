@@ -26,7 +26,7 @@ ALPHAS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 1.0]
 
 def parse_args(argv: list[str] | None = None):
     from vlcache_sglang.bundled import bundled_model_dir
-    from vlcache_sglang.hf_eval.report import method_order
+    from vlcache_sglang.research.hf_eval.report import method_order
     from vlcache_sglang.policy import PolicyConfig, PolicyConfigError
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

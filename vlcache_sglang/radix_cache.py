@@ -27,7 +27,6 @@ import heapq
 import logging
 import time
 
-import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult
 from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 

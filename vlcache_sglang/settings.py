@@ -256,7 +256,7 @@ def launch_settings(flags: Mapping[str, Any], environ: Mapping[str, str], model_
     elif explicit is not None:
         config_path, source = explicit, "--vlcache-config"
     elif model_path:
-        found = find_default_config(model_path)
+        found = find_default_config(model_path, environ)
         if found is not None:
             config_path, source = str(found), f"per-model default for {model_path}"
     budget = flags["budget"] if flags.get("budget") is not None else base.budget

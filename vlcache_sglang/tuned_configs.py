@@ -39,11 +39,13 @@ class TunedConfigError(ValueError):
     """A per-model policy file exists but cannot be used; the message names the file."""
 
 
-def user_config_dir() -> Path:
-    """The user's policy directory (``$VLCACHE_CONFIG_DIR`` or the XDG config location)."""
-    if os.environ.get(ENV_CONFIG_DIR):
-        return Path(os.environ[ENV_CONFIG_DIR]).expanduser()
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+def user_config_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The user's policy directory (``$VLCACHE_CONFIG_DIR`` or the XDG config location) in
+    ``environ`` (the launcher's or the tuner's environment; default: this process's)."""
+    environ = os.environ if environ is None else environ
+    if environ.get(ENV_CONFIG_DIR):
+        return Path(environ[ENV_CONFIG_DIR]).expanduser()
+    base = environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "vlcache-sglang" / "policies"
 
 
@@ -76,9 +78,9 @@ def _cached_hub_file(repo_id: str) -> Path | None:
     return Path(hit) if isinstance(hit, str) else None
 
 
-def candidate_paths(model_path: str | os.PathLike) -> list[Path]:
+def candidate_paths(model_path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> list[Path]:
     """Where the default policy of ``model_path`` may live, in lookup order."""
-    out = [user_config_dir() / f"{model_key(model_path)}.json"]
+    out = [user_config_dir(environ) / f"{model_key(model_path)}.json"]
     local = _local_dir(model_path)
     if local is not None:
         out.append(local / POLICY_FILENAME)
@@ -89,10 +91,10 @@ def candidate_paths(model_path: str | os.PathLike) -> list[Path]:
     return out
 
 
-def find_default_config(model_path: str | os.PathLike) -> Path | None:
+def find_default_config(model_path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> Path | None:
     """The first existing candidate file, or None."""
     try:
-        candidates = candidate_paths(model_path)
+        candidates = candidate_paths(model_path, environ)
     except TunedConfigError:
         return None
     return next((p for p in candidates if p.is_file()), None)

@@ -2,7 +2,7 @@
 
 SGLang latches ``batch_is_full`` when a prefill pass runs out of tokens and clears it only when a
 request leaves; compressed requests return most of their prompt right after prefill, so the plugin
-reopens admission after each compaction (``plugin._reopen_admission_after_compaction``). Here more
+reopens admission after each compaction (``scheduler_hooks.reopen_admission_after_compaction``). Here more
 requests must run at once than the pool can hold with uncompressed prompts: all twelve at once,
 where three uncompressed prompts fit (measured with the hook disabled: six).
 """

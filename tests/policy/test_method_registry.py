@@ -51,6 +51,28 @@ def test_registered_method_is_selectable(plugin: Method) -> None:
     assert plan.method == NAME and not plan.is_identity
 
 
+def test_registered_method_is_selectable_from_the_launch_and_from_a_request(plugin: Method) -> None:
+    """The server's validation asks the registry at validation time: the launch flag
+    (``--vlcache-method``), the ``--help`` list and ``custom_params`` accept the new name."""
+    import argparse
+
+    from vlcache_sglang.launch_hooks import add_cli_args
+    from vlcache_sglang.policy_resolution import check_request, resolve_policy
+    from vlcache_sglang.settings import CompressionSettings, SettingsError, launch_settings
+
+    settings, _ = launch_settings({"budget": 0.2, "method": NAME}, {}, None)
+    assert settings.compression.method == NAME
+    assert resolve_policy(settings.compression).method == NAME
+    request = {"vlcache": {"method": NAME, "budget": 0.1}}
+    check_request(CompressionSettings(), request)
+    assert resolve_policy(CompressionSettings(), request) == PolicyConfig(method=NAME, alpha=0.1)
+    parser = argparse.ArgumentParser()
+    add_cli_args(None, parser)
+    assert NAME in parser.format_help()
+    with pytest.raises(SettingsError, match=f"vlcache method must be one of .*{NAME}"):
+        launch_settings({"method": "nope"}, {}, None)
+
+
 def test_unknown_method_error_lists_the_registered_ones(plugin: Method) -> None:
     with pytest.raises(PolicyConfigError, match=f"method: unknown method 'nope'; allowed: .*{NAME}") as err:
         PolicyConfig(method="nope")
@@ -66,7 +88,7 @@ def test_registering_twice_needs_replace(plugin: Method) -> None:
 
 
 def test_reports_list_a_registered_method_under_its_own_name(plugin: Method) -> None:
-    from vlcache_sglang.hf_eval.report import label, method_order  # imports transformers
+    from vlcache_sglang.research.hf_eval.report import label, method_order  # imports transformers
 
     order = method_order()
     assert set(order) == set(available_methods()) and order[-1] == "full"

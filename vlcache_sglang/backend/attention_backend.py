@@ -63,7 +63,7 @@ class VLCacheAttnBackend(AttentionBackend):
                 num_q_heads=model_config.num_attention_heads // tp,
                 num_kv_heads=max(1, model_config.get_num_kv_heads(tp)), debug_checks=self.debug_checks,
                 gather=StatsGather(group), virtual_ids_per_slot=self.settings.virtual_ids_per_slot,
-                metrics=self.settings.metrics,
+                metrics=self.settings.metrics, kernels=self.settings.kernels,
             )
             head_dim = self.global_kv.k.shape[-1]
             # what the executor's graph buffers are sized by (q heads, KV heads, head dim, dtypes, scale)

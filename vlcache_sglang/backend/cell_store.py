@@ -11,7 +11,7 @@ its footprint becomes ``sum_l k_l / L`` token-equivalents (plus < 1 slot of roun
 ``max_l k_l`` or the union.
 
 Memory. SGLang sizes the pool to fill the device (``--mem-fraction-static``), so re-homing must
-not allocate a second pool: with :func:`vlcache_sglang.backend.memory_budget.install_memory_hooks`
+not allocate a second pool: with the memory hooks of :mod:`vlcache_sglang.backend.memory_budget` (in the plugin's hook table)
 the pool allocates its K and V as ``[L * R, heads, dim]`` tensors in the first place and SGLang's
 per-layer buffers are views of them (re-homing is free); a pool built without the hook is moved
 layer by layer (one layer of extra memory; through the host on CUDA). Either way every pointer and

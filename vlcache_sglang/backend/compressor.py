@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 
@@ -32,7 +33,8 @@ from vlcache_sglang.backend.request_info import RequestInfo
 from vlcache_sglang.backend.request_state import CompressedRow, RequestState, RequestStates, ResolvedRow
 from vlcache_sglang.backend.tensor_parallel import StatsGather
 from vlcache_sglang.backend.virtual_kv import VirtualKV, install_free_filter
-from vlcache_sglang.policy import PolicyError, StatsAccumulator, build_plan
+from vlcache_sglang.kernels.dispatch import attention_stats_auto
+from vlcache_sglang.policy import PolicyError, StatsAccumulator, attention_stats, build_plan
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ class Compressor:
 
     def __init__(self, kv: GlobalKV, req_to_token: torch.Tensor, allocator, num_q_heads: int, num_kv_heads: int,
                  debug_checks: bool = False, gather: StatsGather | None = None, *,
-                 virtual_ids_per_slot: float = 4.0, metrics: bool = False, stats_fn=None):
+                 virtual_ids_per_slot: float = 4.0, metrics: bool = False, kernels: str = "auto"):
         self.kv = kv
         self.gather = gather or StatsGather()  # one plan on every tensor-parallel rank
         self.debug_checks = debug_checks  # plans from incomplete statistics raise instead of noting
@@ -65,10 +67,13 @@ class Compressor:
         self.allocator = allocator
         self.num_layers = kv.num_layers
         self.num_q_heads, self.num_kv_heads = num_q_heads, num_kv_heads
-        self.stats_fn = stats_fn  # the statistics kernel handed to the policy (None: its torch reference)
+        # the statistics function handed to the policy: the fused Triton kernel on CUDA (per
+        # ``kernels``: VLCACHE_KERNELS), the policy's torch reference elsewhere
+        self.stats_fn = partial(attention_stats_auto, mode=kernels) if kv.k.is_cuda else attention_stats
         # the same figure the pool budget charged for (memory_budget.table_bytes_per_slot)
         self.vkv = VirtualKV(kv.rows_per_layer, kv.num_layers,
-                             max(2, int(virtual_ids_per_slot * kv.rows_per_layer)), device=kv.k.device)
+                             max(2, int(virtual_ids_per_slot * kv.rows_per_layer)), device=kv.k.device,
+                             kernels=kernels)
         install_free_filter(allocator, self.vkv)
         self.states = RequestStates()
         self.layer_lists = LayerListBuilder(kv, self.vkv, self.states)
@@ -96,7 +101,7 @@ class Compressor:
                 window = replace(window, start=floor, reason=(window.reason + "; " if window.reason else "")
                                  + f"window starts after the {floor} cached tokens")
             stats = StatsAccumulator(self.num_layers, self.num_q_heads, self.num_kv_heads, info.prompt_len,
-                                     window, info.policy, first_row=info.window_floor)
+                                     window, info.policy, first_row=info.window_floor, stats_fn=self.stats_fn)
             state = state if state is not None else self.states.start(info.req_pool_idx, RequestState(info.rid))
             state.window, state.stats, state.planned = window, stats, False
             state.sharing, state.tree_cap = info.sharing, info.compaction_protected

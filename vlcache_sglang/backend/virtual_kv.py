@@ -18,7 +18,7 @@ tensors that SGLang copies, splits, locks and frees without knowing what they me
 
 For the radix tree's accounting each virtual id has a state (request-owned, in the tree and
 evictable, in the tree and locked) and each slot counts its cells per state, so the tree can
-report evictable and protected memory in slots, exactly (see :mod:`vlcache_sglang.radix`).
+report evictable and protected memory in slots, exactly (see :mod:`vlcache_sglang.radix_cache`).
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ class Compaction:
 class VirtualKV:
     """Virtual ids over the global K/V storage ``[L * R, heads, dim]`` (plain PyTorch)."""
 
-    def __init__(self, rows_per_layer: int, num_layers: int, capacity: int, device: torch.device | str = "cpu"):
+    def __init__(self, rows_per_layer: int, num_layers: int, capacity: int, device: torch.device | str = "cpu",
+                 kernels: str = "auto"):
         if capacity < 2:
             raise ValueError("need room for the null id and at least one virtual id")
         if rows_per_layer * num_layers >= torch.iinfo(ID_DTYPE).max:
@@ -55,6 +56,7 @@ class VirtualKV:
         self.base = self.null_id = rows_per_layer
         self.rows_per_layer, self.num_layers, self.capacity = rows_per_layer, num_layers, capacity
         self.device = torch.device(device)
+        self.kernels = kernels  # compaction moves: kernels.dispatch mode (VLCACHE_KERNELS)
         self.free_slots_fn = None  # the allocator's original free (set by install_free_filter)
         self.births = 0  # compactions so far (never reset: stamps of cached resolutions stay comparable)
         self.clear()
@@ -192,7 +194,7 @@ class VirtualKV:
         if moves.src.numel():  # sources are read before any cell is written; bytes (fp8 pools store uint8)
             from vlcache_sglang.backend.cell_store import storage_view
 
-            move_kv_rows_auto(storage_view(k), storage_view(v), moves.src, moves.dst)
+            move_kv_rows_auto(storage_view(k), storage_view(v), moves.src, moves.dst, mode=self.kernels)
         # virtual ids for positions kept somewhere; the null id for the rest
         vid_index = torch.zeros(owned, dtype=torch.int64, device=dev)
         taken = [self._free.pop() for _ in range(n_vids)]
