@@ -126,7 +126,7 @@ RETRACT_NEW = 300  # 6 x 300 generated tokens cannot fit a 1,500-token pool
 def test_decode_out_of_memory_retracts_and_the_retracted_request_recomputes(server, hf):
     import torch
 
-    from vlcache_sglang.research.hf_reference import greedy_with_plan
+    from vlcache_sglang.research.hf_reference import greedy_disagreements, greedy_with_plan
 
     assert_at_start(settle(server))
     offset = log_offset(server)
@@ -160,7 +160,10 @@ def test_decode_out_of_memory_retracts_and_the_retracted_request_recomputes(serv
     inputs["input_ids"] = torch.cat([inputs["input_ids"], generated], dim=1)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     expected = greedy_with_plan(model, inputs, kept, RETRACT_NEW - k, ())
-    assert out["output_ids"][k:] == expected
+    if out["output_ids"][k:] != expected:  # say where and by how much the reference disagrees
+        flips = greedy_disagreements(model, inputs, kept, out["output_ids"][k:])
+        pytest.fail(f"retracted request (k={k}, planned {planned}) differs from the reference of its plan; "
+                    f"teacher-forced (step, logit margin) where the reference picks another token: {flips}")
 
 
 # -- item 5: aborts at each stage ------------------------------------------------------------

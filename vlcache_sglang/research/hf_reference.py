@@ -123,3 +123,26 @@ def greedy_with_plan(model, inputs: dict, kept: Sequence[torch.Tensor] | None, m
         cache = crop_cache_positions(cache, kept, model.config.text_config)
     return decode_greedy(model, cache, pre.first_token, pre.prompt_len, pre.rope_deltas, max_new_tokens,
                          eos_token_ids)
+
+
+@torch.no_grad()
+def greedy_disagreements(model, inputs: dict, kept: Sequence[torch.Tensor] | None,
+                         tokens: Sequence[int]) -> list[tuple[int, float]]:
+    """Where ``tokens`` (an engine's greedy answer to ``inputs`` under the plan ``kept``) are not
+    the reference's greedy choice when the reference is fed those same tokens (teacher forcing):
+    ``(step, margin)`` per such step, ``margin`` = reference logit of its own choice minus that of
+    the engine's token (>= 0). Two correct engines differ only at numerical ties (margins of
+    float noise); a wrong cache differs by real margins."""
+    pre = prefill(model, inputs)
+    cache = pre.cache
+    if kept is not None:
+        cache = crop_cache_positions(cache, kept, model.config.text_config)
+    steps = [pre.logits]
+    if len(tokens) > 1:
+        steps += list(teacher_forced_logits(model, cache, tokens, pre.prompt_len, pre.rope_deltas))
+    out = []
+    for i, (logits, token) in enumerate(zip(steps, tokens)):
+        best = int(logits.argmax())
+        if best != int(token):
+            out.append((i, float(logits[best] - logits[int(token)])))
+    return out
