@@ -8,7 +8,7 @@ from .evaluator import TrialResult
 from .objectives import TrialRecord, pareto_front
 
 SHOWN_PARAMS = ("alpha", "window_mode", "window_size", "max_window", "sparsity_threshold", "recent_share",
-                "clip_min", "clip_max", "granularity", "pool_kernel", "redistribute")
+                "recent_window", "clip_min", "clip_max", "granularity", "pool_kernel", "redistribute")
 
 
 def _fmt(value) -> str:

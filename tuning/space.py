@@ -2,7 +2,8 @@
 
 Searched (PolicyConfig field names): ``alpha`` (budget ratio, log scale), ``window_mode`` with its
 length (``window_size`` for ``last_w``; ``max_window`` cap for ``post_vision``, 0 = no cap),
-``sparsity_threshold`` (log), ``recent_share``, ``clip_min``, ``clip_max``, ``granularity``,
+``sparsity_threshold`` (log), ``recent_share`` and ``recent_window`` (one recent window shared by
+every layer, or the paper's per-layer share of each budget), ``clip_min``, ``clip_max``, ``granularity``,
 ``pool_kernel``, ``redistribute``. ``--fix name=value`` pins a parameter (or any other
 PolicyConfig field) and removes it from the search. The clip ranges follow the alpha range so
 every sampled point is a valid policy (``clip_min <= alpha <= clip_max``).
@@ -43,6 +44,7 @@ def default_distributions(alpha_lo: float = 0.02, alpha_hi: float = 0.5) -> dict
         "max_window": CategoricalDistribution([0, 8, 16, 32]),
         "sparsity_threshold": FloatDistribution(1e-3, 0.1, log=True),
         "recent_share": FloatDistribution(0.0, 0.3),
+        "recent_window": CategoricalDistribution(["shared", "per_layer"]),
         "clip_min": FloatDistribution(0.0, min(0.02, alpha_lo)),
         "clip_max": FloatDistribution(max(0.5, alpha_hi), 1.0) if alpha_hi < 1.0 else CategoricalDistribution([1.0]),
         "granularity": CategoricalDistribution(["layer", "head"]),

@@ -175,3 +175,14 @@ def test_study_with_another_search_space_is_refused(tmp_path):
     other = dict(setup, space=SearchSpace.build(fixed={"granularity": "layer"}).signature())
     with pytest.raises(StudyError, match=r"different setup.*granularity"):
         open_study(storage, "s", other, ["maximize", "minimize"], sampler)
+
+
+def test_recent_window_rule_is_searched_or_fixed():
+    """Issue 22: the tuner chooses between one shared recent window and the paper's per-layer one."""
+
+    space = SearchSpace.build()
+    assert space.distributions["recent_window"].choices == ("shared", "per_layer")
+    assert {space.to_policy({"recent_window": v}).recent_window for v in ("shared", "per_layer")} == {
+        "shared", "per_layer"}
+    fixed = SearchSpace.build(fixed=parse_fixed(["recent_window=per_layer"]))
+    assert "recent_window" not in fixed.distributions and fixed.to_policy({}).recent_window == "per_layer"
