@@ -1,7 +1,7 @@
 """The import graph the layout promises.
 
-* The server side (what SGLang imports: ``plugin``, ``settings``, ``policy_resolution``,
-  ``compatibility``, ``radix_cache``, ``tuned_configs``, ``bundled``, ``backend/``, ``policy/``,
+* The server side (what SGLang imports: ``plugin``, ``hooks`` and the hook modules, ``settings``,
+  ``policy_resolution``, ``compatibility``, ``radix_cache``, ``tuned_configs``, ``bundled``, ``backend/``, ``policy/``,
   ``cpu_runtime/``) imports nothing from ``vlcache_sglang.research`` (evaluation, training),
   ``vlcache_sglang.tooling`` (launchers for tests, benchmarks and the demo) or the tuning package.
 * ``vlcache_sglang.policy`` is pure PyTorch: it imports neither SGLang nor the kernels; the backend
@@ -33,10 +33,11 @@ from pathlib import Path
 import vlcache_sglang
 
 PKG = Path(vlcache_sglang.__file__).resolve().parent
-SERVER_SOURCES = [PKG / f for f in ("plugin.py", "settings.py", "policy_resolution.py", "compatibility.py",
-                                    "radix_cache.py", "tuned_configs.py", "bundled.py", "__init__.py")]
+SERVER_SOURCES = [PKG / f for f in ("plugin.py", "hooks.py", "launch_hooks.py", "scheduler_hooks.py", "settings.py",
+                                    "policy_resolution.py", "compatibility.py", "radix_cache.py", "tuned_configs.py",
+                                    "bundled.py", "__init__.py")]
 SERVER_SOURCES += sorted(p for d in ("backend", "policy", "cpu_runtime") for p in (PKG / d).rglob("*.py"))
-SERVER_ENTRY_POINTS = ["vlcache_sglang.plugin", "vlcache_sglang.radix_cache",
+SERVER_ENTRY_POINTS = ["vlcache_sglang.plugin", "vlcache_sglang.hooks", "vlcache_sglang.radix_cache",
                        "vlcache_sglang.backend.attention_backend", "vlcache_sglang.policy"]
 
 NOT_FOR_THE_SERVER = ("vlcache_sglang.research", "vlcache_sglang.tooling", "vlcache_sglang.tuning", "tuning")
