@@ -20,7 +20,7 @@ streaming clients, the radix cache flushed before each budget. Per budget it rec
 
 Time: everything (server start, a warm-up request per budget, the phases, the shutdown) stays
 within ``--time-budget`` seconds. Each budget gets an equal share of what is left when it starts;
-no request is sent after its share is spent, a request still streaming at the end is cut, and
+no request is sent after 90 % of its share, a request still streaming at the end is cut, and
 the figures say how many requests each budget measured. ``server_bench.json`` and
 ``server_bench.md`` are rewritten after every phase, so a run cut short keeps what it measured.
 Figures compare the rows of one run; absolute times mean something only on a GPU.
@@ -128,8 +128,9 @@ class PoolPoller:
 
 
 def run_phase(url: str, budget: float, images: list[str], clients: int, max_new: int,
-              send_until: float, cut_at: float) -> dict:
-    """All ``images`` at ``budget`` from ``clients`` threads; none sent after ``send_until``."""
+              send_until: float, cut_at: float, phases: list[dict]) -> None:
+    """All ``images`` at ``budget`` from ``clients`` threads; none sent after ``send_until``.
+    Appends the phase's figures to ``phases``, also when it is interrupted (SIGTERM)."""
     from tqdm import tqdm
 
     from vlcache_sglang.tooling.serving import flush_cache, vlcache_state
@@ -151,19 +152,26 @@ def run_phase(url: str, budget: float, images: list[str], clients: int, max_new:
                 samples.append(s)
             bar.update(1)
 
-    t0 = time.monotonic()
-    with PoolPoller(url) as poller, cf.ThreadPoolExecutor(max_workers=clients) as pool:
-        futures = [pool.submit(client) for _ in range(clients)]
+    t0, poller = time.monotonic(), PoolPoller(url)
+    try:
+        with poller, cf.ThreadPoolExecutor(max_workers=clients) as pool:
+            futures = [pool.submit(client) for _ in range(clients)]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:  # SIGTERM (SystemExit) or a client's error: the others end now
+                STOP.set()
+                raise
+    finally:
+        bar.close()
+        wall = max([s["end"] for s in samples if "end" in s], default=time.monotonic()) - t0
         try:
-            for f in futures:
-                f.result()
-        except BaseException:  # SIGTERM (SystemExit) or a client's error: let the others end now
-            STOP.set()
-            raise
-    bar.close()
-    wall = max([s["end"] for s in samples if "end" in s], default=time.monotonic()) - t0
-    after = vlcache_state(url)
-    return summarize(budget, samples, len(images), clients, wall, before, after, poller.low, poller.live)
+            after = vlcache_state(url)
+        except Exception:
+            after = before
+        phases.append(summarize(budget, samples, len(images), clients, wall, before, after, poller.low,
+                                poller.live))
+        phases[-1]["interrupted"] = STOP.is_set()
 
 
 def summarize(budget, samples, planned, clients, wall, before, after, low, live=None) -> dict:
@@ -282,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             if now >= deadline:
                 report["stopped"] = f"time budget spent before budget {b}"
                 break
-            send_until = now + (deadline - now) / (len(args.budgets) - i)
-            report["phases"].append(run_phase(url, b, images, args.clients, args.max_new, send_until, deadline))
+            # the last tenth of a share is for the requests still streaming (not cut)
+            send_until = now + 0.9 * (deadline - now) / (len(args.budgets) - i)
+            run_phase(url, b, images, args.clients, args.max_new, send_until, deadline, report["phases"])
             write(report, args.out)
         return {}
 
@@ -294,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
                              bench, **launch)
     except Exception:
         result = {"ok": False, "error": traceback.format_exc()[-3000:]}
+    except BaseException as exc:  # SIGTERM: the server is already stopped; keep what was measured
+        report["stopped"] = f"{type(exc).__name__} {exc} (SIGTERM: the backstop timeout)"
+        report["total_s"] = time.monotonic() - t_start
+        print(write(report, args.out))
+        raise
     if not result.get("ok"):
         report["server_error"] = result.get("error")
         report.setdefault("stopped", "server failed (see server_vlcache_bench.log, server_error)")
