@@ -210,7 +210,8 @@ def markdown(report: dict) -> str:
              "compressed (meta / server) | KV tokens saved (meta / server) | peak available_kv drop | "
              "peak live KV | wall (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for p in report.get("phases", []):
-        lines.append(f"| {p['budget']} | {p['ok']} / {p['sent']} / {p['planned']} | {_fmt(p['ttft_median_s'], '.3f')} | "
+        lines.append(f"| {p['budget']} | {p['ok']} / {p['sent']} / {p['planned']} | "
+                     f"{_fmt(p['ttft_median_s'], '.3f')} | "
                      f"{_fmt(p['ttft_p90_s'], '.3f')} | {_fmt(p['output_tokens_per_s'], '.1f')} | "
                      f"{p['compressed_meta']} / {p['compressed_server']} | {p['kv_tokens_saved_meta']:,} / "
                      f"{p['kv_tokens_saved_server']:,} | {_fmt(p['peak_available_kv_drop'], ',')} | "
@@ -258,10 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=16, help="concurrent streaming clients")
     ap.add_argument("--requests", type=int, default=96, help="requests per budget (the same images each time)")
     ap.add_argument("--max-new", type=int, default=64, help="tokens generated per request (ignore_eos)")
-    ap.add_argument("--image-size", type=int, default=448, help="square image side (448: 256 image tokens)")
+    ap.add_argument("--image-size", type=int, default=448,
+                    help="square image side (bundled model: 448 gives 784 image tokens, an 802-token prompt)")
     ap.add_argument("--max-total-tokens", type=int, default=20000, help="the server's KV pool (tokens)")
     ap.add_argument("--model", type=Path, default=None, help="default: the bundled model, as the smoke")
-    ap.add_argument("--server-arg", action="append", default=[], help="one more server argument (repeatable; --server-arg=--flag=value)")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="one more server argument (repeatable; --server-arg=--flag=value)")
     args = ap.parse_args(argv)
     t_start = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
