@@ -47,14 +47,32 @@ def ask(url: str, image_b64: str, budget: float | None, max_new: int = 12) -> di
     return r.json()
 
 
-def serve(model: Path, backend: str, out: Path, name: str, extra_args: list[str], fn) -> dict:
+#: the vlcache server's own switches beside the GPU profile (the benchmark serves with the same)
+VLCACHE_EXTRA_ARGS = ["--cuda-graph-backend-prefill=disabled"]
+
+
+def stop_servers_on_sigterm() -> None:
+    """``timeout`` (scripts/gpu_session.sh) sends SIGTERM: leave through ``running_server``'s
+    ``finally`` so the server's process group is stopped, not left holding the GPU."""
+    import signal
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
+def serve(model: Path, backend: str, out: Path, name: str, extra_args: list[str], fn, **launch) -> dict:
+    """``fn(url)`` against one server with the GPU profile; ``launch`` overrides
+    ``running_server``'s keywords (``startup_timeout``, ``max_total_tokens``, ...)."""
     from vlcache_sglang.tooling.serving import running_server
 
     log = out / f"server_{name}.log"
+    launch = {"startup_timeout": 600, "max_total_tokens": 20000, **launch}
     try:
         with running_server(model, attention_backend=backend, extra_args=GPU_PROFILE_ARGS + extra_args,
                             extra_env={**GPU_PROFILE_ENV, "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
-                            log_path=log, startup_timeout=600, max_total_tokens=20000) as server:
+                            log_path=log, **launch) as server:
             return {"ok": True, **fn(server.url)}
     except Exception as exc:  # keep going: the log says what blocked it
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[-4000:], "traceback": traceback.format_exc()[-4000:]}
@@ -67,6 +85,7 @@ def main() -> int:
                     help="the stock backend to compare with (CPU rehearsal: torch_native)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    stop_servers_on_sigterm()
     from tests.conftest import make_test_image, png_base64
     from vlcache_sglang.bundled import bundled_model_dir
 
@@ -82,7 +101,7 @@ def main() -> int:
                 "kept_ratio": low["meta_info"].get("vlcache_kept_ratio"),
                 "kept": low["meta_info"].get("vlcache_kept_positions"), "prompt_tokens": low["meta_info"]["prompt_tokens"]}
 
-    report["vlcache"] = serve(model, "vlcache", args.out, "vlcache", ["--cuda-graph-backend-prefill=disabled"], vlcache)
+    report["vlcache"] = serve(model, "vlcache", args.out, "vlcache", VLCACHE_EXTRA_ARGS, vlcache)
     v, s = report["vlcache"], report["stock"]
     if v.get("ok") and s.get("ok"):
         report["budget_1_equals_stock"] = v["tokens_budget_1"] == s["tokens"]

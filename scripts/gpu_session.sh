@@ -4,7 +4,8 @@
 #   bash scripts/gpu_session.sh            # on the GPU machine, with out/gpu-pack carried along
 #
 # Unpacks FlashInfer (scripts/build_gpu_pack.sh made the pack), installs the whole-server kit when
-# all its parts are here and runs a whole SGLang server first (benchmarks/gpu_server_smoke.py),
+# all its parts are here and runs a whole SGLang server first (benchmarks/gpu_server_smoke.py;
+# when it passed, the serving benchmark benchmarks/gpu_server_bench.py, BENCH_BUDGET seconds),
 # then runs benchmarks/gpu_suite.py:
 # the FlashInfer JIT builds in parallel with the compiled Triton kernel tests, the executor tests,
 # then the benchmarks. Results (markdown, JSON, logs) go to $OUT (or out/gpu_suite).
@@ -35,7 +36,17 @@ if [ -f out/gpu-server-kit/MANIFEST.json ]; then
   fi
   if [ -f out/gpu-site/.installed ]; then
     export PYTHONPATH="$ROOT/out/gpu-site:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-    timeout "${SERVER_TIMEOUT:-420}" python3 benchmarks/gpu_server_smoke.py --out "$OUT" 2>&1 | tee "$OUT/server_smoke.log"
+    timeout -k 20 "${SERVER_TIMEOUT:-420}" python3 benchmarks/gpu_server_smoke.py --out "$OUT" 2>&1 | tee "$OUT/server_smoke.log"
+    smoke_rc=${PIPESTATUS[0]}
+    # serving figures (benchmarks/gpu_server_bench.py), only after a smoke that passed; it keeps
+    # within BENCH_BUDGET seconds by itself (server start included), the timeout is a backstop
+    if [ "$smoke_rc" = 0 ] && [ "${SKIP_BENCH:-0}" != 1 ]; then
+      BENCH_BUDGET="${BENCH_BUDGET:-180}"
+      timeout -k 20 "${BENCH_TIMEOUT:-$((BENCH_BUDGET + 40))}" python3 benchmarks/gpu_server_bench.py --out "$OUT" \
+        --time-budget "$BENCH_BUDGET" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/server_bench_run.log"
+    else
+      echo "server benchmark skipped (smoke exit status $smoke_rc, SKIP_BENCH=${SKIP_BENCH:-0})" | tee "$OUT/server_bench_run.log"
+    fi
   fi
 fi
 [ "${SKIP_SUITE:-0}" = 1 ] && exit 0

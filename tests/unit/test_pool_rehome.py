@@ -201,7 +201,8 @@ def test_sglang_move_kv_cache_moves_data_on_the_rehomed_pool(hooked, monkeypatch
 OPT_IN = ServerSettings(cuda_executor="flashinfer")  # a launch with VLCACHE_CUDA_EXECUTOR=flashinfer
 
 
-def _configurator_inputs(monkeypatch, attention_backend, device, layers=28, settings=OPT_IN):
+def _configurator_inputs(monkeypatch, attention_backend, device, layers=28, settings=OPT_IN, kv_heads=4,
+                         head_dim=128, dtype=torch.bfloat16):
     """SGLang's DefaultPoolConfigurator for a Qwen2-VL-7B-like MHA model (4 KV heads of 128,
     bf16), with the process-wide parallel context SGLang would have published and the launch's
     settings on the server args."""
@@ -213,11 +214,11 @@ def _configurator_inputs(monkeypatch, attention_backend, device, layers=28, sett
     par = SimpleNamespace(attn_tp_size=1, attn_dcp_size=1, attn_cp_size=1, enable_dsa_cache_layer_split=False)
     monkeypatch.setattr(pc, "get_parallel", lambda: par)
     monkeypatch.setattr(cp_utils, "get_parallel", lambda: par)
-    model = SimpleNamespace(get_num_kv_heads=lambda tp, dcp=1: 4, head_dim=128, v_head_dim=128,
+    model = SimpleNamespace(get_num_kv_heads=lambda tp, dcp=1: kv_heads, head_dim=head_dim, v_head_dim=head_dim,
                             hf_config=PretrainedConfig(), quantization=None)
     args = SimpleNamespace(enable_hisparse=False, attention_backend=attention_backend, _vlcache_settings=settings,
                            prefill_attention_backend=None, decode_attention_backend=None)
-    kvc = SimpleNamespace(model_config=model, kv_cache_dtype=torch.bfloat16, server_args=args, use_mla_backend=False,
+    kvc = SimpleNamespace(model_config=model, kv_cache_dtype=dtype, server_args=args, use_mla_backend=False,
                           device=device, kv_cache_dtype_str="auto", is_draft_worker=False)
     conf = object.__new__(pc.DefaultPoolConfigurator)
     conf.kv_cache_dtype_str = "auto"
