@@ -38,7 +38,7 @@ CHUNK = 128
 PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
           "What is the value of the key in this picture?<|im_end|>\n<|im_start|>assistant\n")
 ZERO = {"compressed_requests_live": 0, "pending_statistics": 0, "resolved_rows_live": 0,
-        "virtual_ids_live": 0, "cell_slots_live": 0}
+        "request_states_live": 0, "virtual_ids_live": 0, "cell_slots_live": 0}
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +162,10 @@ def test_decode_out_of_memory_retracts_and_the_retracted_request_recomputes(serv
     expected = greedy_with_plan(model, inputs, kept, RETRACT_NEW - k, ())
     if out["output_ids"][k:] != expected:  # say where and by how much the reference disagrees
         flips = greedy_disagreements(model, inputs, kept, out["output_ids"][k:])
-        pytest.fail(f"retracted request (k={k}, planned {planned}) differs from the reference of its plan; "
-                    f"teacher-forced (step, logit margin) where the reference picks another token: {flips}")
+        pytest.fail(f"retracted request {out['meta_info']['id']} ({out['meta_info']['num_retractions']} "
+                    f"retractions; server log {server.log_path}; k={k}, planned {planned}) differs from the "
+                    f"reference of its plan; teacher-forced (step, logit margin) where the reference picks "
+                    f"another token: {flips}")
 
 
 # -- item 5: aborts at each stage ------------------------------------------------------------
