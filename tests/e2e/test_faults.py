@@ -210,7 +210,9 @@ def test_abort_while_queued(server):
 def test_abort_between_prefill_chunks_with_statistics_pending(server):
     assert_at_start(settle(server))
     start = vlcache_state(server.url)
-    body = payload(810, size=(672, 672), max_new=8, rid="chunked")  # 576 visual tokens: 5 chunks
+    # 1,024 visual tokens: 9 chunks, so an abort sent once statistics are pending lands before the
+    # last chunk even on a loaded machine (with 576 tokens, 5 chunks, CI once saw it land after)
+    body = payload(810, size=(896, 896), max_new=8, rid="chunked")
     seen = {}
 
     def poll():
