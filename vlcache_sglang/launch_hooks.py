@@ -110,16 +110,15 @@ def verify_request(result, sampling_params, *args, **kwargs):
     """Reject a bad ``custom_params["vlcache"]`` in the HTTP process: a 400, not a crash. A
     request asking for compression from a server that cannot compress is a 400 too."""
     from vlcache_sglang.compatibility import not_compressing_message
-    from vlcache_sglang.policy_resolution import check_request, resolve_policy
+    from vlcache_sglang.policy_resolution import check_request
 
     server = serving_settings()
     settings = server.compression if server is not None else CompressionSettings()
     try:
-        check_request(settings, sampling_params.custom_params)
+        policy = check_request(settings, sampling_params.custom_params)
     except SettingsError as exc:
         raise ValueError(str(exc)) from None
-    if server is not None and not server.compresses and sampling_params.custom_params:
-        policy = resolve_policy(settings, sampling_params.custom_params)
-        if policy.alpha < 1.0 and policy.method != "full":
-            raise ValueError(not_compressing_message())
+    if policy is not None and server is not None and not server.compresses \
+            and policy.alpha < 1.0 and policy.method != "full":
+        raise ValueError(not_compressing_message())
     return result

@@ -45,7 +45,9 @@ def resolve_policy(settings: CompressionSettings, custom_params: Mapping[str, An
     return resolve_request(settings, custom_params)[1]
 
 
-def check_request(settings: CompressionSettings, custom_params: Mapping[str, Any] | None) -> None:
-    """Validate a request's overrides fully (used where a 400 can still be returned)."""
+def check_request(settings: CompressionSettings, custom_params: Mapping[str, Any] | None) -> PolicyConfig | None:
+    """Validate a request's overrides fully (used where a 400 can still be returned): the policy
+    they give, None when the request has none (the server's defaults, validated at launch)."""
     if parse_request_overrides(custom_params):
-        resolve_policy(settings, custom_params)
+        return resolve_policy(settings, custom_params)
+    return None

@@ -46,8 +46,11 @@ class VLCacheRadixCache(RadixCache):
         if runtime is not None and not self.disable:
             runtime.tree = self  # compressed requests may now enter the tree
 
+    def _compressor(self):
+        return self.runtime.compressor if self.runtime is not None else None
+
     def _vkv(self):
-        compressor = self.runtime.compressor if self.runtime is not None else None
+        compressor = self._compressor()
         return None if compressor is None else compressor.vkv
 
     def _n_virtual(self, node: TreeNode) -> int:
@@ -67,7 +70,7 @@ class VLCacheRadixCache(RadixCache):
             vkv.clear()
 
     def checkpoint(self, req, *, up_to: int):
-        compressor = self.runtime.compressor if self.runtime is not None else None
+        compressor = self._compressor()
         if compressor is not None and not self.disable:
             up_to = compressor.insert_limit(int(req.kv.req_pool_idx), req.rid, up_to)
             if up_to <= req.kv.cache_protected_len:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 
+from vlcache_sglang.backend.request_state import RequestStates
 from vlcache_sglang.backend.runtime import runtime_of
 
 logger = logging.getLogger(__name__)
@@ -138,8 +139,7 @@ def add_vlcache_state(result, internal_state, state, *args, **kwargs):
     compressor = runtime.compressor if runtime is not None else None
     backend = runtime.backend if runtime is not None else None
     tree = scheduler.tree_cache
-    counts = compressor.states.counts() if compressor else {
-        "compressed_requests_live": 0, "pending_statistics": 0, "resolved_rows_live": 0, "request_states_live": 0}
+    counts = (compressor.states if compressor else RequestStates()).counts()  # all zero without one
     state["vlcache"] = {
         "available_kv_tokens": int(scheduler.token_to_kv_pool_allocator.available_size()),
         "evictable_kv_tokens": int(tree.evictable_size()) if tree is not None else 0,

@@ -48,7 +48,6 @@ REQUEST_ONLY_KEYS = frozenset({"return_plan", "sharing"})
 SHARING_MODES = ("off", "prefix", "compressed")
 
 
-
 class SettingsError(ValueError):
     """A compression setting is invalid; the message names the setting and what is allowed."""
 
@@ -216,9 +215,6 @@ class ServerSettings:
                                     f"got {environ[ENV_VIRTUAL_IDS_PER_SLOT]!r}") from None
         knobs.update(fields)
         return cls(compression=compression or CompressionSettings.from_env(environ), **knobs).validate()
-
-    def with_compression(self, **changes: Any) -> "ServerSettings":
-        return replace(self, compression=replace(self.compression, **changes))
 
     def describe(self) -> str:
         out = json.loads(self.compression.describe())

@@ -34,6 +34,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+#: attribute of a pool allocated contiguous (memory_budget.create_contiguous_buffers): its (K, V)
+POOL_KV_ATTR = "_vlcache_global_kv"
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e5m2", "float8_e4m3fn", "float8_e4m3fnuz") if hasattr(torch, n))
 
 
@@ -60,7 +62,7 @@ def storage_view(t: torch.Tensor) -> torch.Tensor:
 def contiguous_storage(pool) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(K, V)`` ``[L * R, ...]`` storage tensors whose row slices ARE the pool's per-layer
     buffers (made by the memory hook), or None."""
-    found = getattr(pool, "_vlcache_global_kv", None)
+    found = getattr(pool, POOL_KV_ATTR, None)
     if found is None:
         return None
     k, v = found
@@ -88,7 +90,7 @@ def rehome_pool_buffers(pool) -> GlobalKV:
     found = contiguous_storage(pool)
     if found is None:
         found = _move_layer_by_layer(pool, rows)
-        pool._vlcache_global_kv = found
+        setattr(pool, POOL_KV_ATTR, found)
     refresh_pool_pointers(pool)
     k, v = found
     dtype = getattr(pool, "dtype", k.dtype)

@@ -88,7 +88,7 @@ class Compressor:
     @property
     def resolved(self) -> dict[int, ResolvedRow]:
         """Rows' cached resolutions by ``req_pool_idx`` (a snapshot)."""
-        return {idx: st.resolved for idx, st in self.states._by_row.items() if st.resolved is not None}
+        return self.states.resolutions
 
     # -- prefill ---------------------------------------------------------------------------
     def _state(self, info: RequestInfo) -> RequestState:

@@ -31,13 +31,13 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from vlcache_sglang.backend.cell_store import POOL_KV_ATTR
 from vlcache_sglang.settings import ServerSettings, settings_of
 
 logger = logging.getLogger(__name__)
 
 ID_BYTES = 4  # int32 (virtual_kv.ID_DTYPE; graph index buffers)
 _FORCE: bool | None = None  # tests only (:func:`forced`): act regardless of the server args
-POOL_KV_ATTR = "_vlcache_global_kv"  # the pool's contiguous (K, V), for cell_store.contiguous_storage
 
 
 def table_bytes_per_slot(num_layers: int, *, graph_buffers: bool, ids_per_slot: float = 4.0) -> int:

@@ -99,6 +99,11 @@ class RequestStates:
         """Compacted rows by ``req_pool_idx`` (a snapshot)."""
         return {idx: s.row for idx, s in self._by_row.items() if s.row is not None}
 
+    @property
+    def resolutions(self) -> dict[int, ResolvedRow]:
+        """Cached row resolutions by ``req_pool_idx`` (a snapshot)."""
+        return {idx: s.resolved for idx, s in self._by_row.items() if s.resolved is not None}
+
     def counts(self) -> dict[str, int]:
         """Live states for ``/server_info`` (all zero when the server is idle)."""
         states = self._by_row.values()
