@@ -11,6 +11,7 @@ teacher forced); :func:`greedy_with_plan` chains them for one plan.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,14 +67,25 @@ def prefill(model, inputs: dict) -> Prefill:
     return Prefill(cache, out.logits[0, -1], deltas, int(input_ids.shape[1]))
 
 
+def _masked(logits: torch.Tensor, suppressed_tokens: Sequence[int]) -> torch.Tensor:
+    """``logits`` with ``suppressed_tokens`` at -inf (a copy; unchanged when there are none)."""
+    if not suppressed_tokens:
+        return logits
+    out = logits.clone()
+    out[list(suppressed_tokens)] = -math.inf
+    return out
+
+
 @torch.no_grad()
 def decode_steps(model, cache: DynamicCache, first_token: int, prompt_len: int, rope_deltas: torch.Tensor,
                  max_new_tokens: int, eos_token_ids: Sequence[int] = (),
-                 forced: Sequence[int] | None = None) -> tuple[list[int], list[torch.Tensor]]:
+                 forced: Sequence[int] | None = None,
+                 suppressed_tokens: Sequence[int] = ()) -> tuple[list[int], list[torch.Tensor]]:
     """Decode from ``cache`` (consumed: it grows), the first token given: the tokens, and per decode
     step ``i`` (which reads token ``i``) the next-token logits ``[vocab]``. Greedy, stopping after
     an EOS token or ``max_new_tokens`` tokens like SGLang; with ``forced`` (teacher forcing) token
-    ``i + 1`` is ``forced[i + 1]`` instead of the argmax."""
+    ``i + 1`` is ``forced[i + 1]`` instead of the argmax. ``suppressed_tokens`` are never chosen
+    (SGLang's ``min_new_tokens`` masks the stop tokens so; the logits returned are unmasked)."""
     if forced is not None and (not forced or forced[0] != first_token):
         raise ValueError("forced tokens must start with first_token")
     tokens: list[int] = []
@@ -88,7 +100,7 @@ def decode_steps(model, cache: DynamicCache, first_token: int, prompt_len: int, 
         o = model(input_ids=current[:, None], position_ids=position, past_key_values=cache, use_cache=True)
         logits.append(o.logits[0, -1])
         if forced is None:
-            current = logits[-1].argmax(-1, keepdim=True)
+            current = _masked(logits[-1], suppressed_tokens).argmax(-1, keepdim=True)
         else:
             current = torch.tensor([forced[step + 1]], device=current.device)
     return tokens, logits
@@ -114,25 +126,31 @@ def teacher_forced_logits(model, cache: DynamicCache, tokens: Sequence[int], pro
 
 @torch.no_grad()
 def greedy_with_plan(model, inputs: dict, kept: Sequence[torch.Tensor] | None, max_new_tokens: int,
-                     eos_token_ids: Sequence[int] = ()) -> list[int]:
+                     eos_token_ids: Sequence[int] = (), suppressed_tokens: Sequence[int] = ()) -> list[int]:
     """Greedy tokens of ``model`` on processor ``inputs`` with each layer's cache cut to ``kept``
-    after prefill (``kept=None``: full cache). Stops after an EOS token, like SGLang."""
+    after prefill (``kept=None``: full cache). Stops after an EOS token, like SGLang; never picks
+    ``suppressed_tokens`` (a request whose ``min_new_tokens`` covers the answer)."""
     pre = prefill(model, inputs)
     cache = pre.cache
     if kept is not None:
         cache = crop_cache_positions(cache, kept, model.config.text_config)
+    if suppressed_tokens:
+        first = int(_masked(pre.logits, suppressed_tokens).argmax())
+        return decode_steps(model, cache, first, pre.prompt_len, pre.rope_deltas, max_new_tokens,
+                            eos_token_ids, suppressed_tokens=suppressed_tokens)[0]
     return decode_greedy(model, cache, pre.first_token, pre.prompt_len, pre.rope_deltas, max_new_tokens,
                          eos_token_ids)
 
 
 @torch.no_grad()
 def greedy_disagreements(model, inputs: dict, kept: Sequence[torch.Tensor] | None,
-                         tokens: Sequence[int]) -> list[tuple[int, float]]:
+                         tokens: Sequence[int], suppressed_tokens: Sequence[int] = ()) -> list[tuple[int, int, float]]:
     """Where ``tokens`` (an engine's greedy answer to ``inputs`` under the plan ``kept``) are not
     the reference's greedy choice when the reference is fed those same tokens (teacher forcing):
-    ``(step, margin)`` per such step, ``margin`` = reference logit of its own choice minus that of
-    the engine's token (>= 0). Two correct engines differ only at numerical ties (margins of
-    float noise); a wrong cache differs by real margins."""
+    ``(step, reference token, margin)`` per such step, ``margin`` = reference logit of its own
+    choice minus that of the engine's token (>= 0). Two correct engines differ only at numerical ties (margins of
+    float noise); a wrong cache differs by real margins. ``suppressed_tokens``: as in
+    :func:`greedy_with_plan`."""
     pre = prefill(model, inputs)
     cache = pre.cache
     if kept is not None:
@@ -142,7 +160,7 @@ def greedy_disagreements(model, inputs: dict, kept: Sequence[torch.Tensor] | Non
         steps += list(teacher_forced_logits(model, cache, tokens, pre.prompt_len, pre.rope_deltas))
     out = []
     for i, (logits, token) in enumerate(zip(steps, tokens)):
-        best = int(logits.argmax())
+        best = int(_masked(logits, suppressed_tokens).argmax())
         if best != int(token):
-            out.append((i, float(logits[best] - logits[int(token)])))
+            out.append((i, best, float(logits[best] - logits[int(token)])))
     return out
