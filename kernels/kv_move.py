@@ -121,30 +121,50 @@ class CompactionMoves:
 
 
 def compaction_moves(num_layers: int, rows_per_layer: int, row: torch.Tensor, kept: Sequence[torch.Tensor],
-                     protected: int, prompt_len: int, device: torch.device | str | None = None) -> CompactionMoves:
+                     protected: int, prompt_len: int, device: torch.device | str | None = None, *,
+                     heads_per_unit: int = 1, min_cell_slots: int = 0) -> CompactionMoves:
     """The cell assignment of one request (used by ``VirtualKV.compact``), without moving anything.
 
+    ``kept`` has one entry per cell unit: ``num_layers`` counts units, which are layers
+    (``heads_per_unit == 1``: slot ``s`` of unit ``u`` is row ``u * R + s`` of ``[L * R, H, D]``) or,
+    with head cells, (layer, KV head) pairs ``u = l * H + h`` (row ``(l * R + s) * H + h`` of the
+    storage read as ``[L * R * H, 1, D]``; ``num_layers`` is then ``L * H``).
+
     Positions ``[protected, prompt_len)`` of ``row`` are the request's own real slots. Cell ``j`` of
-    its kept own positions (layers in order, positions in order within a layer) lives in slot
-    ``cell_slots[j // L]`` at layer-row ``j % L``; ``c = ceil(sum_l k_l / L)`` slots hold them all
-    and the other own slots are freed. Positions below ``protected`` are read in place.
+    its kept own positions (units in order, positions in order within a unit) lives in slot
+    ``cell_slots[j // U]`` at unit ``j % U``; ``c = max(ceil(sum_u k_u / U), min_cell_slots)`` slots
+    hold them all (with more slots than packing needs, cell ``j`` goes to slot ``j % c``, unit
+    ``j // c``, so every slot holds a cell and returns with its last one) and the other own slots
+    are freed. Positions below ``protected`` are read in place.
     """
-    L, R = num_layers, rows_per_layer
+    U, R, hp = num_layers, rows_per_layer, heads_per_unit
+    if U % hp:
+        raise ValueError(f"{U} cell units are not a multiple of {hp} heads")
     device = torch.device(device) if device is not None else row.device
     slots = row[:prompt_len].to(device=device, dtype=torch.int64)
+
+    def rows_of(unit: torch.Tensor | int, s: torch.Tensor) -> torch.Tensor:
+        return (s + (unit // hp) * R) * hp + unit % hp
+
     own_src, own_counts = [], []
-    for layer, pos in enumerate(kept):
+    for unit, pos in enumerate(kept):
         own = pos.to(device)
         own = own[own >= protected]
-        own_src.append(slots[own] + layer * R)
+        own_src.append(rows_of(unit, slots[own]))
         own_counts.append(int(own.numel()))
     total = sum(own_counts)
-    c = -(-total // L)
+    packed = -(-total // U)
+    c = max(packed, min_cell_slots)
     if c > prompt_len - protected:
-        raise AssertionError(f"{total} kept cells do not fit in {prompt_len - protected} owned slots")
+        raise AssertionError(f"{total} kept cells ({c} slots) do not fit in {prompt_len - protected} owned slots")
+    if c > total:
+        raise AssertionError(f"{c} cell slots need at least one of the {total} kept cells each")
     cell_slots = slots[protected:protected + c]
     j = torch.arange(total, device=device)
-    dst = cell_slots[j // L] + (j % L) * R
+    if c == packed:
+        dst = rows_of(j % U, cell_slots[j // U])
+    else:  # more slots than packing needs (min_cell_slots): deal the cells round so none is empty
+        dst = rows_of(j // c, cell_slots[j % c])
     src = torch.cat(own_src) if own_src else torch.empty(0, dtype=torch.int64, device=device)
     own_dst, start = [], 0
     for n in own_counts:

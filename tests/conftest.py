@@ -34,3 +34,24 @@ def png_base64(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def real_kv_pool(layers: int, kv_heads: int, head_dim: int, size: int, *, heads_per_unit: int = 1):
+    """SGLang's real MHA pool (randomised, rehomed into the plugin's storage), its token allocator
+    and a :class:`VirtualKV` over them with the free filter installed: ``(pool, kv, allocator, vkv)``."""
+    import torch
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    from vlcache_sglang.backend.cell_store import rehome_pool_buffers
+    from vlcache_sglang.backend.virtual_kv import VirtualKV, install_free_filter
+
+    kv_pool = MHATokenToKVPool(size=size, page_size=1, dtype=torch.float32, head_num=kv_heads, head_dim=head_dim,
+                               layer_num=layers, device="cpu", enable_memory_saver=False)
+    kv = rehome_pool_buffers(kv_pool)
+    kv.k.copy_(torch.randn_like(kv.k))
+    kv.v.copy_(torch.randn_like(kv.v))
+    allocator = TokenToKVPoolAllocator(size, torch.float32, "cpu", kv_pool, need_sort=False)
+    vkv = VirtualKV(kv.rows_per_layer, layers, capacity=4 * kv.rows_per_layer, heads_per_unit=heads_per_unit)
+    install_free_filter(allocator, vkv)
+    return kv_pool, kv, allocator, vkv

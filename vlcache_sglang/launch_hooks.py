@@ -47,12 +47,15 @@ def add_cli_args(result, parser, *args, **kwargs):
                        help="a tuned policy configuration (JSON) written by tune.py")
     group.add_argument("--vlcache-sharing", type=str, default=None,
                        help="radix sharing of compressing requests: off (default), prefix or compressed")
+    group.add_argument("--vlcache-cells", type=str, default=None,
+                       help="KV cell granularity: layer (default; per-head plans hold the union over heads) or "
+                            "head (each (layer, KV head) keeps its own positions: per-head plans save memory)")
     return result
 
 
 def keep_cli_flags(server_args, cls, args, *rest, **kwargs):
     """Keep the raw ``--vlcache-*`` values on the server args until resolution parses them."""
-    flags = {name: getattr(args, f"vlcache_{name}", None) for name in ("budget", "method", "config", "sharing")}
+    flags = {name: getattr(args, f"vlcache_{name}", None) for name in ("budget", "method", "config", "sharing", "cells")}
     setattr(server_args, FLAGS_ATTR, flags)
     return server_args
 
@@ -111,11 +114,14 @@ def verify_request(result, sampling_params, *args, **kwargs):
     request asking for compression from a server that cannot compress is a 400 too."""
     from vlcache_sglang.compatibility import not_compressing_message
     from vlcache_sglang.policy_resolution import check_request
+    from vlcache_sglang.settings import check_request_sharing
 
     server = serving_settings()
     settings = server.compression if server is not None else CompressionSettings()
     try:
         policy = check_request(settings, sampling_params.custom_params)
+        if policy is not None and server is not None:
+            check_request_sharing(server, settings.with_request(sampling_params.custom_params).sharing)
     except SettingsError as exc:
         raise ValueError(str(exc)) from None
     if policy is not None and server is not None and not server.compresses \

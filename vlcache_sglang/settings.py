@@ -145,6 +145,11 @@ ENV_CUDA_EXECUTOR = "VLCACHE_CUDA_EXECUTOR"
 ENV_COMPRESSED_DECODE = "VLCACHE_COMPRESSED_DECODE"
 ENV_VIRTUAL_IDS_PER_SLOT = "VLCACHE_VIRTUAL_IDS_PER_SLOT"
 ENV_KERNELS = "VLCACHE_KERNELS"
+ENV_CELLS = "VLCACHE_CELLS"
+#: KV cell granularity of a server: ``layer`` (a slot's ``L`` rows are cells, every KV head of a
+#: layer keeps the same positions; head-granularity plans hold the union over heads) or ``head``
+#: (a slot's ``L * H`` (layer, KV head) rows are cells: per-head plans are held per head)
+CELL_MODES = ("layer", "head")
 CUDA_EXECUTORS = ("stock", "flashinfer")
 COMPRESSED_DECODES = ("triton", "flashinfer")
 KERNEL_MODES = ("auto", "torch", "triton")
@@ -174,7 +179,8 @@ class ServerSettings:
     * ``kernels`` (``VLCACHE_KERNELS``): ``auto`` (Triton on CUDA), ``torch`` or ``triton``;
     * ``compresses``: whether this server's backend compresses at all (False on CUDA with the
       stock executor), decided at launch for the HTTP process's request checks;
-    * ``metrics``: ``--enable-metrics`` (Prometheus counters of compression).
+    * ``metrics``: ``--enable-metrics`` (Prometheus counters of compression);
+    * ``cells`` (``--vlcache-cells`` / ``VLCACHE_CELLS``): KV cell granularity, :data:`CELL_MODES`.
     """
 
     compression: CompressionSettings = field(default_factory=CompressionSettings)
@@ -185,9 +191,14 @@ class ServerSettings:
     kernels: str = "auto"
     compresses: bool = True
     metrics: bool = False
+    cells: str = "layer"
 
     def validate(self) -> "ServerSettings":
         self.compression.validate()
+        if self.cells not in CELL_MODES:
+            raise SettingsError(f"--vlcache-cells must be one of {', '.join(CELL_MODES)}; got {self.cells!r}")
+        if self.cells == "head" and self.compression.sharing == "compressed":
+            raise SettingsError(HEAD_CELLS_SHARING)
         for name, allowed, env in (("cuda_executor", CUDA_EXECUTORS, ENV_CUDA_EXECUTOR),
                                    ("compressed_decode", COMPRESSED_DECODES, ENV_COMPRESSED_DECODE),
                                    ("kernels", KERNEL_MODES, ENV_KERNELS)):
@@ -204,7 +215,7 @@ class ServerSettings:
         """The engine knobs from ``environ`` (the launcher's environment; nowhere else)."""
         knobs: dict[str, Any] = {"debug_checks": environ.get(ENV_DEBUG_CHECKS) == "1"}
         for name, env in (("cuda_executor", ENV_CUDA_EXECUTOR), ("compressed_decode", ENV_COMPRESSED_DECODE),
-                          ("kernels", ENV_KERNELS)):
+                          ("kernels", ENV_KERNELS), ("cells", ENV_CELLS)):
             if environ.get(env):
                 knobs[name] = environ[env].strip().lower()
         if environ.get(ENV_VIRTUAL_IDS_PER_SLOT):
@@ -220,6 +231,18 @@ class ServerSettings:
         out = json.loads(self.compression.describe())
         out.update({k: v for k, v in asdict(self).items() if k != "compression"})
         return json.dumps(out, sort_keys=True)
+
+
+#: why head cells refuse ``compressed`` sharing (launch default or per request)
+HEAD_CELLS_SHARING = ("vlcache sharing 'compressed' is not served with --vlcache-cells head (a later request "
+                      "would extend over per-head cached KV, whose statistics are measured per layer); "
+                      "use sharing 'prefix' or 'off', or launch with --vlcache-cells layer")
+
+
+def check_request_sharing(server: ServerSettings, sharing: str) -> None:
+    """A request's sharing mode against the server's cells (raises :class:`SettingsError`)."""
+    if server.cells == "head" and sharing == "compressed":
+        raise SettingsError(HEAD_CELLS_SHARING)
 
 
 def attach(server_args: Any, settings: ServerSettings) -> ServerSettings:
@@ -271,4 +294,7 @@ def launch_settings(flags: Mapping[str, Any], environ: Mapping[str, str], model_
     if config_path is not None:
         config_path = os.path.abspath(config_path)
     compression = replace(base, budget=budget, method=method, config_path=config_path, sharing=sharing)
-    return ServerSettings.from_env(environ, compression.validate(), metrics=metrics), source
+    fields: dict[str, Any] = {"metrics": metrics}
+    if flags.get("cells"):
+        fields["cells"] = str(flags["cells"]).strip().lower()
+    return ServerSettings.from_env(environ, compression.validate(), **fields), source

@@ -3,25 +3,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-from vlcache_sglang.backend.cell_store import rehome_pool_buffers
-from vlcache_sglang.backend.virtual_kv import CACHED, LOCKED, OWNED, VirtualKV, install_free_filter
+from tests.conftest import real_kv_pool
+from vlcache_sglang.backend.virtual_kv import CACHED, LOCKED, OWNED, VirtualKV
 
 L, HKV, D, SIZE = 3, 2, 4, 256
 
 
 @pytest.fixture
 def pool():
-    kv_pool = MHATokenToKVPool(size=SIZE, page_size=1, dtype=torch.float32, head_num=HKV, head_dim=D,
-                               layer_num=L, device="cpu", enable_memory_saver=False)
-    kv = rehome_pool_buffers(kv_pool)
-    kv.k.copy_(torch.randn_like(kv.k))
-    kv.v.copy_(torch.randn_like(kv.v))
-    allocator = TokenToKVPoolAllocator(SIZE, torch.float32, "cpu", kv_pool, need_sort=False)
-    vkv = VirtualKV(kv.rows_per_layer, L, capacity=4 * kv.rows_per_layer)
-    install_free_filter(allocator, vkv)
+    _, kv, allocator, vkv = real_kv_pool(L, HKV, D, SIZE)
     return kv, allocator, vkv
 
 

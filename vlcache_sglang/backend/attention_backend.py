@@ -63,8 +63,9 @@ class VLCacheAttnBackend(AttentionBackend):
                 num_q_heads=model_config.num_attention_heads // tp,
                 num_kv_heads=max(1, model_config.get_num_kv_heads(tp)), debug_checks=self.debug_checks,
                 gather=StatsGather(group), virtual_ids_per_slot=self.settings.virtual_ids_per_slot,
-                metrics=self.settings.metrics, kernels=self.settings.kernels,
+                metrics=self.settings.metrics, kernels=self.settings.kernels, cells=self.settings.cells,
             )
+            check_head_cells(self.settings.cells, model_config, tp, self.compressor.num_kv_heads, self.executor)
             head_dim = self.global_kv.k.shape[-1]
             # what the executor's graph buffers are sized by (q heads, KV heads, head dim, dtypes, scale)
             self.graph_shapes = (self.compressor.num_q_heads, self.compressor.num_kv_heads, head_dim,
@@ -135,7 +136,7 @@ class VLCacheAttnBackend(AttentionBackend):
         if virtual.numel() and bool((vkv.state[(virtual - vkv.base).cpu()] == FREE).any()):
             bad = True
         read = [ids[ids < vkv.base]]
-        read += [kv.kv_indices % vkv.rows_per_layer for kv in meta.layer_kv.values()]
+        read += [vkv.slot_of(kv.kv_indices) for kv in meta.layer_kv.values()]
         read = torch.cat(read)
         if new is not None and new.numel():  # this forward's own new tokens are allocated
             read = read[~torch.isin(read, new)]
@@ -172,17 +173,18 @@ class VLCacheAttnBackend(AttentionBackend):
                                  self.global_kv.v, meta.kv, meta, layer.scaling,
                                  layer.tp_q_head_num != layer.tp_k_head_num, layer_id=lid, **scales)
             return out
+        layer_k = self.token_to_kv_pool.get_key_buffer(lid)
         if lid in meta.layer_kv:
-            k_cache, v_cache, kv = self.global_kv.k, self.global_kv.v, meta.layer_kv[lid]
+            k_cache, v_cache, kv = self.compressor.cell_k, self.compressor.cell_v, meta.layer_kv[lid]
         else:
-            k_cache = self.token_to_kv_pool.get_key_buffer(lid)
-            v_cache = self.token_to_kv_pool.get_value_buffer(lid)
-            kv = meta.kv
+            k_cache, v_cache, kv = layer_k, self.token_to_kv_pool.get_value_buffer(lid), meta.kv
         run = self.executor.decode if decode else self.executor.extend
         run(q3, out.view(-1, layer.tp_q_head_num, layer.v_head_dim), k_cache, v_cache, kv, meta,
             layer.scaling, layer.tp_q_head_num != layer.tp_k_head_num, **scales)
         infos = meta.requests
         if not decode and infos and self.compressor is not None:
+            if kv.heads > 1:  # head cells: statistics read the compressing requests' plain rows
+                k_cache, kv = layer_k, meta.kv
             # fp8 keys are read as stored; their k_scale folds into the softmax scale
             self.compressor.observe_extend(lid, q3, k_cache, kv, meta.layer_positions.get(lid), meta, infos,
                                            layer.scaling * (k_scale or 1.0))
@@ -197,6 +199,10 @@ class VLCacheAttnBackend(AttentionBackend):
         enable = getattr(self.executor, "enable_cuda_graph", None)
         if enable is None or self.compressor is None:
             raise NotImplementedError(f"vlcache: {type(self.executor).__name__} has no CUDA-graph mode")
+        if self.compressor.heads_per_unit > 1:
+            raise NotImplementedError("vlcache: --vlcache-cells head has no decode CUDA graphs yet (per-(layer, "
+                                      "head) lists); launch with --cuda-graph-backend-decode=disabled, or with "
+                                      "--vlcache-cells layer")
         if getattr(self.executor, "compressed_decode", "triton") != "triton":
             raise NotImplementedError(
                 "vlcache: CUDA graphs need the plan-free Triton decode (VLCACHE_COMPRESSED_DECODE=triton); "
@@ -232,6 +238,20 @@ def fp8_kv_scales(pool, layer) -> tuple[float | None, float | None]:
             value = float(getattr(layer, name))
         out.append(None if value is None or value == 1.0 else float(value))
     return out[0], out[1]
+
+
+def check_head_cells(cells: str, model_config, tp: int, local_kv_heads: int, executor) -> None:
+    """Head cells need an executor that reads per-(request, KV head) lists and each rank to hold
+    its own KV heads (no replicated heads under TP)."""
+    if cells != "head":
+        return
+    if not getattr(executor, "per_head_lists", False):
+        raise SettingsError(f"--vlcache-cells head: the {type(executor).__name__} attention executor does not "
+                            "read per-(layer, KV head) lists; use --vlcache-cells layer")
+    total = int(model_config.get_total_num_kv_heads())
+    if local_kv_heads * tp != total:
+        raise SettingsError(f"--vlcache-cells head: {total} KV heads over --tp-size {tp} replicates heads across "
+                            f"ranks; use --vlcache-cells layer or a --tp-size that divides {total}")
 
 
 CUDA_GRAPH_FLAGS = "--cuda-graph-backend-decode=disabled --cuda-graph-backend-prefill=disabled"

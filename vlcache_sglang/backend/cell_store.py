@@ -52,6 +52,16 @@ class GlobalKV:
     def global_ids(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         return slots.to(torch.int64) + layer * self.rows_per_layer
 
+    def cells(self, heads_per_unit: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V as cell rows: ``[L * R, H, D]`` itself (layer cells) or, with head cells
+        (``heads_per_unit == H``), the same memory as ``[L * R * H, 1, D]`` head-rows (row
+        ``(l * R + s) * H + h``; see :class:`~vlcache_sglang.backend.virtual_kv.CellUnits`)."""
+        if heads_per_unit == 1:
+            return self.k, self.v
+        if self.k.shape[1] != heads_per_unit or self.v.shape[1] != heads_per_unit:
+            raise ValueError(f"head cells need {heads_per_unit} KV heads per row, the pool has {self.k.shape[1]}")
+        return (self.k.view(-1, 1, self.k.shape[-1]), self.v.view(-1, 1, self.v.shape[-1]))
+
 
 def storage_view(t: torch.Tensor) -> torch.Tensor:
     """``t``'s bytes for copies (fp8 as ``uint8``, as SGLang stores it: torch has no fp8

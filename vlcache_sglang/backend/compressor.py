@@ -59,7 +59,8 @@ class Compressor:
 
     def __init__(self, kv: GlobalKV, req_to_token: torch.Tensor, allocator, num_q_heads: int, num_kv_heads: int,
                  debug_checks: bool = False, gather: StatsGather | None = None, *,
-                 virtual_ids_per_slot: float = 4.0, metrics: bool = False, kernels: str = "auto"):
+                 virtual_ids_per_slot: float = 4.0, metrics: bool = False, kernels: str = "auto",
+                 cells: str = "layer"):
         self.kv = kv
         self.gather = gather or StatsGather()  # one plan on every tensor-parallel rank
         self.debug_checks = debug_checks  # plans from incomplete statistics raise instead of noting
@@ -70,10 +71,15 @@ class Compressor:
         # the statistics function handed to the policy: the fused Triton kernel on CUDA (per
         # ``kernels``: VLCACHE_KERNELS), the policy's torch reference elsewhere
         self.stats_fn = partial(attention_stats_auto, mode=kernels) if kv.k.is_cuda else attention_stats
+        # cells: a slot's L layer rows, or with head cells its L * Hkv (layer, KV head) rows
+        self.heads_per_unit = num_kv_heads if cells == "head" else 1
+        # this rank's first KV head in the model's head order (plans cover all heads)
+        self.head_offset = self.gather.rank * num_kv_heads
         # the same figure the pool budget charged for (memory_budget.table_bytes_per_slot)
         self.vkv = VirtualKV(kv.rows_per_layer, kv.num_layers,
                              max(2, int(virtual_ids_per_slot * kv.rows_per_layer)), device=kv.k.device,
-                             kernels=kernels)
+                             kernels=kernels, heads_per_unit=self.heads_per_unit)
+        self.cell_k, self.cell_v = kv.cells(self.heads_per_unit)
         install_free_filter(allocator, self.vkv)
         self.states = RequestStates()
         self.layer_lists = LayerListBuilder(kv, self.vkv, self.states)
@@ -176,12 +182,16 @@ class Compressor:
             report.report(info.req, {"vlcache_notes": "; ".join(plan.notes)})
             self._not_compressed(info, "budget_covers_prompt")
             return
-        kept = plan.kept
-        if plan.granularity == "head":  # per-head lists need per-head paging: keep the union for now
-            kept = [torch.unique(k.flatten()) for k in kept]
         protected = info.compaction_protected
-        kept = self._present_only(self.req_to_token[info.req_pool_idx], kept, protected)
-        record = self.compact_row(info.req_pool_idx, info.rid, kept, protected, info.prompt_len)
+        kept = self._present_only(self.req_to_token[info.req_pool_idx], self._unit_kept(plan), protected)
+        min_slots, id_positions = self._rank_agreement(plan, protected, info.prompt_len)
+        if min_slots < 0:
+            report.report(info.req, {"vlcache_notes": "head cells: the ranks' kept cells are too uneven to free "
+                                                      "the same slots; left uncompressed"})
+            self._not_compressed(info, "uneven_heads_across_ranks")
+            return
+        record = self.compact_row(info.req_pool_idx, info.rid, kept, protected, info.prompt_len,
+                                  min_cell_slots=min_slots, id_positions=id_positions)
         if record is None:
             report.report(info.req, {"vlcache_notes": "virtual ids exhausted: left uncompressed"})
             self._not_compressed(info, "virtual_ids_exhausted")
@@ -192,15 +202,57 @@ class Compressor:
         self.metrics.record(info.prompt_len, record.tokens_saved)
         logger.debug("vlcache: %s kept %s of %d per layer (budgets %s), freed %d slots",
                      info.rid, record.kept_counts, info.prompt_len, plan.budgets, record.tokens_saved)
-        report.compressed(info.req, plan, kept, record.kept_counts, record.tokens_saved, info.prompt_len,
-                          self.num_layers, incomplete=incomplete, return_plan=info.return_plan)
+        hp = self.heads_per_unit
+        layer_kept = kept if hp == 1 else [torch.unique(torch.cat(kept[l * hp:(l + 1) * hp]))
+                                           for l in range(self.num_layers)]
+        report.compressed(info.req, plan, layer_kept, record.kept_counts, record.tokens_saved, info.prompt_len,
+                          self.vkv.num_units, incomplete=incomplete, return_plan=info.return_plan)
+
+    def _head_sets(self, plan, layer: int) -> list[torch.Tensor]:
+        """Every KV head's kept positions in ``layer`` (all heads of the model, in order)."""
+        head_kept = getattr(plan, "head_kept", None)
+        if head_kept is not None:
+            return list(head_kept[layer])
+        k = plan.kept[layer]
+        heads = self.num_kv_heads * self.gather.world_size
+        return list(k) if k.dim() == 2 else [k] * heads
+
+    def _unit_kept(self, plan) -> list[torch.Tensor]:
+        """The plan as kept positions per cell unit of this rank: per layer (the union over its
+        heads, with layer cells), or per (layer, local KV head) with head cells."""
+        if self.heads_per_unit == 1:
+            return [k if k.dim() == 1 else torch.unique(k.flatten()) for k in plan.kept]
+        lo = self.head_offset
+        return [h for layer in range(self.num_layers)
+                for h in self._head_sets(plan, layer)[lo:lo + self.heads_per_unit]]
+
+    def _rank_agreement(self, plan, protected: int, prompt_len: int) -> tuple[int, torch.Tensor | None]:
+        """With head cells under tensor parallelism each rank holds other heads, so it would need
+        another number of cell slots and virtual ids: every rank keeps the slots of the rank that
+        needs most and gives a virtual id to every position some head of any rank keeps, so all
+        ranks free the same slots and take the same ids (SGLang's allocators stay identical)."""
+        if self.heads_per_unit == 1 or self.gather.world_size == 1:
+            return 0, None
+        hp, units = self.heads_per_unit, self.vkv.num_units
+        per_rank = [0] * self.gather.world_size
+        used = torch.zeros(prompt_len, dtype=torch.bool)
+        for layer in range(self.num_layers):
+            for h, pos in enumerate(self._head_sets(plan, layer)):
+                own = pos.cpu()[pos.cpu() >= protected]
+                per_rank[h // hp] += int(own.numel())
+                used[own] = True
+        need = max(-(-n // units) for n in per_rank)
+        if min(per_rank) < need:  # a rank would hold a slot without a cell: leave it whole everywhere
+            return -1, used
+        return need, used
 
     def compact_row(self, req_pool_idx: int, rid: str, kept: list[torch.Tensor], protected: int,
-                    prompt_len: int) -> CompressedRow | None:
-        """Compact a request's row to ``kept`` (per layer, positions it holds) and record it; None
-        when virtual ids ran out (nothing changed)."""
-        result = self.vkv.compact(self.kv.k, self.kv.v, self.req_to_token[req_pool_idx], kept, protected,
-                                  prompt_len)
+                    prompt_len: int, *, min_cell_slots: int = 0,
+                    id_positions: torch.Tensor | None = None) -> CompressedRow | None:
+        """Compact a request's row to ``kept`` (per cell unit, positions it holds) and record it;
+        None when virtual ids ran out (nothing changed)."""
+        result = self.vkv.compact(self.cell_k, self.cell_v, self.req_to_token[req_pool_idx], kept, protected,
+                                  prompt_len, min_cell_slots=min_cell_slots, id_positions=id_positions)
         if result is None:
             return None
         prefix_pos = [k.to(self.kv.k.device)[k < protected] for k in kept]
@@ -211,7 +263,7 @@ class Compressor:
         return record
 
     def _present_only(self, row: torch.Tensor, kept: list[torch.Tensor], protected: int) -> list[torch.Tensor]:
-        """Drop kept prefix positions a layer does not hold (its prefix came compressed)."""
+        """Drop kept prefix positions a unit does not hold (its prefix came compressed)."""
         if protected == 0 or not self.vkv.has_virtual(row[:protected]):
             return kept
         rows = self.vkv.layer_rows(row[:protected])

@@ -1,5 +1,8 @@
 """Each forward's per-layer key lists: a batch's rows turned into ``indptr``/``indices`` per layer.
 
+With head cells (``--vlcache-cells head``) a layer's list has one entry per (request, KV head)
+(``RaggedKV.heads``), of head-rows into the storage read as ``[L * R * H, 1, D]``.
+
 A batch in which no row holds a virtual id and no request was compacted reads SGLang's own
 per-layer buffers through one list for all layers (the stock path: nothing is built here).
 Otherwise every layer ``l`` gets its own :class:`RaggedKV` of *global* row ids into the contiguous
@@ -43,27 +46,32 @@ class LayerListBuilder:
                 continue
             rid = rids[b] if rids is not None else None
             per_request.append(self._request_layers(req_pool_indices[b], rid, rec, slots))
+        hp = self.vkv.units.heads_per_unit
         out: dict[int, RaggedKV] = {}
         positions_out: dict[int, list[torch.Tensor | None]] = {}
         for layer in range(self.num_layers):
             parts, pos_parts, indptr = [], [], [0]
-            for b, layers in enumerate(per_request):
-                if layers is None:
-                    ids = self.kv.global_ids(layer, meta.kv.slots(b))
-                    pos_parts.append(None)
-                else:
-                    ids, pos = layers[layer]
-                    pos_parts.append(pos)
-                parts.append(ids)
-                indptr.append(indptr[-1] + ids.numel())
+            for b, units in enumerate(per_request):
+                for head in range(hp):  # head cells: one list per (request, KV head)
+                    unit = layer * hp + head
+                    if units is None:
+                        ids = self.vkv.units.rows(unit, meta.kv.slots(b))
+                        pos_parts.append(None)
+                    else:
+                        ids, pos = units[unit]
+                        pos_parts.append(pos)
+                    parts.append(ids)
+                    indptr.append(indptr[-1] + ids.numel())
             indices = torch.cat(parts)
-            out[layer] = RaggedKV(torch.tensor(indptr, dtype=torch.int64, device=indices.device), indices, indptr)
-            positions_out[layer] = pos_parts
+            out[layer] = RaggedKV(torch.tensor(indptr, dtype=torch.int64, device=indices.device), indices, indptr,
+                                  heads=hp)
+            if hp == 1:  # per-head positions are not needed: statistics read plain rows (attention_backend)
+                positions_out[layer] = pos_parts
         return out, positions_out
 
     def _request_layers(self, req_pool_idx: int, rid: str | None, rec: CompressedRow | None,
                         slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (global rows, positions) a request reads, resolved from its row.
+        """Per cell unit (rows, positions) a request reads, resolved from its row.
 
         Resolving the whole row is an ``[n, L]`` gather and ``L`` nonzero per request per forward,
         O(length x layers): in decode only the new token is new. So the last resolution is kept

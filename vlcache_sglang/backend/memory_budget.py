@@ -43,7 +43,8 @@ _FORCE: bool | None = None  # tests only (:func:`forced`): act regardless of the
 def table_bytes_per_slot(num_layers: int, *, graph_buffers: bool, ids_per_slot: float = 4.0) -> int:
     """Device bytes of the backend's tables per pool slot: virtual-id table (``ids_per_slot``
     x ``num_layers`` int32) + birth stamps (``ids_per_slot`` int32) + decode-graph index buffers
-    (``num_layers`` int32, an upper bound: their capacity is ``min(max_bs * context, slots)``)."""
+    (``num_layers`` int32, an upper bound: their capacity is ``min(max_bs * context, slots)``).
+    With head cells ``num_layers`` is the number of cell units, ``L x`` the rank's KV heads."""
     per = ids_per_slot
     table = per * num_layers * ID_BYTES
     born = per * ID_BYTES
@@ -129,10 +130,18 @@ def compute_cell_size(original, configurator, kvc, num_layers, *args, **kwargs):
     if size <= 0 or getattr(kvc, "use_mla_backend", False) or not vlcache_serves(server_args, device):
         return size
     settings = settings_of(server_args) or ServerSettings()
-    extra = table_bytes_per_slot(num_layers, graph_buffers=str(device).startswith("cuda"),
+    units = num_layers * (_local_kv_heads(kvc) if settings.cells == "head" else 1)
+    extra = table_bytes_per_slot(units, graph_buffers=str(device).startswith("cuda"),
                                  ids_per_slot=settings.virtual_ids_per_slot)
     logger.info(budget_message(extra, size))
     return size + extra
+
+
+def _local_kv_heads(kvc) -> int:
+    """KV heads of one attention TP rank (head cells: a slot has ``L`` x this many cells)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    return int(kvc.model_config.get_num_kv_heads(get_parallel().attn_tp_size))
 
 
 def install_memory_hooks() -> None:

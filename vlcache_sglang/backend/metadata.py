@@ -21,6 +21,7 @@ class RaggedKV:
     kv_indptr: torch.Tensor  # int64 [batch + 1]
     kv_indices: torch.Tensor  # int64 [sum of lengths]
     kv_indptr_cpu: list[int]  # host copy, so executors never sync the device to slice
+    heads: int = 1  # > 1: one entry per (request, KV head), of head-rows (row * heads + h)
 
     def slots(self, b: int) -> torch.Tensor:
         return self.kv_indices[self.kv_indptr_cpu[b] : self.kv_indptr_cpu[b + 1]]

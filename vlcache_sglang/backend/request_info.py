@@ -36,6 +36,8 @@ NOT_COMPRESSED_REASONS = {
     "text_only": "no image or video tokens and text_only='identity'",
     "budget_covers_prompt": "every layer's budget already covers the whole prompt",
     "virtual_ids_exhausted": "the virtual-id table was full (raise VLCACHE_VIRTUAL_IDS_PER_SLOT)",
+    "uneven_heads_across_ranks": "head cells under tensor parallelism: one rank's heads keep fewer cells than "
+                                 "another rank needs slots",
 }
 
 

@@ -46,6 +46,7 @@ class StatsGather:
     def __init__(self, group=None) -> None:
         self.group = group
         self.world_size = int(getattr(group, "world_size", 1)) if group is not None else 1
+        self.rank = int(getattr(group, "rank_in_group", 0)) if group is not None else 0
         self.plans_checked = 0
         self.plan_mismatches = 0
 

@@ -6,7 +6,9 @@ that may hold other positions' cells too). SGLang's ``req_to_token`` rows and ra
 need one id per token, so position ``j`` gets a **virtual id** ``v >= base`` (``base`` = rows per
 layer, above every real slot id):
 
-* ``table[v - base, l]`` is the global K/V row of ``j`` in layer ``l`` (``-1``: dropped there);
+* ``table[v - base, u]`` is the K/V row of ``j`` in cell unit ``u`` (``-1``: dropped there); a
+  unit is a layer (layer cells, the default) or a (layer, KV head) pair ``u = l * H + h`` (head
+  cells, ``--vlcache-cells head``: each KV head keeps its own positions), see :class:`CellUnits`;
 * ``null_id`` (= ``base``) stands for every position dropped in all layers; it owns nothing;
 * each cell slot counts its live cells (``slot_live``); when the last virtual id reading a slot is
   released the slot goes back to SGLang's allocator.
@@ -44,17 +46,54 @@ class Compaction:
     new_vids: int  # virtual ids taken (positions kept in at least one layer)
 
 
+@dataclass(frozen=True)
+class CellUnits:
+    """Where slot ``s``'s cell of unit ``u`` lives in the K/V storage.
+
+    Layer cells (``heads_per_unit == 1``): units are layers, the storage is ``[L * R, H, D]`` and
+    the row is ``u * R + s``. Head cells (``heads_per_unit == H``): units are (layer, KV head)
+    pairs ``u = l * H + h``, the same storage is read as ``[L * R * H, 1, D]`` head-rows and the row
+    is ``(l * R + s) * H + h``. A slot holds ``L * heads_per_unit`` cells either way."""
+
+    rows_per_layer: int
+    num_layers: int
+    heads_per_unit: int = 1
+
+    @property
+    def num_units(self) -> int:
+        return self.num_layers * self.heads_per_unit
+
+    def offsets(self, device: torch.device | str) -> torch.Tensor:
+        """``[units]``: row of slot 0 in each unit (row = ``slot * heads_per_unit + offset``)."""
+        u = torch.arange(self.num_units, device=device, dtype=torch.int64)
+        hp = self.heads_per_unit
+        return (u // hp) * self.rows_per_layer * hp + u % hp
+
+    def rows(self, unit: int, slots: torch.Tensor) -> torch.Tensor:
+        """Rows of ``slots``' cells in ``unit``."""
+        layer, head = divmod(unit, self.heads_per_unit)
+        return (slots.to(torch.int64) + layer * self.rows_per_layer) * self.heads_per_unit + head
+
+    def slot_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The slot owning each row."""
+        return (rows // self.heads_per_unit) % self.rows_per_layer
+
+
 class VirtualKV:
-    """Virtual ids over the global K/V storage ``[L * R, heads, dim]`` (plain PyTorch)."""
+    """Virtual ids over the K/V storage's cells (plain PyTorch); see :class:`CellUnits`."""
 
     def __init__(self, rows_per_layer: int, num_layers: int, capacity: int, device: torch.device | str = "cpu",
-                 kernels: str = "auto"):
+                 kernels: str = "auto", heads_per_unit: int = 1):
         if capacity < 2:
             raise ValueError("need room for the null id and at least one virtual id")
-        if rows_per_layer * num_layers >= torch.iinfo(ID_DTYPE).max:
-            raise ValueError(f"{num_layers} layers x {rows_per_layer} rows do not fit int32 global row ids")
+        if rows_per_layer * num_layers * heads_per_unit >= torch.iinfo(ID_DTYPE).max:
+            raise ValueError(f"{num_layers} layers x {rows_per_layer} rows x {heads_per_unit} heads do not fit "
+                             "int32 row ids")
         self.base = self.null_id = rows_per_layer
         self.rows_per_layer, self.num_layers, self.capacity = rows_per_layer, num_layers, capacity
+        self.units = CellUnits(rows_per_layer, num_layers, heads_per_unit)
+        self.num_units = self.units.num_units
+        self._unit_offsets = self.units.offsets(device)
         self.device = torch.device(device)
         self.kernels = kernels  # compaction moves: kernels.dispatch mode (VLCACHE_KERNELS)
         self.free_slots_fn = None  # the allocator's original free (set by install_free_filter)
@@ -65,7 +104,7 @@ class VirtualKV:
         """Forget every virtual id and cell (SGLang's flush_cache clears the allocator next)."""
         # Device tables, counted in SGLang's pool budget (backend/memory_budget.py): int32 ids, since
         # global rows L * R and compaction counts fit (checked in __init__).
-        self.table = torch.full((self.capacity, self.num_layers), -1, dtype=ID_DTYPE, device=self.device)
+        self.table = torch.full((self.capacity, self.num_units), -1, dtype=ID_DTYPE, device=self.device)
         self.born = torch.zeros(self.capacity, dtype=ID_DTYPE, device=self.device)  # compaction that wrote it
         self.state = torch.zeros(self.capacity, dtype=torch.int8)
         self.state[0] = CACHED  # the null id is never freed and owns nothing
@@ -119,11 +158,14 @@ class VirtualKV:
     def has_virtual(self, ids: torch.Tensor) -> bool:
         return bool(ids.numel()) and int(ids.max()) >= self.base
 
+    def slot_of(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.units.slot_of(rows)
+
     def layer_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """``[n, L]`` global K/V row of each id in each layer (``-1`` where dropped)."""
+        """``[n, units]`` K/V row of each id in each cell unit (``-1`` where dropped); units are
+        layers with layer cells, (layer, KV head) pairs with head cells."""
         ids = ids.to(device=self.device, dtype=torch.int64)
-        layers = torch.arange(self.num_layers, device=self.device) * self.rows_per_layer
-        rows = ids.unsqueeze(1) + layers
+        rows = ids.unsqueeze(1) * self.units.heads_per_unit + self._unit_offsets
         virtual = ids >= self.base
         if bool(virtual.any()):
             rows[virtual] = self.table[ids[virtual] - self.base].to(rows.dtype)
@@ -138,11 +180,11 @@ class VirtualKV:
         return int(self.born[idx].max()) if idx.numel() else 0
 
     def resolve(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer ``(present, rows)``: the indices into ``ids`` present in that layer and their
-        global K/V rows, in order."""
+        """Per unit ``(present, rows)``: the indices into ``ids`` present in that unit and their
+        K/V rows, in order."""
         rows = self.layer_rows(ids)
         out = []
-        for layer in range(self.num_layers):
+        for layer in range(self.num_units):
             col = rows[:, layer]
             present = torch.nonzero(col >= 0).flatten()
             out.append((present, col[present]))
@@ -150,18 +192,25 @@ class VirtualKV:
 
     # -- compaction ------------------------------------------------------------------------
     def compact(self, k: torch.Tensor, v: torch.Tensor, row: torch.Tensor, kept: list[torch.Tensor],
-                protected: int, prompt_len: int) -> Compaction | None:
+                protected: int, prompt_len: int, *, min_cell_slots: int = 0,
+                id_positions: torch.Tensor | None = None) -> Compaction | None:
         """Move one request's kept K/V into cells and rewrite its row with virtual ids.
 
         Args:
-            k, v: the global K/V storage ``[L * R, heads, dim]``.
+            k, v: the K/V storage as cell rows (:meth:`GlobalKV.cells`): ``[L * R, heads, dim]``
+                with layer cells, ``[L * R * H, 1, dim]`` with head cells.
             row: the request's ``req_to_token`` row (written in place for ``[protected, prompt_len)``).
-            kept: per layer, sorted kept positions in ``[0, prompt_len)``, all present in that layer.
+            kept: per unit, sorted kept positions in ``[0, prompt_len)``, all present in that unit.
             protected: positions ``< protected`` belong to the radix tree: read in place, never moved.
             prompt_len: ``m``.
+            min_cell_slots: keep at least this many slots (tensor parallelism with head cells:
+                every rank keeps as many slots as the rank that needs most, so all free alike).
+            id_positions: boolean ``[m]``: positions that get a virtual id (default: kept in some
+                unit here); with head cells under tensor parallelism, kept in a unit of any rank,
+                so every rank takes the same number of virtual ids.
 
-        Positions ``[protected, m)`` must hold the request's own real slots. Their kept rows (``k_l``
-        per layer) are packed into ``c = ceil(sum_l k_l / L)`` of those slots; the rest go back to
+        Positions ``[protected, m)`` must hold the request's own real slots. Their kept rows (``k_u``
+        per unit) are packed into ``c = ceil(sum_u k_u / U)`` of those slots; the rest go back to
         the allocator. Returns None (nothing changed) when there are not enough free virtual ids.
         """
         from vlcache_sglang.kernels.dispatch import move_kv_rows_auto
@@ -186,11 +235,14 @@ class VirtualKV:
             own_pos.append(own)
             used[own] = True
             counts.append(int(pos.numel()))
+        if id_positions is not None:
+            used |= id_positions.to(dev)[protected:prompt_len]
         n_vids = int(used.sum())
         if n_vids > len(self._free):
             logger.warning("vlcache: %d virtual ids needed, %d free; request left uncompressed", n_vids, len(self._free))
             return None
-        moves = compaction_moves(self.num_layers, self.rows_per_layer, slots, kept, protected, prompt_len, device=dev)
+        moves = compaction_moves(self.num_units, self.rows_per_layer, slots, kept, protected, prompt_len, device=dev,
+                                 heads_per_unit=self.units.heads_per_unit, min_cell_slots=min_cell_slots)
         if moves.src.numel():  # sources are read before any cell is written; bytes (fp8 pools store uint8)
             from vlcache_sglang.backend.cell_store import storage_view
 
@@ -206,7 +258,7 @@ class VirtualKV:
         self.births += 1
         if taken:
             self.born[torch.tensor(taken, device=dev)] = self.births
-        self._count((moves.dst % self.rows_per_layer).cpu(), live=1, owned=1)
+        self._count(self.slot_of(moves.dst).cpu(), live=1, owned=1)
         row[protected:prompt_len] = (vid_index + self.base).to(row.dtype)
         if moves.freed.numel():
             self._free_slots(moves.freed)
@@ -239,7 +291,7 @@ class VirtualKV:
             self._count_cells(idx[states == s], s, -1)
         cells = self.table[idx.to(self.device)]
         cells = cells[cells >= 0]
-        slot_ids = (cells % self.rows_per_layer).cpu().to(torch.int64)
+        slot_ids = self.slot_of(cells).cpu().to(torch.int64)
         self._count(slot_ids, live=-1)
         emptied = torch.unique(slot_ids)
         emptied = emptied[self.slot_live[emptied] == 0]
@@ -261,7 +313,7 @@ class VirtualKV:
         if state not in (OWNED, LOCKED) or idx.numel() == 0:
             return
         cells = self.table[idx.to(self.device)]
-        slot_ids = (cells[cells >= 0] % self.rows_per_layer).cpu().to(torch.int64)
+        slot_ids = self.slot_of(cells[cells >= 0]).cpu().to(torch.int64)
         self._count(slot_ids, owned=sign if state == OWNED else 0, locked=sign if state == LOCKED else 0)
 
     def _count(self, slot_ids: torch.Tensor, live: int = 0, owned: int = 0, locked: int = 0) -> None:
