@@ -11,7 +11,15 @@ Split-KV ("flash decoding"): pass 1, grid (request, KV head, split), keeps an on
 normaliser for the GROUP query heads of one KV head over its split of the list and writes the
 partial output and its log2-sum-exp2; pass 2, grid (request, query head), merges the splits.
 Each split covers ``ceil(len / splits)`` keys rounded up to a key block; a split past the end
-of a short list writes an empty state (weight 0). fp32 accumulation.
+of a short list writes an empty state (weight 0). fp32 accumulation. An empty list gives a zero
+output (every split empty: pass 2 divides by a weight sum it replaces with 1).
+
+Per-head lists (``per_head=True``, VL-Cache cells at (layer, KV head) granularity): one list per
+(request, KV head), list ``b * Hkv + h`` in ``kv_indptr``, of *head-rows* ``row * Hkv + h'``;
+program ``(b, h, split)`` reads that list (query heads of KV head ``h``) and loads each key at row
+``head_row // Hkv``, head ``head_row % Hkv`` of the same ``[rows, Hkv, D]`` storage: a compacted
+cell of head ``h`` may sit in another head's place of its slot (compaction packs a slot's
+``L * Hkv`` places). Lists may differ in length per head; the split count is chosen from the longest.
 
 fp8 KV caches (``float8_e5m2`` / ``float8_e4m3fn`` views of SGLang's ``uint8`` storage) are loaded
 as fp8 and converted to fp32; ``k_scale`` folds into the softmax scale and ``v_scale`` multiplies
@@ -36,15 +44,19 @@ _EMPTY = -1.0e30
 def _decode_pass1(Q, K, V, KV_IDX, KV_PTR, O_PART, LSE_PART,
                   stride_qb, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh,
                   stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                  scale_log2, num_splits,
-                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                  scale_log2, num_splits, num_kv_heads,
+                  PER_HEAD: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAST_F32: tl.constexpr,
                   IEEE: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
-    kv_beg = tl.load(KV_PTR + b)
-    n = tl.load(KV_PTR + b + 1) - kv_beg
+    if PER_HEAD:
+        lst = b * num_kv_heads + kvh
+    else:
+        lst = b
+    kv_beg = tl.load(KV_PTR + lst)
+    n = tl.load(KV_PTR + lst + 1) - kv_beg
     span = num_splits * BLOCK_N
     chunk = (n + span - 1) // span * BLOCK_N
     lo = sp * chunk
@@ -66,9 +78,14 @@ def _decode_pass1(Q, K, V, KV_IDX, KV_PTR, O_PART, LSE_PART,
         offs_n = k0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
         slot = tl.load(KV_IDX + kv_beg + offs_n, mask=n_ok, other=0).to(tl.int64)
-        k = tl.load(K + slot[:, None] * stride_kr + kvh * stride_kh + offs_d[None, :],
+        if PER_HEAD:  # head-row -> (row, the place's head), which need not be kvh
+            head = slot % num_kv_heads
+            slot = slot // num_kv_heads
+        else:
+            head = tl.full([BLOCK_N], 0, tl.int64) + kvh
+        k = tl.load(K + slot[:, None] * stride_kr + head[:, None] * stride_kh + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + slot[:, None] * stride_vr + kvh * stride_vh + offs_d[None, :],
+        v = tl.load(V + slot[:, None] * stride_vr + head[:, None] * stride_vh + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         if CAST_F32:
             k = k.to(tl.float32)
@@ -110,7 +127,9 @@ def _decode_pass2(O_PART, LSE_PART, OUT, stride_ob, stride_oh, stride_os, stride
     w = tl.where(s_ok & (lse > -1.0e29), tl.exp2(lse - m), 0.0)
     o = tl.load(O_PART + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
                 mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    out = tl.reduce(o * w[:, None], 0, tl.standard._sum_combine) / tl.reduce(w, 0, tl.standard._sum_combine)
+    w_sum = tl.reduce(w, 0, tl.standard._sum_combine)
+    # an empty list: every split empty, o is 0, and the weight sum 0 becomes 1 (a zero output)
+    out = tl.reduce(o * w[:, None], 0, tl.standard._sum_combine) / tl.where(w_sum > 0.0, w_sum, 1.0)
     out = out * v_scale
     tl.store(OUT + b * stride_outb + h * stride_outh + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
 
@@ -134,13 +153,16 @@ def ragged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   kv_indices: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
                   num_splits: int | None = None, max_len: int | None = None, block_n: int = 64,
                   workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  k_scale: float | None = None, v_scale: float | None = None) -> torch.Tensor:
+                  k_scale: float | None = None, v_scale: float | None = None,
+                  per_head: bool = False) -> torch.Tensor:
     """``out[b] = softmax(q[b] K_b^T * scale) V_b`` where ``K_b = k_cache[kv_indices[indptr[b]:indptr[b+1]]]``.
 
     fp8 caches: ``K_b``/``V_b`` are the stored values times ``k_scale``/``v_scale`` (1 if None).
 
-    q/out ``[B, Hq, D]``; k_cache/v_cache ``[rows, Hkv, D]`` (GQA: ``Hq % Hkv == 0``); every list
-    non-empty. ``num_splits`` (or ``max_len``, the longest list, to choose it) is host-side;
+    q/out ``[B, Hq, D]``; k_cache/v_cache ``[rows, Hkv, D]`` (GQA: ``Hq % Hkv == 0``); an empty
+    list gives zeros. ``per_head``: ``kv_indptr`` has ``B * Hkv + 1`` entries, list ``b * Hkv + h``
+    holds head-rows ``row * Hkv + h`` and feeds query heads ``h * G .. (h + 1) * G - 1``.
+    ``num_splits`` (or ``max_len``, the longest list, to choose it) is host-side;
     ``workspace`` = preallocated ``(o_part [B, Hq, S, D] fp32, lse_part [B, Hq, S] fp32)`` for
     CUDA-graph use.
     """
@@ -176,8 +198,8 @@ def ragged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q, k_cache, v_cache, kv_indices, kv_indptr, o_part, lse_part,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-        float(scale) * k_scale * _LOG2E, num_splits,
-        GROUP=group, HEAD_DIM=d, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        float(scale) * k_scale * _LOG2E, num_splits, hkv,
+        PER_HEAD=bool(per_head), GROUP=group, HEAD_DIM=d, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         CAST_F32=cast, IEEE=cast,
     )
     kernel(_decode_pass2, device)[(bsz, hq)](
@@ -190,14 +212,36 @@ def ragged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 def ragged_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_indptr_cpu,
                         kv_indices: torch.Tensor, scale: float, k_scale: float | None = None,
-                        v_scale: float | None = None) -> torch.Tensor:
-    """Reference: request by request, fp32 softmax (fp8 caches dequantized with the scales)."""
-    out = torch.empty_like(q)
-    g = q.shape[1] // k_cache.shape[1]
+                        v_scale: float | None = None, per_head: bool = False) -> torch.Tensor:
+    """Reference: request by request (per KV head with ``per_head``), fp32 softmax (fp8 caches
+    dequantized with the scales); an empty list gives zeros."""
+    out = torch.zeros_like(q)
+    hkv = k_cache.shape[1]
+    g = q.shape[1] // hkv
+    ks = 1.0 if k_scale is None else k_scale
+    vs = 1.0 if v_scale is None else v_scale
     for b in range(q.shape[0]):
-        rows = kv_indices[int(kv_indptr_cpu[b]):int(kv_indptr_cpu[b + 1])].to(torch.int64)
-        k = k_cache[rows].float().repeat_interleave(g, 1) * (1.0 if k_scale is None else k_scale)
-        v = v_cache[rows].float().repeat_interleave(g, 1) * (1.0 if v_scale is None else v_scale)
-        s = torch.einsum("hd,khd->hk", q[b].float(), k) * scale
-        out[b] = torch.einsum("hk,khd->hd", torch.softmax(s, -1), v).to(q.dtype)
+        if per_head:
+            for h in range(hkv):
+                i = b * hkv + h
+                hr = kv_indices[int(kv_indptr_cpu[i]):int(kv_indptr_cpu[i + 1])].to(torch.int64)
+                heads = slice(h * g, (h + 1) * g)
+                k = k_cache[hr // hkv, hr % hkv].unsqueeze(1)  # each cell at its own place
+                v = v_cache[hr // hkv, hr % hkv].unsqueeze(1)
+                out[b, heads] = _attend(q[b, heads], k, v, scale, ks, vs)
+        else:
+            rows = kv_indices[int(kv_indptr_cpu[b]):int(kv_indptr_cpu[b + 1])].to(torch.int64)
+            out[b] = _attend(q[b], k_cache[rows], v_cache[rows], scale, ks, vs)
     return out
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, k_scale: float,
+            v_scale: float) -> torch.Tensor:
+    """``q [Hq, D]`` over ``k``/``v`` ``[n, Hkv, D]`` in fp32 (GQA by repetition); zeros if ``n == 0``."""
+    if k.shape[0] == 0:
+        return torch.zeros_like(q)
+    g = q.shape[0] // k.shape[1]
+    k = k.float().repeat_interleave(g, 1) * k_scale
+    v = v.float().repeat_interleave(g, 1) * v_scale
+    s = torch.einsum("hd,khd->hk", q.float(), k) * scale
+    return torch.einsum("hk,khd->hd", torch.softmax(s, -1), v).to(q.dtype)

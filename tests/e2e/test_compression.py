@@ -133,7 +133,7 @@ def test_prometheus_counters_with_enable_metrics(server):
     assert requests_total and float(requests_total.group(1)) >= 1
 
 
-def _mixed_request(server, i: int, rng: random.Random):
+def _mixed_request(server, i: int, rng: random.Random, vlcache: dict | None = None):
     budget = rng.choice([1.0, 0.5, 0.2, 0.1])
     method = rng.choice(["vlcache", "snapkv", "h2o", "streamingllm"])
     with_image = rng.random() < 0.75
@@ -141,7 +141,7 @@ def _mixed_request(server, i: int, rng: random.Random):
     text = PROMPT.format(q=f"Question {i % 13}: what is shown?") if with_image else f"Tell me about {i}."
     payload = {"text": text, "rid": f"mixed-{i}", "sampling_params": {
         "max_new_tokens": rng.choice([2, 6, 12]), "temperature": 0,
-        "custom_params": {"vlcache": {"budget": budget, "method": method}}}}
+        "custom_params": {"vlcache": {"budget": budget, "method": method, **(vlcache or {})}}}}
     if image is not None:
         payload["image_data"] = png_base64(image)
     abort = rng.random() < 0.1
@@ -157,13 +157,14 @@ def _mixed_request(server, i: int, rng: random.Random):
     return "ok"
 
 
-def mixed_soak(server, n: int, workers: int, seed: int, abort_every: int) -> tuple[list[str], dict]:
+def mixed_soak(server, n: int, workers: int, seed: int, abort_every: int,
+               vlcache: dict | None = None) -> tuple[list[str], dict]:
     """``n`` random requests (images and text, budgets, methods, streaming hang-ups) from
-    ``workers`` clients, an explicit abort every ``abort_every``; returns the outcomes and the
-    plugin's state once nothing is live any more."""
+    ``workers`` clients, an explicit abort every ``abort_every``; ``vlcache``: policy fields every
+    request adds. Returns the outcomes and the plugin's state once nothing is live any more."""
     rng = random.Random(seed)
     with cf.ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(_mixed_request, server, i, random.Random(rng.random())) for i in range(n)]
+        futures = [pool.submit(_mixed_request, server, i, random.Random(rng.random()), vlcache) for i in range(n)]
         # explicit aborts of requests still queued or running
         for i in range(0, n, abort_every):
             requests.post(f"{server.url}/abort_request", json={"rid": f"mixed-{i + 7}"}, timeout=30)

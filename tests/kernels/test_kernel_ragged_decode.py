@@ -132,3 +132,110 @@ def test_interpreter_after_a_plain_triton_import():
     env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# -- per-head lists (one list per (request, KV head) of head-rows row * Hkv + h') -----------------
+
+def head_lists(lens, hkv, rows, seed):
+    """``lens[b][h]`` head-rows for request b, head h: distinct random places of any head (a
+    compacted cell of head h may sit in another head's place of its slot)."""
+    g = torch.Generator().manual_seed(seed)
+    lists, indptr = [], [0]
+    for per_b in lens:
+        for n in per_b:
+            lists.append(torch.randperm(rows * hkv, generator=g)[:n])
+            indptr.append(indptr[-1] + n)
+    return torch.cat(lists).to(torch.int64), indptr
+
+
+def oracle_per_head(q, k, v, indptr, idx, scale):
+    """float64, head by head; an empty list gives zeros."""
+    bsz, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b in range(bsz):
+        for h in range(hkv):
+            i = b * hkv + h
+            hr = idx[indptr[i]:indptr[i + 1]].cpu().long()
+            if hr.numel() == 0:
+                continue
+            kk = k[hr // hkv, hr % hkv].cpu().double()
+            vv = v[hr // hkv, hr % hkv].cpu().double()
+            qq = q[b, h * g:(h + 1) * g].cpu().double()
+            out[b, h * g:(h + 1) * g] = torch.softmax(qq @ kk.T * scale, -1) @ vv
+    return out
+
+
+PER_HEAD_CASES = [  # lens[b][h], hq, hkv, d
+    ([[3, 40, 0], [17, 1, 70]], 3, 3, 16),       # group 1, one empty list
+    ([[0, 0], [33, 5], [1, 90]], 8, 2, 16),      # group 4, a request with every list empty
+    ([[5, 0, 12, 64]], 28, 4, 16),               # group 7
+]
+
+
+@pytest.mark.parametrize("case", range(len(PER_HEAD_CASES)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_per_head_lists_match_references(case, dtype, splits, device):
+    lens, hq, hkv, d = PER_HEAD_CASES[case]
+    rows = 120
+    g = torch.Generator().manual_seed(case)
+    k = torch.randn(rows, hkv, d, generator=g).to(dtype).to(device)
+    v = torch.randn(rows, hkv, d, generator=g).to(dtype).to(device)
+    q = torch.randn(len(lens), hq, d, generator=g).to(dtype).to(device)
+    idx, indptr_cpu = head_lists(lens, hkv, rows, seed=case + 10)
+    indptr = torch.tensor(indptr_cpu, device=device)
+    out = torch.full_like(q, float("nan"))
+    ragged_decode(q, k, v, indptr, idx.to(device), d ** -0.5, out=out, num_splits=splits, block_n=16, per_head=True)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    want = oracle_per_head(q, k, v, indptr_cpu, idx, d ** -0.5)
+    torch.testing.assert_close(out.cpu().double(), want, rtol=tol, atol=tol)
+    ref = ragged_decode_torch(q.cpu(), k.cpu(), v.cpu(), indptr_cpu, idx, d ** -0.5, per_head=True)
+    torch.testing.assert_close(ref.double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
+def test_per_head_identical_lists_equal_per_layer(hq, hkv, device):
+    """Every head reading the request's per-layer list gives the per-layer result."""
+    q, k, v, indptr, idx, indptr_cpu = batch([9, 40, 3], hq, hkv, 16, torch.float32, device, seed=5)
+    per_layer = ragged_decode(q, k, v, indptr, idx, 0.3, num_splits=2)
+    hidx, hptr = [], [0]
+    for b in range(3):
+        rows = idx[indptr_cpu[b]:indptr_cpu[b + 1]].cpu()
+        for h in range(hkv):
+            hidx.append(rows * hkv + h)
+            hptr.append(hptr[-1] + rows.numel())
+    out = ragged_decode(q, k, v, torch.tensor(hptr, device=device), torch.cat(hidx).to(device), 0.3,
+                        num_splits=2, per_head=True)
+    torch.testing.assert_close(out, per_layer, rtol=1e-6, atol=1e-6)
+
+
+def test_per_head_strided_pool_and_workspace(device):
+    """K/V as a head slice of a wider storage: the kernel uses the strides, not a packed layout."""
+    lens, hq, hkv, d = [[7, 0], [30, 2]], 4, 2, 16
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(50, 5, d, generator=g).to(device)
+    k, v = wide[:, 1:3], wide[:, 3:5]
+    q = torch.randn(2, hq, d, generator=g).to(device)
+    idx, indptr_cpu = head_lists(lens, hkv, 50, seed=4)
+    ws = (torch.full((4, hq, 8, d), float("nan"), device=device), torch.full((4, hq, 8), float("nan"), device=device))
+    out = ragged_decode(q, k, v, torch.tensor(indptr_cpu, device=device).to(torch.int32),
+                        idx.to(torch.int32).to(device), 0.25, num_splits=3, workspace=ws, per_head=True)
+    torch.testing.assert_close(out.cpu().double(), oracle_per_head(q, k, v, indptr_cpu, idx, 0.25),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_empty_lists_give_zero_per_request(device):
+    """Per-request lists too: an empty list is a zero output, never NaN (pass 2's weight sum is 0)."""
+    q, k, v, _, _, _ = batch([4], 4, 2, 16, torch.float32, device)
+    idx = torch.arange(6, device=device)
+    indptr_cpu = [0, 0, 6, 6]
+    q = torch.randn(3, 4, 16).to(device)
+    out = torch.full_like(q, float("nan"))
+    ragged_decode(q, k, v, torch.tensor(indptr_cpu, device=device), idx, 0.25, out=out, num_splits=2)
+    assert torch.equal(out[0].cpu(), torch.zeros(4, 16)) and torch.equal(out[2].cpu(), torch.zeros(4, 16))
+    want = oracle(q[1:2], k, v, [0, 6], idx, 0.25)
+    torch.testing.assert_close(out[1:2].cpu().double(), want, rtol=1e-4, atol=1e-4)
+    ref = ragged_decode_torch(q.cpu(), k.cpu(), v.cpu(), indptr_cpu, idx.cpu(), 0.25)
+    assert torch.equal(ref[0], torch.zeros(4, 16))

@@ -47,16 +47,27 @@ def run_plan(cfg: PolicyConfig, m: int = M, spans=SPANS, seed: int = 0, device: 
     return build_plan(acc)
 
 
+def head_rows(plan: CompressionPlan, layer: int) -> list[torch.Tensor]:
+    """What each KV head of ``layer`` keeps (head granularity), else the layer's one set."""
+    return list(plan.head_kept[layer]) if plan.head_kept is not None else [plan.kept[layer]]
+
+
 def check_plan(plan: CompressionPlan, cfg: PolicyConfig, m: int = M) -> None:
-    """Shapes, sorted unique in-range positions and the kept recent window, every layer."""
+    """Shapes, sorted unique in-range positions and the kept recent window, every layer; with head
+    granularity ``kept[l]`` is the union of the heads' sets."""
     assert len(plan.kept) == len(plan.budgets) == plan.num_layers
+    assert (plan.head_kept is not None) == (cfg.granularity == "head")
     for layer, kept in enumerate(plan.kept):
-        rows = kept if kept.dim() == 2 else kept[None]
+        rows = head_rows(plan, layer)
         if cfg.granularity == "head":
-            assert kept.shape == (HKV, plan.budgets[layer])
+            assert len(rows) == HKV
+            if cfg.head_budget == "uniform":
+                assert all(r.shape == (plan.budgets[layer],) for r in rows)
+            assert sum(r.numel() for r in rows) == HKV * plan.budgets[layer]
+            assert torch.equal(kept, torch.unique(torch.cat(rows)))
         else:
             assert kept.shape == (plan.budgets[layer],)
-        assert kept.dtype == torch.int64
+        assert kept.dtype == torch.int64 and all(r.dtype == torch.int64 for r in rows)
         for row in rows:
             assert torch.all(row[1:] > row[:-1]), "sorted and unique"
             assert 0 <= int(row[0]) and int(row[-1]) < m
@@ -78,6 +89,7 @@ def check_matrix_cell(method: str, granularity: str) -> None:
         assert abs(plan.kept_ratio - 0.3) < 1 / M
     again = run_plan(cfg)
     assert all(torch.equal(a, b) for a, b in zip(plan.kept, again.kept)), "deterministic"
+    assert plan.head_budgets == again.head_budgets
     json.dumps(plan.to_dict())
     # alpha = 1 keeps everything
     full = run_plan(cfg.replace(alpha=1.0))

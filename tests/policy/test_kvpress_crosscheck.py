@@ -91,7 +91,7 @@ def test_same_kept_tokens_as_kvpress(kvpress_dump: dict, press: str, chunked: bo
     for layer, ref in enumerate(theirs):
         assert plan.budgets[layer] == ref.shape[-1], (press, layer)
         for head in range(ref.shape[0]):
-            ours, want = set(plan.kept[layer][head].tolist()), set(ref[head].tolist())
+            ours, want = set(plan.head_kept[layer][head].tolist()), set(ref[head].tolist())
             assert ours == want, f"{press} layer {layer} head {head}: only ours {sorted(ours - want)}, " \
                                  f"only kvpress {sorted(want - ours)}"
 

@@ -18,6 +18,7 @@ from tests.policy.plan_helper import (
     SPANS,
     check_matrix_cell,
     compressing_methods,
+    head_rows,
     method_matrix,
     run_plan,
 )
@@ -119,8 +120,9 @@ def test_ties_keep_lower_positions() -> None:
 
 def test_kept_mask() -> None:
     plan = run_plan(PolicyConfig(alpha=0.3, granularity="head"))
-    mask = plan.kept_mask(1)
+    mask = plan.head_mask(1)
     assert mask.shape == (HKV, M) and mask.sum(-1).tolist() == [plan.budgets[1]] * HKV
+    assert torch.equal(plan.kept_mask(1), mask.any(0))
 
 
 @settings(max_examples=40, deadline=None)
@@ -162,9 +164,8 @@ def test_plan_properties(method, granularity, m, n_layers, alpha, recent_share, 
     if n_layers * lo <= target:
         assert sum(plan.budgets) == target
         assert abs(sum(plan.budgets) / n_layers - alpha * m) <= 1.0
-    for layer, kept in enumerate(plan.kept):
-        rows_ = kept if kept.dim() == 2 else kept[None]
-        for row in rows_:
+    for layer in range(plan.num_layers):
+        for row in head_rows(plan, layer):
             assert row.numel() == plan.budgets[layer]
             assert torch.isin(torch.arange(m - plan.protected, m), row).all()
             if tie_scores and method in ("vlcache", "h2o") and not cfg.h2o_normalize:

@@ -83,3 +83,19 @@ def test_tensor_parallel_agreement_keeps_the_slots_and_ids_every_rank_needs(pool
     assert present.tolist() == [0, 1]  # ids for the other rank's positions own nothing here
     allocator.free(row.clone())
     assert allocator.available_size() == free0 + m and vkv.live_ids == 0
+
+
+def test_head_cells_refuse_what_cannot_serve_per_head_lists():
+    from types import SimpleNamespace
+
+    from vlcache_sglang.backend.attention_backend import check_head_cells
+    from vlcache_sglang.backend.executors.torch_executor import TorchAttentionExecutor
+    from vlcache_sglang.settings import SettingsError
+
+    config = SimpleNamespace(get_total_num_kv_heads=lambda: 2)
+    check_head_cells("head", config, 2, 1, TorchAttentionExecutor())  # one KV head per rank
+    check_head_cells("layer", config, 4, 1, object())  # layer cells: nothing to check
+    with pytest.raises(SettingsError, match="replicates heads.*--vlcache-cells layer"):
+        check_head_cells("head", config, 4, 1, TorchAttentionExecutor())  # 2 heads over 4 ranks
+    with pytest.raises(SettingsError, match="per-\\(layer, KV head\\) lists; use --vlcache-cells layer"):
+        check_head_cells("head", config, 1, 2, object())

@@ -175,7 +175,8 @@ class VLCacheAttnBackend(AttentionBackend):
             return out
         layer_k = self.token_to_kv_pool.get_key_buffer(lid)
         if lid in meta.layer_kv:
-            k_cache, v_cache, kv = self.compressor.cell_k, self.compressor.cell_v, meta.layer_kv[lid]
+            # global rows of [L * R, H, D] (head cells: per-head lists of head-rows into the same storage)
+            k_cache, v_cache, kv = self.global_kv.k, self.global_kv.v, meta.layer_kv[lid]
         else:
             k_cache, v_cache, kv = layer_k, self.token_to_kv_pool.get_value_buffer(lid), meta.kv
         run = self.executor.decode if decode else self.executor.extend

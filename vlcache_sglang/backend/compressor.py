@@ -72,7 +72,8 @@ class Compressor:
         # ``kernels``: VLCACHE_KERNELS), the policy's torch reference elsewhere
         self.stats_fn = partial(attention_stats_auto, mode=kernels) if kv.k.is_cuda else attention_stats
         # cells: a slot's L layer rows, or with head cells its L * Hkv (layer, KV head) rows
-        self.heads_per_unit = num_kv_heads if cells == "head" else 1
+        self.head_cells = cells == "head"  # one KV head per rank under TP still holds per head
+        self.heads_per_unit = num_kv_heads if self.head_cells else 1
         # this rank's first KV head in the model's head order (plans cover all heads)
         self.head_offset = self.gather.rank * num_kv_heads
         # the same figure the pool budget charged for (memory_budget.table_bytes_per_slot)
@@ -171,8 +172,8 @@ class Compressor:
             self._apply_plan(info, plan, incomplete)
         finally:
             if self.debug_checks:  # every rank must now hold the same plan and the same pool
-                self.gather.agree("plan", [plan.is_identity, list(plan.budgets)]
-                                  + [k.flatten().tolist() for k in plan.kept])
+                self.gather.agree("plan", [plan.is_identity, list(plan.budgets), plan.head_budgets]
+                                  + [k.tolist() for k in plan.kept])
                 self.gather.agree("pool after compaction", [int(self.allocator.available_size()),
                                                             self.vkv.live_ids, self.vkv.live_cell_slots()])
 
@@ -202,26 +203,23 @@ class Compressor:
         self.metrics.record(info.prompt_len, record.tokens_saved)
         logger.debug("vlcache: %s kept %s of %d per layer (budgets %s), freed %d slots",
                      info.rid, record.kept_counts, info.prompt_len, plan.budgets, record.tokens_saved)
-        hp = self.heads_per_unit
-        layer_kept = kept if hp == 1 else [torch.unique(torch.cat(kept[l * hp:(l + 1) * hp]))
-                                           for l in range(self.num_layers)]
+        # head cells: the plan's union over every head of the model (compressed sharing, which
+        # would filter it, is refused with head cells)
+        layer_kept = plan.kept if self.head_cells else kept
         report.compressed(info.req, plan, layer_kept, record.kept_counts, record.tokens_saved, info.prompt_len,
                           self.vkv.num_units, incomplete=incomplete, return_plan=info.return_plan)
 
     def _head_sets(self, plan, layer: int) -> list[torch.Tensor]:
         """Every KV head's kept positions in ``layer`` (all heads of the model, in order)."""
-        head_kept = getattr(plan, "head_kept", None)
-        if head_kept is not None:
-            return list(head_kept[layer])
-        k = plan.kept[layer]
-        heads = self.num_kv_heads * self.gather.world_size
-        return list(k) if k.dim() == 2 else [k] * heads
+        if plan.head_kept is not None:
+            return list(plan.head_kept[layer])
+        return [plan.kept[layer]] * (self.num_kv_heads * self.gather.world_size)
 
     def _unit_kept(self, plan) -> list[torch.Tensor]:
         """The plan as kept positions per cell unit of this rank: per layer (the union over its
         heads, with layer cells), or per (layer, local KV head) with head cells."""
-        if self.heads_per_unit == 1:
-            return [k if k.dim() == 1 else torch.unique(k.flatten()) for k in plan.kept]
+        if not self.head_cells:
+            return list(plan.kept)
         lo = self.head_offset
         return [h for layer in range(self.num_layers)
                 for h in self._head_sets(plan, layer)[lo:lo + self.heads_per_unit]]
@@ -231,7 +229,7 @@ class Compressor:
         another number of cell slots and virtual ids: every rank keeps the slots of the rank that
         needs most and gives a virtual id to every position some head of any rank keeps, so all
         ranks free the same slots and take the same ids (SGLang's allocators stay identical)."""
-        if self.heads_per_unit == 1 or self.gather.world_size == 1:
+        if not self.head_cells or self.gather.world_size == 1:
             return 0, None
         hp, units = self.heads_per_unit, self.vkv.num_units
         per_rank = [0] * self.gather.world_size

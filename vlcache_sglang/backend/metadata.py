@@ -29,6 +29,15 @@ class RaggedKV:
     def length(self, b: int) -> int:
         return self.kv_indptr_cpu[b + 1] - self.kv_indptr_cpu[b]
 
+    @property
+    def per_head(self) -> bool:
+        """One list per (request, KV head) (head cells) rather than one per request."""
+        return self.heads > 1
+
+    def head_slots(self, b: int, h: int) -> torch.Tensor:
+        """Request ``b``'s head-rows of KV head ``h`` (``row * heads + h``); entry ``b * heads + h``."""
+        return self.slots(b * self.heads + h)
+
 
 @dataclass
 class ForwardMetadata:

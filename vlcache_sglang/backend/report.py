@@ -48,4 +48,6 @@ def compressed(req: Any, plan: CompressionPlan, kept: list, kept_counts: list[in
         values["vlcache_incomplete_statistics"] = True
     if return_plan:
         values["vlcache_kept_positions"] = [k.tolist() for k in kept]
+        if plan.head_kept is not None:  # per layer, per KV head: the plan's own sets
+            values["vlcache_head_kept_positions"] = [[h.tolist() for h in heads] for heads in plan.head_kept]
     report(req, values)

@@ -37,8 +37,9 @@ _ENUMS: dict[str, tuple[Any, ...]] = {
     "budget_fn": (None, "adaptive", "uniform", "pyramid"),
     "stats_dtype": ("float32", "float64"),
     "recent_window": ("shared", "per_layer"),
+    "head_budget": ("uniform", "adaptive"),
 }
-_FLOATS = {"alpha", "sparsity_threshold", "recent_share", "clip_min", "clip_max", "pyramid_beta"}
+_FLOATS = {"alpha", "sparsity_threshold", "recent_share", "clip_min", "clip_max", "pyramid_beta", "head_floor"}
 _INTS = {"window_size", "max_window", "pool_kernel", "n_sink", "seed", "min_prompt_len",
          "key_chunk", "query_chunk"}
 _BOOLS = {"protect_window", "redistribute", "h2o_normalize"}
@@ -71,8 +72,13 @@ class PolicyConfig:
         budget_fn: override of the method's budget function (None: method default); not to be
             confused with the launch/request "budget", which is ``alpha``. Policy files saved
             with the old key ``budget`` still load (:meth:`from_dict`).
-        granularity: ``"layer"`` (one kept set per layer) or ``"head"`` (per KV head, same
-            count per head within a layer).
+        granularity: ``"layer"`` (one kept set per layer) or ``"head"`` (one per KV head; the
+            server holds them per head with ``--vlcache-cells head``, else their union per layer).
+        head_budget: with ``granularity="head"``, how the layer's ``H * k_l`` splits over its KV
+            heads: ``"uniform"`` (``k_l`` each) or ``"adaptive"`` (AdaKV: a floor of
+            ``ceil(head_floor * k_l)`` each, the rest by the heads' own scores, one joint top-k).
+        head_floor: the share of ``k_l`` every head keeps under ``head_budget="adaptive"`` (AdaKV's
+            safeguard, 0.2; 1.0 is uniform).
         pool_kernel: odd 1-D average-pooling kernel over key scores (None: method default).
         pyramid_beta: PyramidKV's steepness ``beta`` (>= 1).
         n_sink: StreamingLLM's attention sinks.
@@ -99,6 +105,8 @@ class PolicyConfig:
     redistribute: bool = True
     budget_fn: str | None = None
     granularity: str = "layer"
+    head_budget: str = "uniform"
+    head_floor: float = 0.2
     pool_kernel: int | None = None
     pyramid_beta: float = 20.0
     n_sink: int = 4
@@ -129,6 +137,7 @@ class PolicyConfig:
         _range("alpha", self.alpha, 0.0, 1.0, lo_open=True)
         _range("sparsity_threshold", self.sparsity_threshold, 0.0, 1.0, hi_open=True)
         _range("recent_share", self.recent_share, 0.0, 1.0)
+        _range("head_floor", self.head_floor, 0.0, 1.0)
         _range("clip_min", self.clip_min, 0.0, 1.0)
         _range("clip_max", self.clip_max, 0.0, 1.0, lo_open=True)
         if self.clip_min > self.clip_max:

@@ -15,7 +15,7 @@ import torch
 
 from vlcache_sglang.policy.budgets import BUDGET_FUNCTIONS, BudgetContext, finalize_budgets
 from vlcache_sglang.policy.methods import ScoreContext, get_method
-from vlcache_sglang.policy.selection import select_kept
+from vlcache_sglang.policy.selection import select_kept, select_kept_adaptive
 from vlcache_sglang.policy.stats import PolicyStats, StatsAccumulator
 from vlcache_sglang.policy.window import WindowSpec
 
@@ -35,17 +35,19 @@ class CompressionPlan:
 
     Attributes:
         method: method name.
-        granularity: ``"layer"``: ``kept[l]`` is int64 ``[k_l]``; ``"head"``: int64
-            ``[Hkv, k_l]`` - the same count ``k_l`` for every KV head of a layer, so a paged
-            cache keeps one length per layer. Rows are sorted ascending, positions in ``0..m-1``.
+        granularity: ``"layer"`` (every KV head of a layer keeps ``kept[l]``) or ``"head"``
+            (KV head ``h`` of layer ``l`` keeps ``head_kept[l][h]``).
         prompt_len, num_layers, num_kv_heads: shapes.
-        kept: per layer, see ``granularity``.
-        budgets: ``k_l`` per layer.
+        kept: per layer, int64 ``[k]`` sorted ascending, positions in ``0..m-1``: what the layer
+            keeps, with head granularity the union over its heads (what layer cells hold).
+        budgets: ``k_l`` per layer (the mean per head with head granularity).
         protected: length of the always-kept suffix (recent window, plus the statistics window
             when it is force-kept); every layer keeps ``[m - protected, m)``.
         window: the statistics window.
         notes: fallbacks and adjustments, human readable.
         is_identity: nothing is dropped (``kept[l]`` is ``arange(m)``).
+        head_kept: head granularity: ``[l][h]`` sorted int64 positions of KV head ``h`` (lengths
+            differ per head under ``head_budget="adaptive"``); None for layer granularity.
     """
 
     method: str
@@ -59,6 +61,7 @@ class CompressionPlan:
     window: WindowSpec
     notes: list[str] = field(default_factory=list)
     is_identity: bool = False
+    head_kept: list[list[torch.Tensor]] | None = None
 
     @property
     def kept_ratio(self) -> float:
@@ -67,11 +70,36 @@ class CompressionPlan:
             return 1.0
         return sum(self.budgets) / (self.num_layers * self.prompt_len)
 
+    @property
+    def head_budgets(self) -> list[list[int]] | None:
+        """``k_{l,h}`` per layer and KV head (head granularity), else None."""
+        if self.head_kept is None:
+            return None
+        return [[int(k.numel()) for k in heads] for heads in self.head_kept]
+
+    @property
+    def held_ratio(self) -> float:
+        """What the plan holds when every (layer, KV head) keeps its own positions:
+        ``sum_{l,h} k_{l,h} / (L * Hkv * m)`` (head granularity), else :attr:`kept_ratio`."""
+        if self.head_kept is None or self.prompt_len == 0:
+            return self.kept_ratio
+        cells = sum(sum(heads) for heads in self.head_budgets)
+        return cells / (self.num_layers * self.num_kv_heads * self.prompt_len)
+
     def kept_mask(self, layer: int) -> torch.Tensor:
-        """Boolean ``[m]`` (layer) or ``[Hkv, m]`` (head) mask of kept positions."""
+        """Boolean ``[m]`` mask of the layer's kept positions (the union over heads)."""
         idx = self.kept[layer]
-        mask = torch.zeros(*idx.shape[:-1], self.prompt_len, dtype=torch.bool, device=idx.device)
-        return mask.scatter_(-1, idx, True)
+        return torch.zeros(self.prompt_len, dtype=torch.bool, device=idx.device).scatter_(0, idx, True)
+
+    def head_mask(self, layer: int) -> torch.Tensor:
+        """Boolean ``[Hkv, m]``: what each KV head of ``layer`` keeps (every head: ``kept[l]``
+        with layer granularity)."""
+        if self.head_kept is None:
+            return self.kept_mask(layer).expand(self.num_kv_heads, -1).clone()
+        mask = torch.zeros(self.num_kv_heads, self.prompt_len, dtype=torch.bool, device=self.kept[layer].device)
+        for h, idx in enumerate(self.head_kept[layer]):
+            mask[h, idx] = True
+        return mask
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (no tensors)."""
@@ -83,6 +111,8 @@ class CompressionPlan:
             "num_kv_heads": self.num_kv_heads,
             "budgets": list(self.budgets),
             "kept_ratio": self.kept_ratio,
+            "held_ratio": self.held_ratio,
+            "head_budgets": self.head_budgets,
             "protected": self.protected,
             "window": self.window.to_dict(),
             "notes": list(self.notes),
@@ -112,9 +142,9 @@ def layer_recent(budget: int, protected: int, cfg: "PolicyConfig") -> int:
 def _identity(st: PolicyStats, cfg: "PolicyConfig", device: torch.device, notes: list[str]) -> CompressionPlan:
     m, h = st.prompt_len, st.num_kv_heads
     ar = torch.arange(m, dtype=torch.int64, device=device)
-    kept = [ar.expand(h, m).clone() if cfg.granularity == "head" else ar.clone() for _ in range(st.num_layers)]
-    return CompressionPlan(cfg.method, cfg.granularity, m, st.num_layers, h, kept, [m] * st.num_layers,
-                           m, st.window, notes, is_identity=True)
+    head_kept = [[ar.clone() for _ in range(h)] for _ in range(st.num_layers)] if cfg.granularity == "head" else None
+    return CompressionPlan(cfg.method, cfg.granularity, m, st.num_layers, h, [ar.clone() for _ in range(st.num_layers)],
+                           [m] * st.num_layers, m, st.window, notes, is_identity=True, head_kept=head_kept)
 
 
 def build_plan(source: StatsAccumulator | PolicyStats, cfg: "PolicyConfig | None" = None, *,
@@ -174,10 +204,23 @@ def build_plan(source: StatsAccumulator | PolicyStats, cfg: "PolicyConfig | None
     ctx = ScoreContext(cfg=cfg, stats=st, window=st.window, device=device)
     pool = cfg.resolved_pool_kernel()
     kept: list[torch.Tensor] = []
+    head_kept: list[list[torch.Tensor]] | None = [] if cfg.granularity == "head" else None
     for layer in range(n_layers):
         scores = method.score(ctx, layer).to(device)
-        if cfg.granularity == "layer":
-            scores = scores.sum(0)
-        kept.append(select_kept(scores, budgets[layer], layer_recent(budgets[layer], protected, cfg), pool))
+        recent = layer_recent(budgets[layer], protected, cfg)
+        if head_kept is None:
+            kept.append(select_kept(scores.sum(0), budgets[layer], recent, pool))
+            continue
+        heads = head_selection(scores, budgets[layer], recent, pool, cfg)
+        head_kept.append(heads)
+        kept.append(torch.unique(torch.cat(heads)))
     return CompressionPlan(cfg.method, cfg.granularity, m, n_layers, st.num_kv_heads, kept, budgets,
-                           protected, st.window, notes)
+                           protected, st.window, notes, head_kept=head_kept)
+
+
+def head_selection(scores: torch.Tensor, budget: int, recent: int, pool: int, cfg: "PolicyConfig") -> list[torch.Tensor]:
+    """One layer's kept positions per KV head (``scores`` ``[Hkv, m]``): ``k_l`` each
+    (``head_budget="uniform"``) or AdaKV's adaptive split of ``Hkv * k_l``."""
+    if cfg.head_budget == "adaptive":
+        return select_kept_adaptive(scores, budget, recent, cfg.head_floor, pool)
+    return list(select_kept(scores, budget, recent, pool).unbind(0))

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pool_scores", "select_kept"]
+__all__ = ["pool_scores", "select_kept", "select_kept_adaptive"]
 
 
 def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -53,3 +53,49 @@ def select_kept(scores: torch.Tensor, budget: int, protected: int, pool_kernel: 
     order = torch.sort(cand, dim=-1, descending=True, stable=True).indices[..., :n_pick]
     picked = torch.sort(order, dim=-1).values.to(torch.int64)
     return torch.cat([picked, tail], dim=-1)
+
+
+def select_kept_adaptive(scores: torch.Tensor, budget: int, protected: int, floor: float,
+                         pool_kernel: int = 1) -> list[torch.Tensor]:
+    """Per-KV-head kept positions with an adaptive split of the layer's budget (Ada-KV, Feng et
+    al. 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation", Alg. 1 with
+    its safeguard).
+
+    The layer keeps ``H * budget`` positions in all. Every head keeps the ``protected`` suffix
+    and its own best ``f = ceil(floor * (budget - protected))`` ranked positions; the other
+    ``H * (budget - protected - f)`` picks go to the highest remaining scores of *all* heads
+    (one top-k over the flattened ``[H, m - protected]`` candidates), so heads whose attention
+    mass is concentrated on few keys give budget to heads that spread it. ``floor = 1`` is
+    :func:`select_kept` per head.
+
+    Args:
+        scores: ``[H, m]`` scores of the layer's KV heads, higher = keep (comparable across
+            heads: each is attention mass of the head's query group).
+        budget, protected, pool_kernel: as in :func:`select_kept` (per head).
+        floor: the share of each head's ranked picks it keeps whatever the others score, in [0, 1].
+
+    Returns:
+        ``H`` int64 tensors, sorted ascending, of lengths that sum to ``H * budget`` (clamped).
+    """
+    h, m = scores.shape
+    protected = min(max(protected, 0), m)
+    budget = min(max(budget, protected), m)
+    n_cand, n_pick = m - protected, budget - protected
+    dev = scores.device
+    tail = torch.arange(n_cand, m, device=dev, dtype=torch.int64)
+    if n_pick == 0:
+        return [tail.clone() for _ in range(h)]
+    cand = pool_scores(scores[:, :n_cand], pool_kernel)
+    cand = torch.where(torch.isnan(cand), torch.full_like(cand, -math.inf), cand)
+    order = torch.sort(cand, dim=-1, descending=True, stable=True).indices  # [H, n_cand], best first
+    f = min(n_pick, math.ceil(floor * n_pick - 1e-9))
+    chosen = torch.zeros(h, n_cand, dtype=torch.bool, device=dev)
+    chosen.scatter_(1, order[:, :f], True)
+    rest = h * (n_pick - f)
+    if rest:  # the joint top-k over what the floors left; ties: lower head, then lower position
+        flat = cand.masked_fill(chosen, -math.inf).flatten()
+        free = (~chosen).flatten()
+        ranked = torch.sort(flat, descending=True, stable=True).indices
+        ranked = ranked[free[ranked]][:rest]
+        chosen.view(-1)[ranked] = True
+    return [torch.cat([torch.nonzero(chosen[i]).flatten().to(torch.int64), tail]) for i in range(h)]

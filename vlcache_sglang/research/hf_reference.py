@@ -8,11 +8,17 @@ after RoPE, so cropping moves no position.
 The pieces are public so that one prefill can serve many plans (``vlcache_sglang.research.hf_eval``):
 :func:`prefill` -> :func:`crop_cache_positions` -> :func:`decode_steps` (greedy or
 teacher forced); :func:`greedy_with_plan` chains them for one plan.
+
+Per-KV-head plans (``head_kept[l][h]``, what a server with ``--vlcache-cells head`` holds): each
+layer's cache is cropped to the union over its heads and, at every decode step, KV head ``h``'s
+query group is masked off the union positions ``h`` dropped (:func:`head_masks_for`; an attention
+function registered with transformers' ``AttentionInterface`` for the text model while decoding).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +50,59 @@ def crop_cache_positions(cache: DynamicCache, kept: Sequence[torch.Tensor], conf
         idx = torch.as_tensor(positions, dtype=torch.long, device=k.device).sort().values
         new.update(k.index_select(2, idx), v.index_select(2, idx), layer)
     return new
+
+
+HEAD_MASK_ATTENTION = "vlcache_head_mask"
+
+
+def head_masks_for(head_kept: Sequence[Sequence[torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer the union of its heads' kept positions (what the cache is cropped to) and the
+    boolean ``[Hkv, len(union)]`` mask of what each head keeps among them."""
+    unions, masks = [], []
+    for heads in head_kept:
+        heads = [torch.as_tensor(h, dtype=torch.long) for h in heads]
+        union = torch.unique(torch.cat(heads))
+        unions.append(union)
+        masks.append(torch.stack([torch.isin(union, h) for h in heads]))
+    return unions, masks
+
+
+def _head_masked_sdpa(module, query, key, value, attention_mask, vlcache_head_masks=None, **kwargs):
+    """SDPA where KV head ``h`` of layer ``module.layer_idx`` sees only the cropped prompt positions
+    it keeps (``vlcache_head_masks[l]``, ``[Hkv, U_l]``) and every generated token after them."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layer = getattr(module, "layer_idx", None)
+    if vlcache_head_masks is not None and layer is not None:
+        keep = vlcache_head_masks[layer].to(key.device)
+        allowed = torch.ones(keep.shape[0], key.shape[-2], dtype=torch.bool, device=key.device)
+        allowed[:, :keep.shape[1]] = keep
+        allowed = allowed.repeat_interleave(query.shape[1] // keep.shape[0], 0)[None, :, None, :]
+        if attention_mask is None:
+            attention_mask = allowed
+        elif attention_mask.dtype == torch.bool:
+            attention_mask = attention_mask[..., :key.shape[-2]] & allowed
+        else:
+            attention_mask = attention_mask[..., :key.shape[-2]].masked_fill(~allowed, -math.inf)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@contextmanager
+def head_masked_attention(model) -> Iterator[None]:
+    """While inside, the text model attends through :func:`_head_masked_sdpa` (pass
+    ``vlcache_head_masks=`` to the forward); the previous implementation is restored on exit."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(HEAD_MASK_ATTENTION, _head_masked_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(HEAD_MASK_ATTENTION, sdpa_mask)
+    config = model.config.text_config
+    before = config._attn_implementation
+    config._attn_implementation = HEAD_MASK_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 @torch.no_grad()
@@ -80,12 +139,24 @@ def _masked(logits: torch.Tensor, suppressed_tokens: Sequence[int]) -> torch.Ten
 def decode_steps(model, cache: DynamicCache, first_token: int, prompt_len: int, rope_deltas: torch.Tensor,
                  max_new_tokens: int, eos_token_ids: Sequence[int] = (),
                  forced: Sequence[int] | None = None,
-                 suppressed_tokens: Sequence[int] = ()) -> tuple[list[int], list[torch.Tensor]]:
+                 suppressed_tokens: Sequence[int] = (),
+                 head_masks: Sequence[torch.Tensor] | None = None) -> tuple[list[int], list[torch.Tensor]]:
     """Decode from ``cache`` (consumed: it grows), the first token given: the tokens, and per decode
     step ``i`` (which reads token ``i``) the next-token logits ``[vocab]``. Greedy, stopping after
     an EOS token or ``max_new_tokens`` tokens like SGLang; with ``forced`` (teacher forcing) token
     ``i + 1`` is ``forced[i + 1]`` instead of the argmax. ``suppressed_tokens`` are never chosen
-    (SGLang's ``min_new_tokens`` masks the stop tokens so; the logits returned are unmasked)."""
+    (SGLang's ``min_new_tokens`` masks the stop tokens so; the logits returned are unmasked).
+    ``head_masks`` (:func:`head_masks_for`, over a cache cropped to the unions): per-head plans."""
+    if head_masks is not None:
+        with head_masked_attention(model):
+            return _decode_steps(model, cache, first_token, prompt_len, rope_deltas, max_new_tokens, eos_token_ids,
+                                 forced, suppressed_tokens, {"vlcache_head_masks": list(head_masks)})
+    return _decode_steps(model, cache, first_token, prompt_len, rope_deltas, max_new_tokens, eos_token_ids,
+                         forced, suppressed_tokens, {})
+
+
+def _decode_steps(model, cache, first_token, prompt_len, rope_deltas, max_new_tokens, eos_token_ids, forced,
+                  suppressed_tokens, extra: dict) -> tuple[list[int], list[torch.Tensor]]:
     if forced is not None and (not forced or forced[0] != first_token):
         raise ValueError("forced tokens must start with first_token")
     tokens: list[int] = []
@@ -97,7 +168,7 @@ def decode_steps(model, cache: DynamicCache, first_token: int, prompt_len: int, 
             break
         # generated token `step` sits at prompt position m + step (plus the image's M-RoPE delta)
         position = decode_positions(prompt_len, rope_deltas, step, 1)
-        o = model(input_ids=current[:, None], position_ids=position, past_key_values=cache, use_cache=True)
+        o = model(input_ids=current[:, None], position_ids=position, past_key_values=cache, use_cache=True, **extra)
         logits.append(o.logits[0, -1])
         if forced is None:
             current = _masked(logits[-1], suppressed_tokens).argmax(-1, keepdim=True)
@@ -113,51 +184,60 @@ def decode_greedy(model, cache: DynamicCache, first_token: int, prompt_len: int,
 
 
 def teacher_forced_logits(model, cache: DynamicCache, tokens: Sequence[int], prompt_len: int,
-                          rope_deltas: torch.Tensor) -> torch.Tensor:
+                          rope_deltas: torch.Tensor, head_masks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """``[len(tokens) - 1, vocab]``: the next-token logits of decode steps ``0 .. len(tokens) - 2``
     when ``tokens`` (generated tokens 0, 1, ...) are fed to ``cache`` (consumed) one at a time.
     One token per forward: the layers' caches may differ in length, which one multi-token mask
     cannot express."""
     if len(tokens) < 2:
         raise ValueError("teacher_forced_logits needs at least two tokens")
-    _, logits = decode_steps(model, cache, tokens[0], prompt_len, rope_deltas, len(tokens), forced=tokens)
+    _, logits = decode_steps(model, cache, tokens[0], prompt_len, rope_deltas, len(tokens), forced=tokens,
+                             head_masks=head_masks)
     return torch.stack(logits)
 
 
 @torch.no_grad()
 def greedy_with_plan(model, inputs: dict, kept: Sequence[torch.Tensor] | None, max_new_tokens: int,
-                     eos_token_ids: Sequence[int] = (), suppressed_tokens: Sequence[int] = ()) -> list[int]:
+                     eos_token_ids: Sequence[int] = (), suppressed_tokens: Sequence[int] = (),
+                     head_kept: Sequence[Sequence[torch.Tensor]] | None = None) -> list[int]:
     """Greedy tokens of ``model`` on processor ``inputs`` with each layer's cache cut to ``kept``
     after prefill (``kept=None``: full cache). Stops after an EOS token, like SGLang; never picks
-    ``suppressed_tokens`` (a request whose ``min_new_tokens`` covers the answer)."""
+    ``suppressed_tokens`` (a request whose ``min_new_tokens`` covers the answer). ``head_kept``
+    (``[l][h]``): a per-head plan instead (``kept``, if given, must be its per-layer union)."""
     pre = prefill(model, inputs)
-    cache = pre.cache
-    if kept is not None:
-        cache = crop_cache_positions(cache, kept, model.config.text_config)
-    if suppressed_tokens:
-        first = int(_masked(pre.logits, suppressed_tokens).argmax())
-        return decode_steps(model, cache, first, pre.prompt_len, pre.rope_deltas, max_new_tokens,
-                            eos_token_ids, suppressed_tokens=suppressed_tokens)[0]
-    return decode_greedy(model, cache, pre.first_token, pre.prompt_len, pre.rope_deltas, max_new_tokens,
-                         eos_token_ids)
+    cache, masks = _planned_cache(model, pre, kept, head_kept)
+    first = int(_masked(pre.logits, suppressed_tokens).argmax())
+    return decode_steps(model, cache, first, pre.prompt_len, pre.rope_deltas, max_new_tokens,
+                        eos_token_ids, suppressed_tokens=suppressed_tokens, head_masks=masks)[0]
+
+
+def _planned_cache(model, pre: Prefill, kept, head_kept) -> tuple[DynamicCache, list[torch.Tensor] | None]:
+    """The prefill cache cut to a layer plan (``kept``) or a per-head plan (the unions + masks)."""
+    config = model.config.text_config
+    if head_kept is None:
+        return (pre.cache if kept is None else crop_cache_positions(pre.cache, kept, config)), None
+    unions, masks = head_masks_for(head_kept)
+    if kept is not None and any(not torch.equal(torch.as_tensor(k).sort().values.long(), u)
+                                for k, u in zip(kept, unions)):
+        raise ValueError("kept is not the union of head_kept over each layer's heads")
+    return crop_cache_positions(pre.cache, unions, config), masks
 
 
 @torch.no_grad()
 def greedy_disagreements(model, inputs: dict, kept: Sequence[torch.Tensor] | None,
-                         tokens: Sequence[int], suppressed_tokens: Sequence[int] = ()) -> list[tuple[int, int, float]]:
+                         tokens: Sequence[int], suppressed_tokens: Sequence[int] = (),
+                         head_kept: Sequence[Sequence[torch.Tensor]] | None = None) -> list[tuple[int, int, float]]:
     """Where ``tokens`` (an engine's greedy answer to ``inputs`` under the plan ``kept``) are not
     the reference's greedy choice when the reference is fed those same tokens (teacher forcing):
     ``(step, reference token, margin)`` per such step, ``margin`` = reference logit of its own
     choice minus that of the engine's token (>= 0). Two correct engines differ only at numerical ties (margins of
     float noise); a wrong cache differs by real margins. ``suppressed_tokens``: as in
-    :func:`greedy_with_plan`."""
+    :func:`greedy_with_plan` (and ``head_kept``)."""
     pre = prefill(model, inputs)
-    cache = pre.cache
-    if kept is not None:
-        cache = crop_cache_positions(cache, kept, model.config.text_config)
+    cache, masks = _planned_cache(model, pre, kept, head_kept)
     steps = [pre.logits]
     if len(tokens) > 1:
-        steps += list(teacher_forced_logits(model, cache, tokens, pre.prompt_len, pre.rope_deltas))
+        steps += list(teacher_forced_logits(model, cache, tokens, pre.prompt_len, pre.rope_deltas, masks))
     out = []
     for i, (logits, token) in enumerate(zip(steps, tokens)):
         best = int(_masked(logits, suppressed_tokens).argmax())

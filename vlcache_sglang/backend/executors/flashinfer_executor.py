@@ -98,6 +98,10 @@ def _scales(k_scale, v_scale) -> dict:
     return out
 
 
+PER_HEAD_GRAPHS = ("vlcache: per-(layer, KV head) lists (--vlcache-cells head) have no decode CUDA graphs; "
+                   "launch with --cuda-graph-backend-decode=disabled or --vlcache-cells layer")
+
+
 class _Slot:
     """One plan: a wrapper and the index buffers it reads."""
 
@@ -125,7 +129,13 @@ class _Slot:
 
 
 class FlashInferAttentionExecutor:
-    """Extend (causal, ragged prefix) and decode attention over ragged page-size-1 lists."""
+    """Extend (causal, ragged prefix) and decode attention over ragged page-size-1 lists.
+
+    Per-(request, KV head) lists (head cells): FlashInfer has no per-head page table, so decode
+    runs the plan-free Triton kernel's ``per_head`` mode, and an extend over such lists (a decoding
+    row mixed into an extend batch) the torch executor; decode CUDA graphs refuse them."""
+
+    per_head_lists = True
 
     def __init__(self, device: torch.device | str | None = None, *, workspace_bytes: int = _WORKSPACE_BYTES,
                  use_tensor_cores: bool | None = None, cuda_graph: bool = False,
@@ -175,6 +185,11 @@ class FlashInferAttentionExecutor:
                kv: RaggedKV, meta: ForwardMetadata, scaling: float, enable_gqa: bool,
                k_scale: float | None = None, v_scale: float | None = None) -> torch.Tensor:
         """q/out: ``[tokens, Hq, D]``; request ``b``'s rows are the last ``qo_len`` of its list (causal)."""
+        if kv.per_head:
+            from vlcache_sglang.backend.executors.torch_executor import TorchAttentionExecutor
+
+            return TorchAttentionExecutor().extend(q, out, k_cache, v_cache, kv, meta, scaling, enable_gqa,
+                                                   k_scale=k_scale, v_scale=v_scale)
         slot = self._eager_slot("prefill", q, k_cache, kv, meta, scaling)
         self._load_indices(slot, kv)
         slot.wrapper.run(q.contiguous(), self._paged(k_cache, v_cache), out=out, **_scales(k_scale, v_scale))
@@ -185,6 +200,13 @@ class FlashInferAttentionExecutor:
                layer_id: int | None = None, k_scale: float | None = None,
                v_scale: float | None = None) -> torch.Tensor:
         """One query row per request over that request's list in ``kv``."""
+        if kv.per_head:
+            if self.cuda_graph and meta is self._graph_meta:
+                raise NotImplementedError(PER_HEAD_GRAPHS)
+            lens = kv.kv_indptr_cpu
+            return self._ragged(q, out, k_cache, v_cache, kv.kv_indptr, kv.kv_indices, scaling,
+                                max_len=max(b - a for a, b in zip(lens, lens[1:])), k_scale=k_scale,
+                                v_scale=v_scale, per_head=True)
         if self.cuda_graph and meta is self._graph_meta:
             layer = self._graph_calls if layer_id is None else layer_id
             self._graph_calls += 1
@@ -212,6 +234,8 @@ class FlashInferAttentionExecutor:
         reads them."""
         if not self.cuda_graph:
             raise RuntimeError("plan_decode is for cuda_graph=True; eager executors plan on first use")
+        if any(kv.per_head for kv in meta.layer_kv.values()):
+            raise NotImplementedError(PER_HEAD_GRAPHS)
         bs = meta.batch_size
         if bs > self.max_batch_size:
             raise ValueError(f"batch of {bs} exceeds max_batch_size={self.max_batch_size}")
@@ -293,11 +317,12 @@ class FlashInferAttentionExecutor:
     # -- internals ------------------------------------------------------------------------------
     @staticmethod
     def _ragged(q, out, k_cache, v_cache, indptr, indices, scaling, *, splits=None, max_len=None, workspace=None,
-                k_scale=None, v_scale=None):
+                k_scale=None, v_scale=None, per_head=False):
         from vlcache_sglang.kernels.ragged_decode import ragged_decode
 
         return ragged_decode(q, k_cache, v_cache, indptr, indices, scaling, out=out, num_splits=splits,
-                             max_len=max_len, workspace=workspace, k_scale=k_scale, v_scale=v_scale)
+                             max_len=max_len, workspace=workspace, k_scale=k_scale, v_scale=v_scale,
+                             per_head=per_head)
 
     @staticmethod
     def _paged(k_cache: torch.Tensor, v_cache: torch.Tensor):

@@ -4,7 +4,9 @@ Numerically it follows SGLang's ``TorchNativeAttnBackend`` op for op (per-reques
 extend computed over a full-length causal query and sliced), so that with nothing compressed
 the ``vlcache`` backend's greedy tokens equal the stock ``torch_native`` backend's exactly.
 The difference is where keys come from: each request (and, once compressed, each layer) reads
-the slot list in :class:`ForwardMetadata`, FlashInfer's indptr/indices layout.
+the slot list in :class:`ForwardMetadata`, FlashInfer's indptr/indices layout. With head cells
+(``RaggedKV.per_head``) each (request, KV head) has its own list of head-rows ``row * H + h'``
+(the place in ``[rows, H, D]`` where each cell lives) and that head's query group attends to it alone.
 """
 from __future__ import annotations
 
@@ -17,10 +19,14 @@ from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV
 class TorchAttentionExecutor:
     """Extend and decode attention for one layer over ragged slot lists."""
 
+    per_head_lists = True  # reads per-(request, KV head) lists (head cells)
+
     def extend(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                kv: RaggedKV, meta: ForwardMetadata, scaling: float, enable_gqa: bool,
                k_scale: float | None = None, v_scale: float | None = None) -> torch.Tensor:
         """q/out: [tokens, q_heads, dim]; caches: [rows, kv_heads, dim] indexed by ``kv``. Causal."""
+        if kv.per_head:
+            return self._per_head(q, out, k_cache, v_cache, kv, meta, scaling, k_scale, v_scale, causal=True)
         query = q.movedim(0, 1)  # [heads, tokens, dim]
         for b in range(meta.batch_size):
             q0, q1 = meta.qo_indptr_cpu[b], meta.qo_indptr_cpu[b + 1]
@@ -45,6 +51,8 @@ class TorchAttentionExecutor:
                kv: RaggedKV, meta: ForwardMetadata, scaling: float, enable_gqa: bool,
                k_scale: float | None = None, v_scale: float | None = None) -> torch.Tensor:
         """One query row per request over that layer's list (kept prompt + generated tail)."""
+        if kv.per_head:
+            return self._per_head(q, out, k_cache, v_cache, kv, meta, scaling, k_scale, v_scale, causal=False)
         query = q.movedim(0, 1)
         for b in range(meta.batch_size):
             key, value = self._gather(k_cache, v_cache, kv.slots(b), query.dtype, k_scale, v_scale)
@@ -53,6 +61,32 @@ class TorchAttentionExecutor:
                 enable_gqa=enable_gqa, scale=scaling, is_causal=False,
             ).squeeze(0).movedim(1, 0)
             out[b : b + 1] = o
+        return out
+
+    def _per_head(self, q, out, k_cache, v_cache, kv: RaggedKV, meta: ForwardMetadata, scaling: float,
+                  k_scale, v_scale, *, causal: bool) -> torch.Tensor:
+        """Per-(request, KV head) lists: KV head ``h``'s query group over that head's own list, which
+        ends with the forward's new rows (its cached prefix may differ in length per head)."""
+        heads = k_cache.shape[1]
+        if kv.heads != heads:
+            raise ValueError(f"per-head lists for {kv.heads} KV heads over a cache of {heads}")
+        group = q.shape[1] // heads
+        for b in range(meta.batch_size):
+            q0, q1 = meta.qo_indptr_cpu[b], meta.qo_indptr_cpu[b + 1]
+            for h in range(heads):
+                rows = kv.head_slots(b, h)
+                # a head-row is (row, place): a compacted cell may sit in another head's place
+                flat_k, flat_v = k_cache.view(-1, 1, k_cache.shape[-1]), v_cache.view(-1, 1, v_cache.shape[-1])
+                key, value = self._gather(flat_k, flat_v, rows, q.dtype, k_scale, v_scale)
+                query = q[q0:q1, h * group:(h + 1) * group].movedim(0, 1)  # [group, new rows, dim]
+                prefix = rows.numel() - (q1 - q0) if causal else 0
+                if causal:  # as in extend: a full-length causal query whose cached rows are ignored
+                    padded = query.new_zeros((group, rows.numel(), query.shape[2]))
+                    padded[:, prefix:] = query
+                    query = padded
+                o = scaled_dot_product_attention(query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0),
+                                                 scale=scaling, is_causal=causal, enable_gqa=group > 1)
+                out[q0:q1, h * group:(h + 1) * group] = o.squeeze(0)[:, prefix:].movedim(1, 0)
         return out
 
     @staticmethod

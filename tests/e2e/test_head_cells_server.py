@@ -1,0 +1,186 @@
+"""Head cells in a real SGLang server: ``--vlcache-cells head`` (tiny Qwen2-VL, 2 KV heads, CPU).
+
+Each (layer, KV head) of a slot is a cell, so a per-head plan holds ``ceil(sum_{l,h} k_{l,h} / (L * H))``
+slots instead of the union over each layer's heads. The server also runs ``--enable-mixed-chunk``
+with ``--chunked-prefill-size 96``, so prompts arrive in chunks and decoding rows with per-head
+lists ride in extend batches. Checked:
+
+- budget 1.0 gives the full-cache reference's greedy tokens;
+- layer plans (every head of a layer keeps the same positions) give the tokens of the Hugging
+  Face reference applying the server's plan, as with layer cells;
+- per-head plans (uniform and AdaKV-style adaptive) give the tokens of the reference that masks,
+  per KV head, what that head dropped, and the request frees what the per-head sum frees, more
+  than the union over heads would;
+- ``prefix`` sharing: a repeat reuses the uncompressed image prefix and gets the same plan and tokens;
+- mixed batches: per-head compressed requests decoding while others prefill in chunks give the
+  tokens each gets alone;
+- ``compressed`` sharing is refused with a 400 naming the flag; the pool and every store are back
+  at their start after each workload.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import pytest
+import requests
+
+from tests.conftest import make_test_image
+from tests.e2e.test_compatibility import settled as settled_state
+from tests.e2e.test_compression import generate as generate_text
+from tests.e2e.test_compression import mixed_soak
+from vlcache_sglang.tooling.serving import flush_cache, running_server, vlcache_state
+
+pytestmark = pytest.mark.server
+MAX_NEW = 10
+PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+          "<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n")
+QUESTION = "What is the value of the key in this picture?"
+ZERO = ("compressed_requests_live", "pending_statistics", "resolved_rows_live", "request_states_live",
+        "virtual_ids_live", "cell_slots_live")
+PER_HEAD = {"granularity": "head", "head_budget": "adaptive"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    with running_server(tiny_model_dir, attention_backend="vlcache", max_total_tokens=6000,
+                        max_running_requests=8,
+                        extra_args=["--vlcache-cells", "head", "--enable-mixed-chunk", "--chunked-prefill-size", "96"],
+                        extra_env={"VLCACHE_DEBUG_CHECKS": "1"}) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model_dir):
+    import torch
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+def generate(server, image, q: str = QUESTION, max_new: int = MAX_NEW, sampling: dict | None = None,
+             **vlcache) -> dict:
+    return generate_text(server, PROMPT.format(q=q), image, max_new=max_new, sampling=sampling, **vlcache)
+
+
+def settled(server) -> dict:
+    """The plugin's state once the tree is flushed and no compressed request is live."""
+    flush_cache(server.url)
+    return settled_state(server)
+
+
+def assert_back_at(start: dict, end: dict) -> None:
+    assert {k: end[k] for k in ZERO} == dict.fromkeys(ZERO, 0)
+    assert end["available_kv_tokens"] == start["available_kv_tokens"]
+    assert end["freed_reads"] == 0
+
+
+def reference(hf, image, kept=None, head_kept=None, q: str = QUESTION) -> list[int]:
+    import torch
+
+    from vlcache_sglang.research.hf_reference import greedy_with_plan
+
+    model, processor = hf
+    inputs = dict(processor(text=[PROMPT.format(q=q)], images=[image], return_tensors="pt"))
+    eos = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    kept = None if kept is None else [torch.tensor(k) for k in kept]
+    if head_kept is None:
+        return greedy_with_plan(model, inputs, kept, MAX_NEW, eos)
+    head_kept = [[torch.tensor(h) for h in layer] for layer in head_kept]
+    return greedy_with_plan(model, inputs, kept, MAX_NEW, eos, head_kept=head_kept)
+
+
+def held_slots(head_kept: list[list[list[int]]]) -> int:
+    """Slots a per-head plan holds with head cells: ``ceil(sum_{l,h} k_{l,h} / (L * H))``."""
+    layers, heads = len(head_kept), len(head_kept[0])
+    return -(-sum(len(h) for layer in head_kept for h in layer) // (layers * heads))
+
+
+def test_budget_one_gives_the_full_cache_tokens(server, hf):
+    image = make_test_image(41, (336, 280))
+    out = generate(server, image, budget=1.0)
+    assert out["output_ids"] == reference(hf, image)
+    assert out["meta_info"].get("vlcache_kv_tokens_saved", [0])[0] == 0
+
+
+def test_layer_plans_on_head_cells_equal_the_reference(server, hf):
+    image = make_test_image(42, (336, 280))
+    out = generate(server, image, budget=0.1, return_plan=True)
+    meta = out["meta_info"]
+    assert meta["vlcache_kv_tokens_saved"][0] > 0
+    assert out["output_ids"] == reference(hf, image, meta["vlcache_kept_positions"][0])
+
+
+@pytest.mark.parametrize("head_budget,seed", [("uniform", 43), ("adaptive", 44)])
+def test_per_head_plans_are_served_per_head(server, hf, head_budget, seed):
+    image = make_test_image(seed, (336, 280))
+    start = settled(server)
+    out = generate(server, image, budget=0.1, granularity="head", head_budget=head_budget, return_plan=True)
+    meta = out["meta_info"]
+    head_kept = meta["vlcache_head_kept_positions"][0]
+    union = meta["vlcache_kept_positions"][0]
+    assert len(head_kept[0]) == 2 and any(a != b for a, b in head_kept)  # the heads disagree somewhere
+    # sharing off: no position is protected, so the request holds exactly the per-head sum
+    assert meta["vlcache_kv_tokens_saved"][0] == meta["prompt_tokens"] - held_slots(head_kept)
+    assert held_slots(head_kept) < -(-sum(len(k) for k in union) // len(union))  # layer cells hold the union
+    assert out["output_ids"] == reference(hf, image, union, head_kept)
+    assert_back_at(start, settled(server))
+
+
+def test_prefix_sharing_reuses_the_image_prefix_with_the_same_plan(server, hf):
+    image = make_test_image(46, (336, 280))
+    start = settled(server)
+    cold, warm = (generate(server, image, budget=0.1, sharing="prefix", window_size=16, return_plan=True,
+                           **PER_HEAD) for _ in range(2))
+    assert cold["meta_info"]["cached_tokens"] == 0 and warm["meta_info"]["cached_tokens"] > 0
+    plan = cold["meta_info"]["vlcache_head_kept_positions"][0]
+    assert warm["meta_info"]["vlcache_head_kept_positions"][0] == plan
+    assert warm["meta_info"]["vlcache_kv_tokens_saved"][0] > 0
+    expected = reference(hf, image, cold["meta_info"]["vlcache_kept_positions"][0], plan)
+    assert cold["output_ids"] == warm["output_ids"] == expected
+    assert_back_at(start, settled(server))
+
+
+def test_mixed_batches_give_the_tokens_of_each_request_alone(server):
+    start = settled(server)
+    cases = [(make_test_image(80 + i, (336, 280)), f"Question {i}: what is written here?") for i in range(5)]
+    lengths = [96] + [MAX_NEW] * (len(cases) - 1)  # the first one decodes while the others prefill
+
+    def ask(i):
+        return generate(server, cases[i][0], cases[i][1], max_new=lengths[i], budget=0.1, **PER_HEAD,
+                        sampling={"ignore_eos": True})
+
+    alone = []
+    for i in range(len(cases)):
+        alone.append(ask(i))
+        flush_cache(server.url)
+    assert all(o["meta_info"]["vlcache_kv_tokens_saved"][0] > 0 for o in alone)
+    mixed_before = vlcache_state(server.url)["mixed_decode_rows"]
+    with cf.ThreadPoolExecutor(len(cases)) as pool:
+        first = pool.submit(ask, 0)
+        deadline = time.monotonic() + 60  # wait until it is compacted, i.e. decoding
+        while vlcache_state(server.url)["compressed_requests_live"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        rest = list(pool.map(ask, range(1, len(cases))))
+        together = [first.result(), *rest]
+    assert vlcache_state(server.url)["mixed_decode_rows"] > mixed_before  # per-head rows rode in extends
+    assert [o["output_ids"] for o in together] == [o["output_ids"] for o in alone]
+    assert_back_at(start, settled(server))
+
+
+def test_compressed_sharing_is_refused_with_the_flag(server):
+    r = requests.post(f"{server.url}/generate", json={
+        "text": PROMPT.format(q=QUESTION), "sampling_params": {
+            "max_new_tokens": 2, "custom_params": {"vlcache": {"budget": 0.1, "sharing": "compressed"}}}},
+        timeout=60)
+    assert r.status_code == 400 and "--vlcache-cells" in r.text
+
+
+def test_mixed_soak_with_per_head_plans_ends_at_the_start(server):
+    start = settled(server)
+    outcomes, _ = mixed_soak(server, 120, workers=6, seed=3, abort_every=30, vlcache=PER_HEAD)
+    assert outcomes.count("ok") > 120 * 0.8
+    end = settled(server)
+    assert end["requests_compressed"] > start["requests_compressed"] + 30
+    assert_back_at(start, end)
