@@ -92,3 +92,28 @@ def test_heads_that_disagree_change_the_logits(setup):
     assert not torch.allclose(per_head[0], union[0], atol=1e-4)  # the masks act
     with pytest.raises(ValueError, match="union"):
         _planned_cache(model, pre, [k[:-1] for k in plan.kept], plan.head_kept)
+
+
+def test_harness_serves_per_head_plans_with_head_cells(setup):
+    """``evaluate_policies(cells="head")`` decodes what ``--vlcache-cells head`` serves and reports
+    the memory it holds; ``cells="layer"`` the union."""
+    from vlcache_sglang.policy import PolicyConfig
+    from vlcache_sglang.research.hf_eval import items_from_dataset, run_item
+    from vlcache_sglang.research.hf_eval.evaluate import _outcome
+    from vlcache_sglang.research.hf_reference import greedy_with_plan
+    from vlcache_sglang.research.tasks.datasets_io import load_eval_dataset
+
+    model, prompter, inputs = setup
+    item = items_from_dataset(load_eval_dataset(HELDOUT), 1)[0]
+    policy = PolicyConfig(alpha=0.1, granularity="head", head_budget="adaptive")
+    head = run_item(model, prompter, item.image, item.question, [policy], 12, cells="head")
+    layer = run_item(model, prompter, item.image, item.question, [policy], 12, cells="layer")
+    plan = head.plans[0]
+    assert head.outputs[0].tokens == greedy_with_plan(model, inputs, None, 12, prompter.eos_token_ids,
+                                                      head_kept=plan.head_kept)
+    assert layer.outputs[0].tokens == greedy_with_plan(model, inputs, plan.kept, 12, prompter.eos_token_ids)
+    held = _outcome(item, prompter, plan, head.outputs[0], head.full_tokens, False, "head").held_ratio
+    union = _outcome(item, prompter, plan, layer.outputs[0], layer.full_tokens, False, "layer").held_ratio
+    assert held == plan.held_ratio < union
+    with pytest.raises(ValueError, match="cells"):
+        run_item(model, prompter, item.image, item.question, [policy], 12, cells="token")

@@ -27,7 +27,8 @@ from vlcache_sglang.research.hf_eval.capture import prefill_with_capture
 from vlcache_sglang.research.hf_eval.fidelity import next_token_kl, token_agreement
 from vlcache_sglang.research.hf_eval.items import ChatPrompter, EvalItem, exact_match
 from vlcache_sglang.research.hf_eval.planning import layer_positions, plan_from_capture, visual_token_ids
-from vlcache_sglang.research.hf_reference import crop_cache_positions, decode_steps, teacher_forced_logits
+from vlcache_sglang.research.hf_reference import (crop_cache_positions, decode_steps, head_masks_for,
+                                                  teacher_forced_logits)
 from vlcache_sglang.policy import CompressionPlan, PolicyConfig
 
 
@@ -51,6 +52,8 @@ class ItemOutcome:
     full_correct: bool
     budgets: list[int] = field(default_factory=list)
     kept: list[list[int]] | None = None  # per layer, only with return_plans=True
+    # what the server holds: kept_ratio with layer cells; sum_{l,h} k_lh / (L * H * m) per head
+    held_ratio: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -75,6 +78,8 @@ class EvalResult:
     full_accuracy: float  # the full cache on the same items
     seconds: float  # wall time of the whole call (shared by the policies evaluated together)
     items: list[ItemOutcome] = field(default_factory=list)
+    held_ratio: float = float("nan")  # mean share of the prompt's KV the server holds (see ``cells``)
+    cells: str = "layer"  # how the plans were served: layer cells (union over heads) or head cells
 
     @property
     def method(self) -> str:
@@ -124,9 +129,10 @@ class ItemRun:
 
 
 def _outcome(item: EvalItem, prompter: ChatPrompter, plan: CompressionPlan, out: PlanOutput,
-             full_tokens: list[int], return_plans: bool) -> ItemOutcome:
+             full_tokens: list[int], return_plans: bool, cells: str = "layer") -> ItemOutcome:
     kept = layer_positions(plan)
     m, n_layers = plan.prompt_len, plan.num_layers
+    union = sum(int(k.numel()) for k in kept) / (n_layers * m)
     pred = prompter.decode(out.tokens)
     return ItemOutcome(
         id=item.id, qtype=item.qtype, prediction=pred, tokens=out.tokens, correct=exact_match(pred, item.answer),
@@ -137,21 +143,26 @@ def _outcome(item: EvalItem, prompter: ChatPrompter, plan: CompressionPlan, out:
         full_correct=exact_match(prompter.decode(full_tokens), item.answer),
         budgets=[int(k.numel()) for k in kept],
         kept=[k.tolist() for k in kept] if return_plans else None,
+        held_ratio=plan.held_ratio if cells == "head" else union,
     )
 
 
 @torch.no_grad()
 def run_item(model, prompter: ChatPrompter, image, question: str, policies: Sequence[PolicyConfig],
-             max_new_tokens: int) -> ItemRun:
-    """One prefill, then per policy its plan, greedy output and KL steps; plus the full-cache output."""
+             max_new_tokens: int, cells: str = "layer") -> ItemRun:
+    """One prefill, then per policy its plan, greedy output and KL steps; plus the full-cache output.
+    ``cells="head"``: per-head plans are applied per KV head (what ``--vlcache-cells head`` serves),
+    otherwise as the union over each layer's heads (layer cells)."""
+    if cells not in ("layer", "head"):
+        raise ValueError(f"cells must be 'layer' or 'head', got {cells!r}")
     inputs = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in prompter.inputs(image, question).items()}
     pre, capture = prefill_with_capture(model, inputs)
     visual = visual_token_ids(model)
     text_cfg = model.config.text_config
 
-    def greedy(cache) -> tuple[list[int], list[torch.Tensor]]:
+    def greedy(cache, masks=None) -> tuple[list[int], list[torch.Tensor]]:
         return decode_steps(model, cache, pre.first_token, pre.prompt_len, pre.rope_deltas, max_new_tokens,
-                            prompter.eos_token_ids)
+                            prompter.eos_token_ids, head_masks=masks)
 
     full_tokens, full_logits = greedy(copy.deepcopy(pre.cache))  # the uncropped prefill cache
     n_steps = len(full_tokens) - 1  # decode step i reads full_tokens[i], predicts full_tokens[i + 1]
@@ -159,12 +170,16 @@ def run_item(model, prompter: ChatPrompter, image, question: str, policies: Sequ
     for policy in policies:
         plan = plan_from_capture(capture, inputs["input_ids"], visual, policy)
         kept = layer_positions(plan)
+        per_head = cells == "head" and plan.head_kept is not None and not plan.is_identity
+        masks = head_masks_for(plan.head_kept)[1] if per_head else None
         key = tuple(tuple(k.tolist()) for k in kept)
+        if per_head:
+            key += tuple(tuple(h.tolist()) for heads in plan.head_kept for h in heads)
         if key not in memo:
-            tokens, logits = greedy(crop_cache_positions(pre.cache, kept, text_cfg))
+            tokens, logits = greedy(crop_cache_positions(pre.cache, kept, text_cfg), masks)
             if tokens[:n_steps] != full_tokens[:n_steps]:  # diverged: its own steps read other tokens
                 logits = list(teacher_forced_logits(model, crop_cache_positions(pre.cache, kept, text_cfg),
-                                                    full_tokens, pre.prompt_len, pre.rope_deltas))
+                                                    full_tokens, pre.prompt_len, pre.rope_deltas, masks))
             kl = [next_token_kl(f, g) for f, g in zip(full_logits[:n_steps], logits[:n_steps])]
             memo[key] = PlanOutput(tokens, kl)
         plans.append(plan)
@@ -172,7 +187,7 @@ def run_item(model, prompter: ChatPrompter, image, question: str, policies: Sequ
     return ItemRun(pre.prompt_len, plans, outs, full_tokens)
 
 
-def _aggregate(policy: PolicyConfig, outcomes: list[ItemOutcome], seconds: float) -> EvalResult:
+def _aggregate(policy: PolicyConfig, outcomes: list[ItemOutcome], seconds: float, cells: str = "layer") -> EvalResult:
     groups: dict[str, list[bool]] = {}
     for o in outcomes:
         groups.setdefault(o.qtype, []).append(o.correct)
@@ -185,12 +200,13 @@ def _aggregate(policy: PolicyConfig, outcomes: list[ItemOutcome], seconds: float
         same_as_full=fmean(o.same_as_full for o in outcomes),
         kl_first_decode=fmean(kl0) if kl0 else float("nan"), kl_mean=fmean(klm) if klm else float("nan"),
         full_accuracy=fmean(o.full_correct for o in outcomes), seconds=seconds, items=outcomes,
+        held_ratio=fmean(o.held_ratio for o in outcomes), cells=cells,
     )
 
 
 def evaluate_policies(model, prompter: ChatPrompter, items: Sequence[EvalItem], policies: Sequence[PolicyConfig],
                       max_new_tokens: int = 16, *, return_plans: bool = False, progress: bool = True,
-                      desc: str = "items x policies") -> list[EvalResult]:
+                      desc: str = "items x policies", cells: str = "layer") -> list[EvalResult]:
     """Every policy on every item; each item is prefilled once for all policies.
 
     Args:
@@ -202,6 +218,8 @@ def evaluate_policies(model, prompter: ChatPrompter, items: Sequence[EvalItem], 
         max_new_tokens: greedy tokens at most (stops after EOS).
         return_plans: keep each item's kept positions per layer in :attr:`ItemOutcome.kept`.
         progress: show a tqdm bar over items x policies.
+        cells: ``"layer"`` (head plans as the union over heads, the default server) or ``"head"``
+            (per KV head, ``--vlcache-cells head``); sets :attr:`EvalResult.held_ratio`.
 
     Returns:
         One :class:`EvalResult` per policy, in order.
@@ -211,12 +229,12 @@ def evaluate_policies(model, prompter: ChatPrompter, items: Sequence[EvalItem], 
     per_policy: list[list[ItemOutcome]] = [[] for _ in policies]
     with tqdm(total=len(items) * len(policies), desc=desc, disable=not progress, unit="cell") as bar:
         for item in items:
-            run = run_item(model, prompter, item.image, item.question, policies, max_new_tokens)
+            run = run_item(model, prompter, item.image, item.question, policies, max_new_tokens, cells)
             for i, (plan, out) in enumerate(zip(run.plans, run.outputs)):
-                per_policy[i].append(_outcome(item, prompter, plan, out, run.full_tokens, return_plans))
+                per_policy[i].append(_outcome(item, prompter, plan, out, run.full_tokens, return_plans, cells))
             bar.update(len(policies))
     seconds = time.monotonic() - t0
-    return [_aggregate(p, o, seconds) for p, o in zip(policies, per_policy)]
+    return [_aggregate(p, o, seconds, cells) for p, o in zip(policies, per_policy)]
 
 
 def evaluate_policy(model, prompter: ChatPrompter, items: Sequence[EvalItem], policy: PolicyConfig,
