@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -44,7 +45,34 @@ def flush_cache(url: str, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def _ephemeral_port_floor() -> int:
+    """Lowest port the kernel hands out to outgoing and ``bind(0)`` sockets (Linux default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A free port *below* the kernel's ephemeral range.
+
+    A port taken with ``bind(0)`` comes from the ephemeral range, and in the seconds before the
+    server binds it again the kernel may give that same number to another socket: a two-rank
+    CPU server opens gloo pair sockets exactly then (CI saw ``[Errno 98] address already in
+    use`` on the HTTP port).  Ports below the range are never assigned implicitly.  SGLang puts
+    its NCCL/gloo rendezvous at ``port + 100..1000``, so keep clear of the floor by that much.
+    """
+    high = _ephemeral_port_floor() - 1100
+    low = min(20000, high - 1000)
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
@@ -148,11 +176,32 @@ def server_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+class _PortTaken(RuntimeError):
+    """The HTTP port was taken between choosing it and the server binding it."""
+
+
 def start_server(model_path: str | os.PathLike, *, attention_backend: str = "vlcache",
                  extra_args: list[str] | None = None, extra_env: dict[str, str] | None = None,
                  log_path: str | os.PathLike | None = None, startup_timeout: float = 240.0,
-                 **kwargs) -> ServerHandle:
-    """Launch the stock SGLang server and wait until it generates; raises with the log tail on failure."""
+                 port_attempts: int = 3, **kwargs) -> ServerHandle:
+    """Launch the stock SGLang server and wait until it generates; raises with the log tail on failure.
+
+    Only a lost race for the HTTP port is retried (on a fresh port): SGLang logs
+    ``address already in use`` and then waits forever instead of exiting.
+    """
+    for attempt in range(port_attempts):
+        try:
+            return _start_once(model_path, attention_backend=attention_backend, extra_args=extra_args,
+                               extra_env=extra_env, log_path=log_path, startup_timeout=startup_timeout, **kwargs)
+        except _PortTaken as exc:
+            if attempt == port_attempts - 1:
+                raise RuntimeError(f"SGLang server could not bind a port in {port_attempts} attempts:\n{exc}") from None
+    raise AssertionError("unreachable")
+
+
+def _start_once(model_path: str | os.PathLike, *, attention_backend: str, extra_args: list[str] | None,
+                extra_env: dict[str, str] | None, log_path: str | os.PathLike | None,
+                startup_timeout: float, **kwargs) -> ServerHandle:
     port = free_port()
     cmd = server_command(model_path, attention_backend=attention_backend, port=port, extra_args=extra_args, **kwargs)
     log = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="sglang-", suffix=".log")[1])
@@ -160,6 +209,7 @@ def start_server(model_path: str | os.PathLike, *, attention_backend: str = "vlc
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=server_env(extra_env),
                                 start_new_session=True)
     handle = ServerHandle(process=proc, port=port, log_path=log, args=cmd)
+    bind_failure = f"error while attempting to bind on address ('{LOOPBACK}', {port})"
     deadline = time.monotonic() + startup_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -169,7 +219,9 @@ def start_server(model_path: str | os.PathLike, *, attention_backend: str = "vlc
             if requests.get(f"{handle.url}/health_generate", timeout=30).status_code == 200:
                 return handle
         except requests.RequestException:
-            pass
+            if bind_failure in log.read_text(errors="replace"):
+                handle.stop()
+                raise _PortTaken(handle.log_tail()) from None
         time.sleep(1.0)
     handle.stop()
     raise TimeoutError(f"SGLang server not ready after {startup_timeout:.0f} s:\n{handle.log_tail()}")
