@@ -89,7 +89,8 @@ def settle_launch(result, server_args, *args, **kwargs):
     if problems:
         raise SettingsError("--attention-backend vlcache cannot serve this launch:\n  "
                             + "\n  ".join(p.message() for p in problems))
-    settings = attach(server_args, replace(settings, compresses=compresses_on(server_args, settings)))
+    settings = replace(settings, tp_size=int(getattr(server_args, "tp_size", 1) or 1))
+    settings = attach(server_args, replace(settings.validate(), compresses=compresses_on(server_args, settings)))
     if source is not None:
         logger.info("vlcache policy file %s (%s)", settings.compression.config_path, source)
     logger.info("vlcache settings: %s", settings.describe())

@@ -192,13 +192,13 @@ class ServerSettings:
     compresses: bool = True
     metrics: bool = False
     cells: str = "layer"
+    tp_size: int = 1  # the launch's --tp-size (head cells share compressed prefixes only at 1)
 
     def validate(self) -> "ServerSettings":
         self.compression.validate()
         if self.cells not in CELL_MODES:
             raise SettingsError(f"--vlcache-cells must be one of {', '.join(CELL_MODES)}; got {self.cells!r}")
-        if self.cells == "head" and self.compression.sharing == "compressed":
-            raise SettingsError(HEAD_CELLS_SHARING)
+        check_request_sharing(self, self.compression.sharing)
         for name, allowed, env in (("cuda_executor", CUDA_EXECUTORS, ENV_CUDA_EXECUTOR),
                                    ("compressed_decode", COMPRESSED_DECODES, ENV_COMPRESSED_DECODE),
                                    ("kernels", KERNEL_MODES, ENV_KERNELS)):
@@ -233,16 +233,17 @@ class ServerSettings:
         return json.dumps(out, sort_keys=True)
 
 
-#: why head cells refuse ``compressed`` sharing (launch default or per request)
-HEAD_CELLS_SHARING = ("vlcache sharing 'compressed' is not served with --vlcache-cells head (a later request "
-                      "would extend over per-head cached KV, whose statistics are measured per layer); "
-                      "use sharing 'prefix' or 'off', or launch with --vlcache-cells layer")
+#: why head cells refuse ``compressed`` sharing under tensor parallelism (launch default or per request)
+HEAD_CELLS_SHARING_TP = ("vlcache sharing 'compressed' with --vlcache-cells head is served at --tp-size 1 only "
+                         "(each rank holds other KV heads, so no rank can report what a request reusing a "
+                         "per-head compressed prefix keeps); use sharing 'prefix' or 'off', --tp-size 1, "
+                         "or --vlcache-cells layer")
 
 
 def check_request_sharing(server: ServerSettings, sharing: str) -> None:
     """A request's sharing mode against the server's cells (raises :class:`SettingsError`)."""
-    if server.cells == "head" and sharing == "compressed":
-        raise SettingsError(HEAD_CELLS_SHARING)
+    if server.cells == "head" and sharing == "compressed" and server.tp_size > 1:
+        raise SettingsError(HEAD_CELLS_SHARING_TP)
 
 
 def attach(server_args: Any, settings: ServerSettings) -> ServerSettings:

@@ -14,8 +14,9 @@ lists ride in extend batches. Checked:
 - ``prefix`` sharing: a repeat reuses the uncompressed image prefix and gets the same plan and tokens;
 - mixed batches: per-head compressed requests decoding while others prefill in chunks give the
   tokens each gets alone;
-- ``compressed`` sharing is refused with a 400 naming the flag; the pool and every store are back
-  at their start after each workload.
+- ``compressed`` sharing: turn 2 of a conversation extends over turn 1's per-head compressed KV
+  and gives the tokens of the reference cut per head after each turn; the pool and every store
+  are back at their start after each workload.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import concurrent.futures as cf
 import time
 
 import pytest
-import requests
 
 from tests.conftest import make_test_image
 from tests.e2e.test_compatibility import settled as settled_state
@@ -169,12 +169,56 @@ def test_mixed_batches_give_the_tokens_of_each_request_alone(server):
     assert_back_at(start, settled(server))
 
 
-def test_compressed_sharing_is_refused_with_the_flag(server):
-    r = requests.post(f"{server.url}/generate", json={
-        "text": PROMPT.format(q=QUESTION), "sampling_params": {
-            "max_new_tokens": 2, "custom_params": {"vlcache": {"budget": 0.1, "sharing": "compressed"}}}},
-        timeout=60)
-    assert r.status_code == 400 and "--vlcache-cells" in r.text
+def next_turn(previous: str, answer: str, question: str) -> str:
+    return f"{previous}{answer}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def held_sets(meta: dict) -> list[list[list[int]]]:
+    """Per layer, per KV head, the positions a request holds (the layer's set for every head when
+    the heads agree and the server reported no per-head sets)."""
+    if "vlcache_head_kept_positions" in meta:
+        return meta["vlcache_head_kept_positions"][0]
+    return [[k, k] for k in meta["vlcache_kept_positions"][0]]
+
+
+@pytest.mark.parametrize("policy,seed", [(PER_HEAD, 47), ({}, 48)], ids=["per-head", "layer-plan"])
+def test_turn_two_reuses_turn_one_compressed_per_head_and_matches_hf(server, hf, policy, seed):
+    """``compressed`` sharing with head cells: turn 2 extends over turn 1's per-head compressed
+    KV from the tree (its statistics read each head's own keys), keeps per head only what that
+    head held, and gives the tokens of the reference cut per head after each turn."""
+    import torch
+
+    from vlcache_sglang.research.hf_multiturn import greedy_after_turns
+
+    model, processor = hf
+    image = make_test_image(seed, (336, 280))
+    start = settled(server)
+    text1 = PROMPT.format(q=QUESTION)
+    one = generate_text(server, text1, image, max_new=MAX_NEW, budget=0.1, sharing="compressed", return_plan=True,
+                        **policy)
+    text2 = next_turn(text1, one["text"], "And what is the colour of the key?")
+    two = generate_text(server, text2, image, max_new=MAX_NEW, budget=0.1, sharing="compressed", return_plan=True,
+                        **policy)
+    m1, m2 = one["meta_info"]["prompt_tokens"], two["meta_info"]["prompt_tokens"]
+    cached = two["meta_info"]["cached_tokens"]
+    # turn 1's whole compressed prompt came from the tree, and its answer as far as it re-tokenizes
+    # to the same ids (the random model's byte tokens often do not: then cached == m1)
+    assert m1 <= cached < m2
+    assert one["meta_info"]["vlcache_kv_tokens_saved"][0] > 0 and two["meta_info"]["vlcache_kv_tokens_saved"][0] > 0
+    kept1, kept2 = held_sets(one["meta_info"]), held_sets(two["meta_info"])
+    if policy:
+        assert any(a != b for a, b in kept1)  # the heads disagree: turn 2 read per-head prefixes
+    for heads1, heads2 in zip(kept1, kept2):  # a head keeps of turn 1's prompt only what it held
+        for a, b in zip(heads1, heads2):
+            assert {p for p in b if p < m1} <= set(a)
+    inputs = dict(processor(text=[text2], images=[image], return_tensors="pt"))
+    assert inputs["input_ids"].shape[1] == m2
+    assert inputs["input_ids"][0, m1:cached].tolist() == one["output_ids"][:cached - m1]
+    eos = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    turns = [(m1, [[torch.tensor(h) for h in heads] for heads in kept1]),
+             (m2, [[torch.tensor(h) for h in heads] for heads in kept2])]
+    assert two["output_ids"] == greedy_after_turns(model, inputs, turns, MAX_NEW, eos, per_head=True)
+    assert_back_at(start, settled(server))
 
 
 def test_mixed_soak_with_per_head_plans_ends_at_the_start(server):

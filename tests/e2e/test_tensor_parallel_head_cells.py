@@ -10,11 +10,14 @@ the ranks:
 - per-head plans give the tokens of the Hugging Face reference that masks, per KV head, what
   that head dropped; the request frees ``m - max_r ceil(sum_l k_{l,r} / L)`` slots;
 - a mixed soak with per-head plans ends with the pool and every store at the start, and the
-  ranks never disagreed.
+  ranks never disagreed;
+- ``compressed`` sharing, served with head cells at one rank, is refused per request with a 400
+  naming ``--tp-size`` (no rank could report what a request reusing a per-head prefix keeps).
 """
 from __future__ import annotations
 
 import pytest
+import requests
 
 from tests.conftest import make_test_image
 from tests.e2e.test_compression import mixed_soak
@@ -62,3 +65,13 @@ def test_mixed_soak_with_per_head_plans_at_two_ranks_ends_at_the_start(server):
     assert end["tp_plan_mismatches"] == 0 and end["freed_reads"] == 0
     assert {k: end[k] for k in ZERO} == dict.fromkeys(ZERO, 0)
     assert end["available_kv_tokens"] == start["available_kv_tokens"]
+
+
+def test_compressed_sharing_is_refused_per_request_naming_the_tp_size(server):
+    start = settled(server)
+    r = requests.post(f"{server.url}/generate", json={
+        "text": "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n", "sampling_params": {
+            "max_new_tokens": 2, "custom_params": {"vlcache": {"budget": 0.1, "sharing": "compressed"}}}},
+        timeout=60)
+    assert r.status_code == 400 and "--tp-size 1" in r.text and "--vlcache-cells layer" in r.text
+    assert settled(server)["available_kv_tokens"] == start["available_kv_tokens"]

@@ -117,3 +117,35 @@ def test_harness_serves_per_head_plans_with_head_cells(setup):
     assert held == plan.held_ratio < union
     with pytest.raises(ValueError, match="cells"):
         run_item(model, prompter, item.image, item.question, [policy], 12, cells="token")
+
+
+def test_conversation_reference_cut_per_head(setup):
+    """``greedy_after_turns(per_head=True)``, what compressed sharing with head cells reproduces:
+    one turn equals :func:`greedy_with_plan` with the same per-head plan; a head asked to keep at
+    turn 2 a position it dropped at turn 1 is an error; heads keeping alike equal the layer form."""
+    from vlcache_sglang.research.hf_multiturn import greedy_after_turns
+    from vlcache_sglang.research.hf_reference import greedy_with_plan
+
+    model, prompter, inputs = setup
+    plan = _plan(model, inputs, granularity="head", head_budget="adaptive")
+    m = int(inputs["input_ids"].shape[1])
+    eos = prompter.eos_token_ids
+    one = greedy_after_turns(model, inputs, [(m, plan.head_kept)], 12, eos, per_head=True)
+    assert one == greedy_with_plan(model, inputs, None, 12, eos, head_kept=plan.head_kept)
+    # two turns: the first m1 tokens cut per head, then at m each head keeps a subset of what it held
+    m1 = m - 8
+    first = [[h[h < m1] for h in heads] for heads in plan.head_kept]
+    second = [[torch.cat([h[::2], torch.arange(m1, m)]) for h in heads] for heads in first]
+    tokens = greedy_after_turns(model, inputs, [(m1, first), (m, second)], 12, eos, per_head=True)
+    assert len(tokens) > 0
+    layer_first = [heads[0] for heads in first]
+    layer_second = [torch.cat([k[::2], torch.arange(m1, m)]) for k in layer_first]
+    same = greedy_after_turns(model, inputs, [(m1, [[k, k] for k in layer_first]), (m, [[k, k] for k in layer_second])],
+                              12, eos, per_head=True)
+    assert same == greedy_after_turns(model, inputs, [(m1, layer_first), (m, layer_second)], 12, eos)
+    dropped = [[h for h in heads] for heads in second]
+    layer = next(i for i, heads in enumerate(first) if not torch.equal(heads[0], heads[1]))
+    only_in_0 = first[layer][0][~torch.isin(first[layer][0], first[layer][1])]
+    dropped[layer][1] = torch.cat([dropped[layer][1], only_in_0[:1]]).sort().values
+    with pytest.raises(ValueError, match=f"layer {layer} head 1"):
+        greedy_after_turns(model, inputs, [(m1, first), (m, dropped)], 12, eos, per_head=True)

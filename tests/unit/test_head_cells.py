@@ -99,3 +99,19 @@ def test_head_cells_refuse_what_cannot_serve_per_head_lists():
         check_head_cells("head", config, 4, 1, TorchAttentionExecutor())  # 2 heads over 4 ranks
     with pytest.raises(SettingsError, match="per-\\(layer, KV head\\) lists; use --vlcache-cells layer"):
         check_head_cells("head", config, 1, 2, object())
+
+
+def test_compressed_sharing_with_head_cells_is_served_at_one_rank_and_refused_under_tp():
+    from vlcache_sglang.settings import CompressionSettings, ServerSettings, SettingsError, check_request_sharing
+
+    shared = CompressionSettings(budget=0.1, sharing="compressed")
+    one_rank = ServerSettings(compression=shared, cells="head").validate()
+    check_request_sharing(one_rank, "compressed")
+    ServerSettings(compression=shared, cells="layer", tp_size=2).validate()  # layer cells: any tp size
+    two_ranks = ServerSettings(cells="head", tp_size=2).validate()  # sharing off: fine
+    for mode in ("off", "prefix"):
+        check_request_sharing(two_ranks, mode)
+    with pytest.raises(SettingsError, match="--tp-size 1.*--vlcache-cells layer"):
+        check_request_sharing(two_ranks, "compressed")  # a request's own override (400)
+    with pytest.raises(SettingsError, match="sharing 'compressed' with --vlcache-cells head"):
+        ServerSettings(compression=shared, cells="head", tp_size=2).validate()  # the launch default

@@ -18,7 +18,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from vlcache_sglang.backend.cell_store import FP8_DTYPES, rehome_pool_buffers
-from vlcache_sglang.backend.compressor import Compressor
+from vlcache_sglang.backend.compressor import Compressor, HeadLists
 from vlcache_sglang.backend.cuda_graph import SEQ_LEN_FILL, graph_decode_metadata, graph_fits, graph_kv_capacity
 from vlcache_sglang.backend.executors.torch_executor import TorchAttentionExecutor
 from vlcache_sglang.backend.metadata import ForwardMetadata, build_ragged_kv, decode_metadata, host_ints
@@ -184,11 +184,13 @@ class VLCacheAttnBackend(AttentionBackend):
             layer.scaling, layer.tp_q_head_num != layer.tp_k_head_num, **scales)
         infos = meta.requests
         if not decode and infos and self.compressor is not None:
-            if kv.heads > 1:  # head cells: statistics read the compressing requests' plain rows
-                k_cache, kv = layer_k, meta.kv
+            positions, head_lists = meta.layer_positions.get(lid), None
+            if kv.heads > 1:  # head cells: statistics read plain rows, or per head a prefix compressed per head
+                head_lists = HeadLists(k_cache.view(-1, 1, k_cache.shape[-1]), kv, positions or [])
+                k_cache, kv, positions = layer_k, meta.kv, None
             # fp8 keys are read as stored; their k_scale folds into the softmax scale
-            self.compressor.observe_extend(lid, q3, k_cache, kv, meta.layer_positions.get(lid), meta, infos,
-                                           layer.scaling * (k_scale or 1.0))
+            self.compressor.observe_extend(lid, q3, k_cache, kv, positions, meta, infos,
+                                           layer.scaling * (k_scale or 1.0), head_lists=head_lists)
         return out
 
     def support_triton(self):

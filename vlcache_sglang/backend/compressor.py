@@ -39,6 +39,23 @@ from vlcache_sglang.policy import PolicyError, StatsAccumulator, attention_stats
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class HeadLists:
+    """One layer's per-(request, KV head) key lists under head cells (what the executor read)."""
+
+    k_head_rows: torch.Tensor  # the K storage read as head-rows ``[L * R * H, 1, D]``
+    kv: RaggedKV  # entry ``b * H + h``: request ``b``'s head-rows of KV head ``h``
+    positions: list[torch.Tensor | None]  # the same entries' prompt positions (None: plain rows)
+
+    def positions_of(self, b: int) -> list[torch.Tensor] | None:
+        """Request ``b``'s key positions per KV head; None when it reads plain rows (every head alike)."""
+        entries = self.positions[b * self.kv.heads:(b + 1) * self.kv.heads] if self.positions else []
+        return None if not entries or entries[0] is None else entries
+
+    def keys_of(self, b: int) -> list[torch.Tensor]:
+        return [self.k_head_rows[self.kv.head_slots(b, h)] for h in range(self.kv.heads)]
+
+
 @dataclass
 class CompressionCounters:
     requests_compressed: int = 0
@@ -116,11 +133,13 @@ class Compressor:
 
     def observe_extend(self, layer_id: int, q: torch.Tensor, k_cache: torch.Tensor, kv: RaggedKV,
                        key_positions: list[torch.Tensor | None] | None, meta: ForwardMetadata,
-                       infos: list[RequestInfo], scaling: float) -> None:
+                       infos: list[RequestInfo], scaling: float, head_lists: HeadLists | None = None) -> None:
         """Add this layer's statistics for every compressing request of an extend batch.
 
         ``kv`` is the layer's key list (rows of ``k_cache``); ``key_positions[b]`` the prompt
-        positions of request ``b``'s keys when some are absent in this layer (None: all present)."""
+        positions of request ``b``'s keys when some are absent in this layer (None: all present).
+        With head cells ``kv`` is the batch's plain rows and ``head_lists`` the layer's per-(request,
+        KV head) lists: a request whose prefix came from the tree compressed per head reads those."""
         for b, info in enumerate(infos):
             if not info.compresses:
                 continue
@@ -132,6 +151,10 @@ class Compressor:
             positions = torch.arange(prefix, prefix + (q1 - q0), device=q.device)
             rows = acc.needed_rows(positions)
             if not bool(rows.any()):
+                continue
+            if head_lists is not None and head_lists.positions_of(b) is not None:
+                acc.add_per_head(layer_id, q[q0:q1][rows], positions[rows], head_lists.keys_of(b),
+                                 head_lists.positions_of(b), scaling)
                 continue
             keys = k_cache[kv.slots(b)]
             pos = key_positions[b] if key_positions is not None else None
@@ -203,11 +226,23 @@ class Compressor:
         self.metrics.record(info.prompt_len, record.tokens_saved)
         logger.debug("vlcache: %s kept %s of %d per layer (budgets %s), freed %d slots",
                      info.rid, record.kept_counts, info.prompt_len, plan.budgets, record.tokens_saved)
-        # head cells: the plan's union over every head of the model (compressed sharing, which
-        # would filter it, is refused with head cells)
-        layer_kept = plan.kept if self.head_cells else kept
+        layer_kept, head_kept = self._reported_sets(plan, kept)
         report.compressed(info.req, plan, layer_kept, record.kept_counts, record.tokens_saved, info.prompt_len,
-                          self.vkv.num_units, incomplete=incomplete, return_plan=info.return_plan)
+                          self.vkv.num_units, incomplete=incomplete, return_plan=info.return_plan,
+                          head_kept=head_kept)
+
+    def _reported_sets(self, plan, kept: list[torch.Tensor]) -> tuple[list[torch.Tensor], list | None]:
+        """What the request holds, per layer and (head cells) per KV head: the plan's sets less the
+        prefix positions a unit no longer held (a prefix compressed earlier, from the tree)."""
+        if not self.head_cells:
+            return kept, None
+        if self.gather.world_size > 1:  # each rank holds other heads; no prefix here is compressed
+            return list(plan.kept), plan.head_kept  # (compressed sharing is refused with head cells under TP)
+        hp = self.heads_per_unit
+        heads = [kept[layer * hp:(layer + 1) * hp] for layer in range(self.num_layers)]
+        union = [torch.unique(torch.cat(h)) for h in heads]
+        same = all(torch.equal(h, hs[0]) for hs in heads for h in hs)
+        return union, (None if plan.head_kept is None and same else heads)
 
     def _head_sets(self, plan, layer: int) -> list[torch.Tensor]:
         """Every KV head's kept positions in ``layer`` (all heads of the model, in order)."""

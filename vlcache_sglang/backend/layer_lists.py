@@ -65,8 +65,7 @@ class LayerListBuilder:
             indices = torch.cat(parts)
             out[layer] = RaggedKV(torch.tensor(indptr, dtype=torch.int64, device=indices.device), indices, indptr,
                                   heads=hp)
-            if hp == 1:  # per-head positions are not needed: statistics read plain rows (attention_backend)
-                positions_out[layer] = pos_parts
+            positions_out[layer] = pos_parts  # head cells: one entry per (request, KV head)
         return out, positions_out
 
     def _request_layers(self, req_pool_idx: int, rid: str | None, rec: CompressedRow | None,

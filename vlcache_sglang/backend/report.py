@@ -32,8 +32,10 @@ def not_compressed(req: Any, reason: str) -> None:
 
 
 def compressed(req: Any, plan: CompressionPlan, kept: list, kept_counts: list[int], tokens_saved: int,
-               prompt_len: int, num_layers: int, *, incomplete: bool, return_plan: bool) -> None:
-    """The figures of a compacted request (and its kept positions when it asked for them)."""
+               prompt_len: int, num_layers: int, *, incomplete: bool, return_plan: bool,
+               head_kept: list | None = None) -> None:
+    """The figures of a compacted request (and its kept positions when it asked for them:
+    ``kept`` per layer, ``head_kept`` per layer and KV head when the heads' sets differ)."""
     values: dict[str, Any] = {
         "vlcache_kept_ratio": sum(kept_counts) / (prompt_len * num_layers),
         "vlcache_kv_tokens_saved": tokens_saved,
@@ -48,6 +50,6 @@ def compressed(req: Any, plan: CompressionPlan, kept: list, kept_counts: list[in
         values["vlcache_incomplete_statistics"] = True
     if return_plan:
         values["vlcache_kept_positions"] = [k.tolist() for k in kept]
-        if plan.head_kept is not None:  # per layer, per KV head: the plan's own sets
-            values["vlcache_head_kept_positions"] = [[h.tolist() for h in heads] for heads in plan.head_kept]
+        if head_kept is not None:  # per layer, per KV head
+            values["vlcache_head_kept_positions"] = [[h.tolist() for h in heads] for heads in head_kept]
     report(req, values)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -265,20 +265,58 @@ class StatsAccumulator:
         st = self.stats
         if st.rows == "none":
             return
-        if not 0 <= layer_id < st.num_layers:
-            raise ValueError(f"layer_id {layer_id} outside [0, {st.num_layers})")
-        if k_all.shape[0] > st.prompt_len:
-            raise ValueError(f"k_all has {k_all.shape[0]} keys, more than prompt_len={st.prompt_len}")
+        self._check_layer(layer_id, k_all.shape[0])
         if q_rows.shape[1] != st.num_q_heads or k_all.shape[1] != st.num_kv_heads:
             raise ValueError(f"expected {st.num_q_heads} query heads and {st.num_kv_heads} KV heads, "
                              f"got q {tuple(q_rows.shape)} and k {tuple(k_all.shape)}")
+        q_rows, q_positions = self._needed(q_rows, q_positions)
+        if q_positions.numel() == 0:
+            return
+        self._accumulate(layer_id, slice(None), q_rows, q_positions, k_all, key_positions, scale)
+        st.rows_seen[layer_id] += int(q_positions.shape[0])
+
+    def add_per_head(self, layer_id: int, q_rows: torch.Tensor, q_positions: torch.Tensor,
+                     keys: Sequence[torch.Tensor], key_positions: Sequence[torch.Tensor | None], scale: float) -> None:
+        """:meth:`add` when each KV head holds its own keys (a prefix compressed per KV head
+        earlier, served with head cells): KV head ``h``'s query group attends over ``keys[h]``
+        (``[n_h, D]``, at the increasing prompt positions ``key_positions[h]``; None: ``0..n_h-1``)
+        and only those columns of head ``h`` get attention, as in the forward's own attention."""
+        st = self.stats
+        if st.rows == "none":
+            return
+        if len(keys) != st.num_kv_heads or len(key_positions) != st.num_kv_heads:
+            raise ValueError(f"expected keys of {st.num_kv_heads} KV heads, got {len(keys)} / {len(key_positions)}")
+        if q_rows.shape[1] != st.num_q_heads:
+            raise ValueError(f"expected {st.num_q_heads} query heads, got q {tuple(q_rows.shape)}")
+        for k in keys:
+            self._check_layer(layer_id, k.shape[0])
+        q_rows, q_positions = self._needed(q_rows, q_positions)
+        if q_positions.numel() == 0:
+            return
+        g = st.num_q_heads // st.num_kv_heads
+        for h, (k, pos) in enumerate(zip(keys, key_positions)):
+            k = k.reshape(k.shape[0], 1, -1)
+            self._accumulate(layer_id, slice(h, h + 1), q_rows[:, h * g:(h + 1) * g], q_positions, k, pos, scale)
+        st.rows_seen[layer_id] += int(q_positions.shape[0])
+
+    def _check_layer(self, layer_id: int, n_keys: int) -> None:
+        st = self.stats
+        if not 0 <= layer_id < st.num_layers:
+            raise ValueError(f"layer_id {layer_id} outside [0, {st.num_layers})")
+        if n_keys > st.prompt_len:
+            raise ValueError(f"k_all has {n_keys} keys, more than prompt_len={st.prompt_len}")
+
+    def _needed(self, q_rows: torch.Tensor, q_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q_positions = q_positions.to(q_rows.device)
         sel = self.needed_rows(q_positions)
         if not bool(sel.all()):
             q_rows, q_positions = q_rows[sel], q_positions[sel]
-        n = int(q_positions.shape[0])
-        if n == 0:
-            return
+        return q_rows, q_positions
+
+    def _accumulate(self, layer_id: int, kv_heads: slice, q_rows: torch.Tensor, q_positions: torch.Tensor,
+                    k_all: torch.Tensor, key_positions: torch.Tensor | None, scale: float) -> None:
+        """Statistics of ``q_rows`` (the query heads of ``kv_heads``) over ``k_all`` into the buffers."""
+        st = self.stats
         if st.col is None:
             dev = k_all.device
             st.col = torch.zeros(st.num_layers, st.num_kv_heads, st.prompt_len, dtype=self._dtype, device=dev)
@@ -292,13 +330,13 @@ class StatsAccumulator:
             q_index = q_positions
         out = self._stats_fn(q_rows, q_index, k_all, scale, self.cfg.sparsity_threshold,
                              key_chunk=self.cfg.key_chunk, query_chunk=self.cfg.query_chunk, dtype=self._dtype)
-        n_k = k_all.shape[0]
+        n_k, hkv = k_all.shape[0], k_all.shape[1]
+        col = out.col.view(hkv, q_rows.shape[1] // hkv, n_k).sum(1).to(st.col.dtype)
         g = st.num_q_heads // st.num_kv_heads
-        col = out.col.view(st.num_kv_heads, g, n_k).sum(1).to(st.col.dtype)
+        q_heads = slice(None) if kv_heads == slice(None) else slice(kv_heads.start * g, kv_heads.stop * g)
         if key_positions is None:
-            st.col[layer_id, :, :n_k] += col
+            st.col[layer_id, kv_heads, :n_k] += col
         else:
-            st.col[layer_id].index_add_(1, key_positions.to(st.col.device), col)
-        st.below[layer_id] += out.below
-        st.causal[layer_id] += out.causal
-        st.rows_seen[layer_id] += n
+            st.col[layer_id, kv_heads].index_add_(1, key_positions.to(st.col.device), col)
+        st.below[layer_id, q_heads] += out.below
+        st.causal[layer_id, q_heads] += out.causal
