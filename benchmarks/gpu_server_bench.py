@@ -262,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-size", type=int, default=448,
                     help="square image side (bundled model: 448 gives 784 image tokens, an 802-token prompt)")
     ap.add_argument("--max-total-tokens", type=int, default=20000, help="the server's KV pool (tokens)")
-    ap.add_argument("--model", type=Path, default=None, help="default: the bundled model, as the smoke")
+    ap.add_argument("--model", type=Path, default=None, help="default: the bundled model (on CUDA regrouped into heads of 64, as the smoke's FlashInfer phase)")
+    ap.add_argument("--dtype", default=None, help="the server's --dtype (default: bfloat16 on CUDA, where the "
+                    "FlashInfer executor serves and has no float32 kernels; float32 elsewhere)")
     ap.add_argument("--server-arg", action="append", default=[],
                     help="one more server argument (repeatable; --server-arg=--flag=value)")
     args = ap.parse_args(argv)
@@ -273,14 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     from vlcache_sglang.bundled import bundled_model_dir
     from vlcache_sglang.tooling.serving import has_cuda
 
-    model = args.model or bundled_model_dir()
+    # on CUDA the FlashInfer executor serves: the bundled weights in heads FlashInfer has kernels for
+    model = args.model or (smoke.model_for({"head_dim": smoke.FLASHINFER_HEAD_DIM}, bundled_model_dir()) if has_cuda()
+                           else bundled_model_dir())
+    dtype = args.dtype or ("bfloat16" if has_cuda() else "float32")
     deadline = t_start + args.time_budget - min(SHUTDOWN_RESERVE_S, 0.15 * args.time_budget)
     side = (args.image_size, args.image_size)
     images = [png_base64(make_test_image(5000 + i, side)) for i in range(args.requests)]
     report = {"model": str(model), "model_name": Path(model).name, "device": "cuda" if has_cuda() else "cpu",
               "clients": args.clients, "max_new": args.max_new, "image_size": args.image_size,
-              "time_budget_s": args.time_budget, "server_args": smoke.GPU_PROFILE_ARGS + smoke.VLCACHE_EXTRA_ARGS
-              + args.server_arg, "server_env": smoke.GPU_PROFILE_ENV, "phases": [], "warmup_s": {}}
+              "time_budget_s": args.time_budget, "dtype": dtype,
+              "server_args": smoke.GPU_PROFILE_ARGS + smoke.VLCACHE_EXTRA_ARGS + args.server_arg, "server_env": smoke.GPU_PROFILE_ENV, "phases": [], "warmup_s": {}}
 
     def bench(url: str) -> dict:
         report["server_ready_s"] = time.monotonic() - t_start
@@ -302,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     launch = {"startup_timeout": max(10.0, deadline - time.monotonic()), "max_total_tokens": args.max_total_tokens,
               "max_running_requests": max(args.clients, 16)}
     try:
-        result = smoke.serve(model, "vlcache", args.out, "vlcache_bench", smoke.VLCACHE_EXTRA_ARGS + args.server_arg,
+        result = smoke.serve(model, "vlcache", args.out, "vlcache_bench",
+                             ["--dtype", dtype] + smoke.VLCACHE_EXTRA_ARGS + args.server_arg,
                              bench, **launch)
     except Exception:
         result = {"ok": False, "error": traceback.format_exc()[-3000:]}

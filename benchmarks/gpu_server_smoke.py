@@ -1,26 +1,43 @@
 """First contact of a whole SGLang server with the vlcache backend on a GPU (issue: whole server).
 
-    PYTHONPATH=out/gpu-site:. python3 benchmarks/gpu_server_smoke.py --out "$OUT"
+    PYTHONPATH=out/gpu-site:.:vlcache_sglang/cpu_runtime/sgl_kernel_placeholder \\
+        python3 benchmarks/gpu_server_smoke.py --out "$OUT" [--phases fp32-torch bf16-flashinfer]
 
-Runs, one after the other, on the bundled model (bf16 weights are not needed: float32):
+Each phase serves the bundled model twice, one server after the other:
 
-1. ``--attention-backend flashinfer`` (stock; ``--stock-backend torch_native`` for the CPU
-   rehearsal): greedy tokens of one image question;
-2. ``--attention-backend vlcache`` with the opt-in CUDA executor: the same question at budget 1.0
-   (must equal 1.) and at budget 0.1 (its tokens must equal the HF reference applying the
-   server's own plan), decode CUDA graphs on (SGLang's default), prefill graphs off.
+1. the stock backend the vlcache executor follows op for op: greedy tokens of one image question;
+2. ``--attention-backend vlcache`` with that executor: the same question at budget 1.0 (must equal
+   1.), at budget 0.1 (its tokens must equal the HF reference applying the server's own plan),
+   then four requests alone and the same four at once (two images x budgets 1.0 / 0.1: one batch
+   mixing compressed and uncompressed requests, tokens equal to alone), a repeat with ``prefix``
+   sharing (a radix hit, the same plan and tokens) and two questions with ``compressed`` sharing,
+   and finally the pool and every store of the plugin back at their values after a flush.
+
+Phases (run in this order, each skipped when the ``--deadline`` would not leave it enough time):
+
+* ``fp32-torch``: float32, stock ``torch_native`` against ``VLCACHE_CUDA_EXECUTOR=torch`` (the SDPA
+  executor on the GPU, statistics and compaction by the Triton kernels), CUDA graphs off. FlashInfer
+  has no float32 kernels, so this is the float32 anchor, and it needs no FlashInfer JIT build.
+* ``bf16-flashinfer``: bfloat16, the bundled weights regrouped into heads of 64 (FlashInfer has no
+  head dim 32: on the H200 the stock server failed its graph capture with ``Unsupported head_dim:
+  32``), stock ``flashinfer`` against ``VLCACHE_CUDA_EXECUTOR=flashinfer`` with decode CUDA graphs on (SGLang's default; ``graph_decode_steps`` counts the replays, and
+  ``graph_decode_steps_compressed`` those whose batch read per-layer lists), prefill graphs off.
+  The HF reference runs in bfloat16 on the same device.
 
 Servers use SGLang's pure-torch fused ops (``SGLANG_FORCE_FUSED_OP_BACKEND=torch``), the torch
-sampler and SDPA vision attention, because sgl-kernel cannot reach the lent machine. Every
-server log is copied to ``--out``; a server that does not come up leaves its traceback there,
-which names the op or import that blocked it. Writes ``server_smoke.json``.
+sampler and SDPA vision attention, because sgl-kernel cannot reach the lent machine. Every server
+log is copied to ``--out``; a server that does not come up leaves its traceback there, which names
+the op or import that blocked it. Writes ``server_smoke.json`` after every phase. CPU rehearsal:
+``--stock-backend torch_native`` (every phase's stock server is then ``torch_native``).
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -31,24 +48,42 @@ from vlcache_sglang.tooling.gpu_kit import GPU_SERVER_ARGS as GPU_PROFILE_ARGS  
 from vlcache_sglang.tooling.gpu_kit import GPU_SERVER_ENV as GPU_PROFILE_ENV  # noqa: E402
 
 QUESTION = "What is the value of U?"
-
-
-def ask(url: str, image_b64: str, budget: float | None, max_new: int = 12) -> dict:
-    import requests
-
-    prompt = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>" + QUESTION
-              + "<|im_end|>\n<|im_start|>assistant\n")
-    params = {"max_new_tokens": max_new, "temperature": 0}
-    if budget is not None:
-        params["custom_params"] = {"vlcache": {"budget": budget, "return_plan": True}}
-    r = requests.post(f"{url}/generate", json={"text": prompt, "image_data": image_b64, "sampling_params": params},
-                      timeout=600)
-    r.raise_for_status()
-    return r.json()
-
-
+OTHER_QUESTION = "What is the value of B?"
+GRAPHS_OFF = ["--cuda-graph-backend-decode=disabled", "--cuda-graph-backend-prefill=disabled"]
 #: the vlcache server's own switches beside the GPU profile (the benchmark serves with the same)
 VLCACHE_EXTRA_ARGS = ["--cuda-graph-backend-prefill=disabled"]
+#: FlashInfer has no head dim 32 (the bundled model's): its phases serve the bundled weights
+#: regrouped into heads of 64 (:func:`vlcache_sglang.research.tinyvlm.variants.head_dim_variant`)
+FLASHINFER_HEAD_DIM = 64
+#: name -> dtype, stock backend, stock args, vlcache env, vlcache args, seconds it needs at least
+PHASES = {
+    "fp32-torch": dict(dtype="float32", stock="torch_native", stock_args=GRAPHS_OFF,
+                       env={"VLCACHE_CUDA_EXECUTOR": "torch"}, args=GRAPHS_OFF, needs_s=90),
+    "bf16-flashinfer": dict(dtype="bfloat16", stock="flashinfer", stock_args=[], head_dim=FLASHINFER_HEAD_DIM,
+                            env={"VLCACHE_CUDA_EXECUTOR": "flashinfer"}, args=VLCACHE_EXTRA_ARGS, needs_s=150),
+}
+#: the plugin's stores that must come back to their values after a workload and a flush
+STORES = ("available_kv_tokens", "evictable_kv_tokens", "virtual_ids_live", "cell_slots_live",
+          "pending_statistics", "resolved_rows_live", "compressed_requests_live")
+
+
+def prompt(question: str) -> str:
+    return ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>" + question
+            + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def ask(url: str, image_b64: str, budget: float | None, max_new: int = 12, question: str = QUESTION,
+        sharing: str | None = None) -> dict:
+    import requests
+
+    params = {"max_new_tokens": max_new, "temperature": 0}
+    if budget is not None:
+        params["custom_params"] = {"vlcache": {"budget": budget, "return_plan": True,
+                                               **({"sharing": sharing} if sharing else {})}}
+    r = requests.post(f"{url}/generate", json={"text": prompt(question), "image_data": image_b64,
+                                               "sampling_params": params}, timeout=600)
+    r.raise_for_status()
+    return r.json()
 
 
 def stop_servers_on_sigterm() -> None:
@@ -62,73 +97,177 @@ def stop_servers_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _exit)
 
 
-def serve(model: Path, backend: str, out: Path, name: str, extra_args: list[str], fn, **launch) -> dict:
+def serve(model: Path, backend: str, out: Path, name: str, extra_args: list[str], fn, env: dict | None = None,
+          **launch) -> dict:
     """``fn(url)`` against one server with the GPU profile; ``launch`` overrides
     ``running_server``'s keywords (``startup_timeout``, ``max_total_tokens``, ...)."""
     from vlcache_sglang.tooling.serving import running_server
 
     log = out / f"server_{name}.log"
     launch = {"startup_timeout": 600, "max_total_tokens": 20000, **launch}
+    started = time.monotonic()
     try:
         with running_server(model, attention_backend=backend, extra_args=GPU_PROFILE_ARGS + extra_args,
-                            extra_env={**GPU_PROFILE_ENV, "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+                            extra_env={**GPU_PROFILE_ENV, **(env or {}),
+                                       "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
                             log_path=log, **launch) as server:
-            return {"ok": True, **fn(server.url)}
+            up = time.monotonic() - started
+            return {"ok": True, "startup_s": round(up, 1), **fn(server.url)}
     except Exception as exc:  # keep going: the log says what blocked it
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[-4000:], "traceback": traceback.format_exc()[-4000:]}
+
+
+def settled(url: str) -> dict:
+    from vlcache_sglang.tooling.serving import vlcache_state
+
+    deadline = time.monotonic() + 30
+    while True:
+        st = vlcache_state(url)
+        if st["compressed_requests_live"] == 0 or time.monotonic() > deadline:
+            return st
+        time.sleep(0.2)
+
+
+def vlcache_checks(url: str, images: list[str]) -> dict:
+    """Every whole-server check on one vlcache server (see the module docstring)."""
+    from vlcache_sglang.tooling.serving import flush_cache
+
+    flush_cache(url)
+    start = settled(url)
+    full, low = ask(url, images[0], 1.0), ask(url, images[0], 0.1)
+    res = {"tokens_budget_1": full["output_ids"], "tokens_budget_01": low["output_ids"],
+           "kept_ratio": low["meta_info"].get("vlcache_kept_ratio"),
+           "kept": low["meta_info"].get("vlcache_kept_positions"), "prompt_tokens": low["meta_info"]["prompt_tokens"]}
+    # one batch that mixes compressed and uncompressed requests (decode graphs replay it when on)
+    cases = [(img, b) for img in images for b in (1.0, 0.1)]
+    flush_cache(url)
+    alone = [ask(url, img, b, max_new=16)["output_ids"] for img, b in cases]
+    flush_cache(url)
+    with cf.ThreadPoolExecutor(len(cases)) as pool:
+        together = [f.result()["output_ids"] for f in [pool.submit(ask, url, img, b, 16) for img, b in cases]]
+    res["mixed_batch_equals_alone"] = together == alone
+    # prefix sharing: the same request again hits the radix tree, same plan, same tokens
+    again = ask(url, images[0], 0.1, sharing="prefix")
+    res["prefix_hit_cached_tokens"] = again["meta_info"].get("cached_tokens")
+    res["prefix_sharing_equal"] = (again["output_ids"] == low["output_ids"]
+                                   and again["meta_info"].get("vlcache_kept_positions") == res["kept"])
+    # compressed sharing: the first question is unshared (equal to budget 0.1 above), the second
+    # reads its compressed image
+    flush_cache(url)
+    first = ask(url, images[0], 0.1, sharing="compressed")
+    second = ask(url, images[0], 0.1, sharing="compressed", question=OTHER_QUESTION)
+    res["compressed_sharing_first_equal"] = first["output_ids"] == low["output_ids"]
+    res["compressed_sharing_second_cached_tokens"] = second["meta_info"].get("cached_tokens")
+    flush_cache(url)
+    end = settled(url)
+    res["stores_back_at_start"] = {k: (start.get(k), end.get(k)) for k in STORES if start.get(k) != end.get(k)} or True
+    res["counters"] = {k: end.get(k) for k in ("requests_compressed", "kv_tokens_saved", "graph_decode_steps",
+                                               "graph_decode_steps_compressed", "freed_reads",
+                                               "plans_from_incomplete_statistics")}
+    return res
+
+
+def hf_reference(model: Path, image, kept, dtype: str) -> list[int]:
+    """The HF model's greedy tokens with each layer's cache cut to the server's plan, in ``dtype``
+    (bfloat16 on the GPU when there is one)."""
+    import torch
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from vlcache_sglang.research.hf_reference import greedy_with_plan
+
+    torch_dtype = getattr(torch, dtype)
+    device = "cuda" if dtype != "float32" and torch.cuda.is_available() else "cpu"
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(model, dtype=torch_dtype).to(device).eval()
+    proc = AutoProcessor.from_pretrained(model)
+    inputs = {k: v.to(device) for k, v in proc(text=[prompt(QUESTION)], images=[image], return_tensors="pt").items()}
+    eos = [proc.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    return greedy_with_plan(hf, inputs, [torch.tensor(k) for k in kept[0]], 12, eos)
+
+
+def model_for(spec: dict, bundled: Path) -> Path:
+    """The bundled model, or its variant with the head dim a phase needs (built once, in /tmp)."""
+    if not spec.get("head_dim"):
+        return bundled
+    import tempfile
+
+    from vlcache_sglang.research.tinyvlm.variants import head_dim_variant
+
+    return head_dim_variant(bundled, Path(tempfile.gettempdir()) / f"vlcache-{bundled.name}-hd{spec['head_dim']}",
+                            spec["head_dim"])
+
+
+def run_phase(name: str, spec: dict, model: Path, out: Path, stock_backend: str | None, image, images: list[str]) -> dict:
+    model = model_for(spec, model)
+    dtype_args = ["--dtype", spec["dtype"]]
+    stock = stock_backend or spec["stock"]
+    stock_args = spec["stock_args"] if stock == spec["stock"] else GRAPHS_OFF
+    phase: dict = {"dtype": spec["dtype"], "model": str(model), "stock_backend": stock, "vlcache_env": spec["env"]}
+    phase["stock"] = serve(model, stock, out, f"stock_{name}", dtype_args + stock_args,
+                           lambda url: {"tokens": ask(url, images[0], None)["output_ids"]})
+    phase["vlcache"] = serve(model, "vlcache", out, f"vlcache_{name}", dtype_args + spec["args"],
+                             lambda url: vlcache_checks(url, images), env=spec["env"])
+    v, s = phase["vlcache"], phase["stock"]
+    if v.get("ok") and s.get("ok"):
+        phase["budget_1_equals_stock"] = v["tokens_budget_1"] == s["tokens"]
+    if v.get("ok") and v.get("kept"):
+        try:
+            expected = hf_reference(model, image, v["kept"], spec["dtype"])
+            phase["hf_plan_tokens"] = expected
+            phase["budget_01_equals_hf_plan"] = expected == v["tokens_budget_01"]
+        except Exception:
+            phase["hf_reference_error"] = traceback.format_exc()[-3000:]
+    checks = ("budget_1_equals_stock", "budget_01_equals_hf_plan")
+    phase["passed"] = bool(all(phase.get(k) for k in checks) and v.get("mixed_batch_equals_alone")
+                           and v.get("prefix_sharing_equal") and v.get("compressed_sharing_first_equal")
+                           and v.get("stores_back_at_start") is True)
+    return phase
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--stock-backend", default="flashinfer",
-                    help="the stock backend to compare with (CPU rehearsal: torch_native)")
+    ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES))
+    ap.add_argument("--stock-backend", default=None,
+                    help="serve every phase's stock server with this backend (CPU rehearsal: torch_native)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds from now after which no phase starts that needs more than what is left")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     stop_servers_on_sigterm()
+    t0 = time.monotonic()
     from tests.conftest import make_test_image, png_base64
     from vlcache_sglang.bundled import bundled_model_dir
 
     model = bundled_model_dir()
     image = make_test_image(3, (224, 224))
-    b64 = png_base64(image)
-    report: dict = {"model": str(model)}
-    report["stock"] = serve(model, args.stock_backend, args.out, "stock", [], lambda url: {"tokens": ask(url, b64, None)["output_ids"]})
-
-    def vlcache(url):
-        full, low = ask(url, b64, 1.0), ask(url, b64, 0.1)
-        return {"tokens_budget_1": full["output_ids"], "tokens_budget_01": low["output_ids"],
-                "kept_ratio": low["meta_info"].get("vlcache_kept_ratio"),
-                "kept": low["meta_info"].get("vlcache_kept_positions"), "prompt_tokens": low["meta_info"]["prompt_tokens"]}
-
-    report["vlcache"] = serve(model, "vlcache", args.out, "vlcache", VLCACHE_EXTRA_ARGS, vlcache)
-    v, s = report["vlcache"], report["stock"]
-    if v.get("ok") and s.get("ok"):
-        report["budget_1_equals_stock"] = v["tokens_budget_1"] == s["tokens"]
-    if v.get("ok") and v.get("kept"):
-        try:
-            import torch
-            from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-
-            from vlcache_sglang.research.hf_reference import greedy_with_plan
-
-            hf = Qwen2VLForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
-            proc = AutoProcessor.from_pretrained(model)
-            text = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>" + QUESTION
-                    + "<|im_end|>\n<|im_start|>assistant\n")
-            inputs = proc(text=[text], images=[image], return_tensors="pt")
-            eos = [proc.tokenizer.convert_tokens_to_ids("<|im_end|>")]
-            expected = greedy_with_plan(hf, dict(inputs), [torch.tensor(k) for k in v["kept"][0]], 12, eos)
-            report["budget_01_equals_hf_plan"] = expected == v["tokens_budget_01"]
-        except Exception:
-            report["hf_reference_error"] = traceback.format_exc()[-3000:]
-    (args.out / "server_smoke.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report.get(k) for k in ("budget_1_equals_stock", "budget_01_equals_hf_plan")}),
-          "stock ok:", s.get("ok"), "vlcache ok:", v.get("ok"))
-    for name in ("stock", "vlcache"):
-        if not report[name].get("ok"):
-            print(f"--- {name} server failed: {report[name]['error'][:2000]}")
-    return 0 if report.get("budget_1_equals_stock") and report.get("budget_01_equals_hf_plan") else 1
+    images = [png_base64(image), png_base64(make_test_image(5, (224, 224)))]
+    report: dict = {"model": str(model), "phases": {}}
+    path = args.out / "server_smoke.json"
+    for name in args.phases:
+        left = None if args.deadline is None else args.deadline - (time.monotonic() - t0)
+        if left is not None and left < PHASES[name]["needs_s"]:
+            report["phases"][name] = {"skipped": f"{left:.0f} s left of the deadline"}
+            continue
+        started = time.monotonic()
+        report["phases"][name] = run_phase(name, PHASES[name], model, args.out, args.stock_backend, image, images)
+        report["phases"][name]["wall_s"] = round(time.monotonic() - started, 1)
+        path.write_text(json.dumps(report, indent=1))
+        ph = report["phases"][name]
+        print(f"[{name}]", json.dumps({k: ph.get(k) for k in ("budget_1_equals_stock", "budget_01_equals_hf_plan",
+                                                             "passed", "wall_s")}),
+              "stock ok:", ph["stock"].get("ok"), "vlcache ok:", ph["vlcache"].get("ok"), flush=True)
+        v = ph["vlcache"]
+        if v.get("ok"):
+            print(f"[{name}] vlcache:", json.dumps({k: v.get(k) for k in (
+                "startup_s", "kept_ratio", "mixed_batch_equals_alone", "prefix_sharing_equal",
+                "prefix_hit_cached_tokens", "compressed_sharing_first_equal",
+                "compressed_sharing_second_cached_tokens", "stores_back_at_start", "counters")}), flush=True)
+        for side in ("stock", "vlcache"):
+            if not ph[side].get("ok"):
+                print(f"--- [{name}] {side} server failed: {ph[side]['error'][:2000]}", flush=True)
+    path.write_text(json.dumps(report, indent=1))
+    ran = [p for p in report["phases"].values() if "skipped" not in p]
+    return 0 if ran and all(p["passed"] for p in ran) else 1
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vlcache_sglang.settings import ENV_CUDA_EXECUTOR, ServerSettings
+from vlcache_sglang.settings import COMPRESSING_CUDA_EXECUTORS, ENV_CUDA_EXECUTOR, ServerSettings
 
 #: Opt-in for the per-layer executor on CUDA (no whole SGLang server has run it on CUDA yet).
 CUDA_OPT_IN = f"{ENV_CUDA_EXECUTOR}=flashinfer --cuda-graph-backend-prefill=disabled"
@@ -77,7 +77,7 @@ def refusals(server_args: Any, settings: ServerSettings) -> list[Refusal]:
                                f"{phase} would run {other}, which neither gathers statistics nor reads compacted cells",
                                f"drop --{phase}-attention-backend (vlcache serves both phases)"))
     if str(_get(server_args, "device", "") or "").startswith("cuda") and settings.compression.compresses \
-            and settings.cuda_executor != "flashinfer":
+            and settings.cuda_executor not in COMPRESSING_CUDA_EXECUTORS:
         out.append(Refusal(
             f"--vlcache-budget {settings.compression.budget:g} on CUDA",
             "by default CUDA serves SGLang's FlashInfer backend uncompressed (no whole SGLang server has run "
@@ -89,7 +89,7 @@ def refusals(server_args: Any, settings: ServerSettings) -> list[Refusal]:
 def compresses_on(server_args: Any, settings: ServerSettings) -> bool:
     """Whether this server's backend compresses at all (CUDA without the opt-in does not)."""
     on_cuda = str(_get(server_args, "device", "") or "").startswith("cuda")
-    return not on_cuda or settings.cuda_executor == "flashinfer"
+    return not on_cuda or settings.cuda_executor in COMPRESSING_CUDA_EXECUTORS
 
 
 def not_compressing_message() -> str:

@@ -150,7 +150,11 @@ ENV_CELLS = "VLCACHE_CELLS"
 #: layer keeps the same positions; head-granularity plans hold the union over heads) or ``head``
 #: (a slot's ``L * H`` (layer, KV head) rows are cells: per-head plans are held per head)
 CELL_MODES = ("layer", "head")
-CUDA_EXECUTORS = ("stock", "flashinfer")
+CUDA_EXECUTORS = ("stock", "flashinfer", "torch")
+#: the CUDA executors that compress: ``flashinfer`` (FlashInfer + the plan-free Triton decode, decode
+#: CUDA graphs) and ``torch`` (the CPU path's SDPA executor on the GPU: any dtype and head dim, e.g.
+#: float32, which FlashInfer has no kernels for; eager only)
+COMPRESSING_CUDA_EXECUTORS = ("flashinfer", "torch")
 COMPRESSED_DECODES = ("triton", "flashinfer")
 KERNEL_MODES = ("auto", "torch", "triton")
 #: the attribute of SGLang's ``ServerArgs`` that carries :class:`ServerSettings` to every process
@@ -171,7 +175,8 @@ class ServerSettings:
     * ``debug_checks`` (``VLCACHE_DEBUG_CHECKS=1``): freed-KV read checks, plans from incomplete
       statistics raise, tensor-parallel ranks compare plans;
     * ``cuda_executor`` (``VLCACHE_CUDA_EXECUTOR``): ``stock`` serves CUDA with SGLang's FlashInfer
-      backend uncompressed, ``flashinfer`` runs the compressing per-layer executor;
+      backend uncompressed, ``flashinfer`` runs the compressing per-layer executor, ``torch`` the
+      compressing SDPA executor (eager; float32 and head dims FlashInfer lacks);
     * ``compressed_decode`` (``VLCACHE_COMPRESSED_DECODE``): the CUDA decode path of compacted
       batches (the plan-free Triton kernel or per-layer FlashInfer plans);
     * ``virtual_ids_per_slot`` (``VLCACHE_VIRTUAL_IDS_PER_SLOT``): size of the virtual-id table

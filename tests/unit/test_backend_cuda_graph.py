@@ -246,6 +246,9 @@ def test_replays_equal_eager_decode_over_compressed_plain_and_padded_batches(dev
         graph.replay()
         for layer in range(L):
             torch.testing.assert_close(outs[layer][: len(rows)], expected[layer], rtol=1e-4, atol=1e-4)
+    # the replays are counted (capture is not), and those with per-layer lists apart
+    counters = backend.compressor.counters
+    assert (counters.graph_decode_steps, counters.graph_decode_steps_compressed) == (len(steps), 3)
 
 
 def test_batches_that_could_overflow_the_buffers_run_eagerly():

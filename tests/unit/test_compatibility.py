@@ -84,6 +84,8 @@ def test_cuda_compression_needs_the_opt_in(parse):
     found = refusals(sa, COMPRESS, environ={})
     assert len(found) == 1 and CUDA_OPT_IN in found[0].message() and "--vlcache-budget 1.0" in found[0].message()
     assert refusals(sa, COMPRESS, environ={"VLCACHE_CUDA_EXECUTOR": "flashinfer"}) == []
+    assert refusals(sa, COMPRESS, environ={"VLCACHE_CUDA_EXECUTOR": "torch"}) == []
+    assert compresses_on(sa, environ={"VLCACHE_CUDA_EXECUTOR": "torch"})
     # budget 1.0 on CUDA is served by SGLang's FlashInfer backend, and says it does not compress
     assert refusals(sa, CompressionSettings(budget=1.0), environ={}) == []
     assert not compresses_on(sa, environ={}) and compresses_on(sa, environ={"VLCACHE_CUDA_EXECUTOR": "flashinfer"})

@@ -271,6 +271,17 @@ def require_prefill_graphs_disabled(prefill_disabled: bool) -> None:
                            f"launch with {PREFILL_GRAPH_FLAG} (decode CUDA graphs stay on)")
 
 
+TORCH_EXECUTOR_GRAPH_FLAGS = CUDA_GRAPH_FLAGS
+
+
+def require_graphs_disabled(prefill_disabled: bool, decode_disabled: bool) -> None:
+    """``VLCACHE_CUDA_EXECUTOR=torch`` runs the SDPA executor eagerly (per-request loops with host
+    lengths): refuse CUDA graphs of either phase at launch, naming the flags."""
+    if not (prefill_disabled and decode_disabled):
+        raise RuntimeError("VLCACHE_CUDA_EXECUTOR=torch: the torch executor has no CUDA-graph mode; launch with "
+                           f"{TORCH_EXECUTOR_GRAPH_FLAGS} (or VLCACHE_CUDA_EXECUTOR=flashinfer for decode graphs)")
+
+
 def create_vlcache_backend(model_runner: ModelRunner) -> AttentionBackend:
     """Factory registered as ``--attention-backend vlcache``, with the settings the launch attached
     to ``server_args`` (:func:`vlcache_sglang.settings.settings_of`).
@@ -278,7 +289,8 @@ def create_vlcache_backend(model_runner: ModelRunner) -> AttentionBackend:
     Everywhere but CUDA the torch executor runs. On CUDA the per-layer executor (FlashInfer for
     uncompressed steps, the plan-free Triton kernel for steps with per-layer lists) is opt-in with
     ``VLCACHE_CUDA_EXECUTOR=flashinfer`` (with ``--cuda-graph-backend-prefill=disabled``; decode
-    CUDA graphs are supported): it passed its tests on an H200 (docs/gpu-suite.md), but no whole
+    CUDA graphs are supported), or the SDPA executor with ``VLCACHE_CUDA_EXECUTOR=torch`` (eager,
+    any dtype: float32 has no FlashInfer kernels): the first passed its tests on an H200 (docs/gpu-suite.md), but no whole
     SGLang server has run it on CUDA yet, so by default SGLang's stock FlashInfer backend serves
     attention there, uncompressed.
     """
@@ -295,6 +307,12 @@ def create_vlcache_backend(model_runner: ModelRunner) -> AttentionBackend:
             require_prefill_graphs_disabled(check_cuda_graph_backend(Phase.PREFILL, Backend.DISABLED))
             executor = FlashInferAttentionExecutor(model_runner.device, compressed_decode=settings.compressed_decode)
             return VLCacheAttnBackend(model_runner, executor=executor, settings=settings)
+        if settings.cuda_executor == "torch":
+            from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, check_cuda_graph_backend
+
+            require_graphs_disabled(check_cuda_graph_backend(Phase.PREFILL, Backend.DISABLED),
+                                    check_cuda_graph_backend(Phase.DECODE, Backend.DISABLED))
+            return VLCacheAttnBackend(model_runner, settings=settings)
         from vlcache_sglang.backend.flashinfer_glue import create_flashinfer_backend
 
         return create_flashinfer_backend(model_runner)

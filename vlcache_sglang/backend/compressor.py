@@ -68,6 +68,10 @@ class CompressionCounters:
     plans_from_incomplete_statistics: int = 0
     #: decoding requests served inside an extend batch (``--enable-mixed-chunk``)
     mixed_decode_rows: int = 0
+    #: decode steps replayed from a captured CUDA graph, and those whose batch read per-layer
+    #: (compressed) lists
+    graph_decode_steps: int = 0
+    graph_decode_steps_compressed: int = 0
 
 
 class Compressor:

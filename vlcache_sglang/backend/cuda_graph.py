@@ -76,4 +76,8 @@ def graph_decode_metadata(backend, forward_batch, in_capture: bool) -> ForwardMe
     meta.prefix_lens_cpu = meta.prefix_lens_cpu + [SEQ_LEN_FILL - 1] * pad
     meta.layer_row_stride, meta.graph = stride, True
     backend.executor.plan_decode(meta, *backend.graph_shapes)
+    if not in_capture and backend.compressor is not None:
+        counters = backend.compressor.counters
+        counters.graph_decode_steps += 1
+        counters.graph_decode_steps_compressed += bool(meta.layer_kv)
     return meta

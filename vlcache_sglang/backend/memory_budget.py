@@ -32,7 +32,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from vlcache_sglang.backend.cell_store import POOL_KV_ATTR
-from vlcache_sglang.settings import ServerSettings, settings_of
+from vlcache_sglang.settings import COMPRESSING_CUDA_EXECUTORS, ServerSettings, settings_of
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def vlcache_serves(server_args, device) -> bool:
         return False
     if str(device).startswith("cuda"):
         settings = settings_of(server_args)
-        return settings is not None and settings.cuda_executor == "flashinfer"
+        return settings is not None and settings.cuda_executor in COMPRESSING_CUDA_EXECUTORS
     return True
 
 

@@ -9,8 +9,9 @@ never imports torch at interpreter start:
    ``operator torchvision::nms does not exist``. Right before that module is imported we define
    the ``nms``/``qnms`` schemas (with a pure-torch CPU ``nms``) when torchvision has no ops.
 2. sgl_kernel: when something imports ``sgl_kernel``, no real one is installed and torch has no
-   CUDA, serve the placeholder package shipped in ``vlcache_sglang/cpu_runtime`` and name the
-   ``torch.ops.sgl_kernel`` ops SGLang references at import time (each raising if called).
+   CUDA, serve the placeholder package shipped in ``vlcache_sglang/cpu_runtime`` (it serves any
+   ``sgl_kernel.*`` submodule and names the ``torch.ops.sgl_kernel`` ops SGLang references at
+   import time, each raising if called).
    On any machine with CUDA or a real sgl-kernel this hook does nothing.
 """
 from __future__ import annotations
@@ -70,17 +71,6 @@ def _placeholder_root() -> str | None:
     return None
 
 
-def _register_sgl_kernel_op_names(root: str) -> None:
-    import torch
-
-    placeholder = sys.modules["sgl_kernel"]
-    names_file = os.path.join(os.path.dirname(root), "sgl_kernel_ops.txt")
-    namespace = torch.ops.sgl_kernel
-    with open(names_file) as fh:
-        for name in fh.read().split():
-            setattr(namespace, name, getattr(placeholder, name))
-
-
 class _CpuRuntimeFinder(importlib.abc.MetaPathFinder):
     _busy = False
 
@@ -102,24 +92,10 @@ class _CpuRuntimeFinder(importlib.abc.MetaPathFinder):
             root = _placeholder_root()
             if root is None:
                 return None
-            spec = importlib.machinery.PathFinder.find_spec(name, [root])
-            if spec is not None:
-                spec.loader = _PlaceholderLoader(spec.loader, root)
-            return spec
+            # the placeholder names its own torch.ops and serves its submodules
+            return importlib.machinery.PathFinder.find_spec(name, [root])
         finally:
             self._busy = False
-
-
-class _PlaceholderLoader(importlib.abc.Loader):
-    def __init__(self, inner, root: str):
-        self._inner, self._root = inner, root
-
-    def create_module(self, spec):
-        return self._inner.create_module(spec)
-
-    def exec_module(self, module):
-        self._inner.exec_module(module)
-        _register_sgl_kernel_op_names(self._root)
 
 
 if not any(isinstance(f, _CpuRuntimeFinder) for f in sys.meta_path):

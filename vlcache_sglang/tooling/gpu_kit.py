@@ -32,6 +32,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 DEVICE_CALL_LIMIT = 64 * MIB  # what one device-tool call carries, working tree included
 DEFAULT_PART_MIB = 52  # a part plus the working tree (8 MiB) fits one call; 2 parts for the 91 MiB kit
@@ -42,10 +43,17 @@ PLATFORM_ARGS = ["--python-version", "3.12", "--implementation", "cp", "--abi", 
                                                  "manylinux2014_x86_64", "manylinux1_x86_64", "any")
                                      for a in ("--platform", p)]
 #: How the kit's server runs on the GPU machine, where sgl-kernel cannot go: SGLang's pure-torch
-#: fused ops (norms, activations, rotary), the torch sampler, SDPA vision attention; and the
-#: vlcache CUDA executor opted in. The CPU suite serves with the same profile
+#: fused ops (norms, activations, rotary), the torch sampler, SDPA vision attention, no check of
+#: the sglang-kernel distribution's version (none is installed: the placeholder below answers its
+#: imports); and the vlcache CUDA executor opted in. The CPU suite serves with the same profile
 #: (tests/e2e/test_compatibility.py), so only the CUDA kernels themselves are new on the GPU.
-GPU_SERVER_ENV = {"SGLANG_FORCE_FUSED_OP_BACKEND": "torch", "VLCACHE_CUDA_EXECUTOR": "flashinfer"}
+GPU_SERVER_ENV = {"SGLANG_FORCE_FUSED_OP_BACKEND": "torch", "SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK": "1",
+                  "VLCACHE_CUDA_EXECUTOR": "flashinfer"}
+#: the ``sgl_kernel`` placeholder (every kernel raises when called, naming itself), relative to the
+#: repository: last on the GPU server's ``PYTHONPATH``, since SGLang imports ``sgl_kernel`` and its
+#: submodules unconditionally on CUDA (``sglang/srt/layers/activation.py``, ``layernorm.py``,
+#: ``quantization/gguf.py``, ...)
+SGL_KERNEL_PLACEHOLDER = "vlcache_sglang/cpu_runtime/sgl_kernel_placeholder"
 GPU_SERVER_ARGS = ["--sampling-backend", "pytorch", "--mm-attention-backend", "sdpa"]
 _EXT_MODULE = re.compile(r"\.cpython-\d+[^/]*\.so$")
 
@@ -143,12 +151,40 @@ def assemble(kit: Path, wheel_dir: Path) -> list[Path]:
 
 
 def install(kit: Path, target: Path, python: str = sys.executable) -> None:
-    """Install every wheel of the kit into ``target`` (no index, no dependency resolution)."""
+    """Install every wheel of the kit into ``target`` (no index, no dependency resolution), then
+    the project's own metadata and the GPU profile's ``sitecustomize`` (:func:`install_profile`)."""
     with tempfile.TemporaryDirectory() as tmp:
         wheels = assemble(kit, Path(tmp))
         subprocess.run([python, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile",
                         "--disable-pip-version-check", "-q", "--target", str(target), *map(str, wheels)],
                        check=True)
+    install_profile(target)
+
+
+def install_profile(target: Path, repo: Path = REPO) -> Path:
+    """What ``target`` needs beside the wheels, the code staying in ``repo`` (first after ``target``
+    on ``PYTHONPATH``):
+
+    * ``vlcache_sglang-<version>.dist-info`` with the project's entry points: SGLang finds plugins
+      by the ``sglang.srt.plugins`` entry point, which a package merely on ``PYTHONPATH`` lacks
+      (the first GPU run's vlcache servers refused ``--attention-backend vlcache`` for this);
+    * ``sitecustomize.py``: :mod:`vlcache_sglang.tooling.gpu_sitecustomize`.
+
+    Returns the dist-info folder."""
+    import tomllib
+
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    name = project["name"].replace("-", "_")
+    info = target / f"{name}-{project['version']}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    lines = []
+    for group, points in project.get("entry-points", {}).items():
+        lines += [f"[{group}]"] + [f"{k} = {v}" for k, v in points.items()] + [""]
+    (info / "entry_points.txt").write_text("\n".join(lines))
+    (info / "top_level.txt").write_text("vlcache_sglang\n")
+    (target / "sitecustomize.py").write_text((repo / "vlcache_sglang" / "tooling" / "gpu_sitecustomize.py").read_text())
+    return info
 
 
 def build(lock: Path, out: Path, part_bytes: int, pip: list[str]) -> dict:
