@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-size", type=int, default=448,
                     help="square image side (bundled model: 448 gives 784 image tokens, an 802-token prompt)")
     ap.add_argument("--max-total-tokens", type=int, default=20000, help="the server's KV pool (tokens)")
-    ap.add_argument("--model", type=Path, default=None, help="default: the bundled model (on CUDA regrouped into heads of 64, as the smoke's FlashInfer phase)")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="default: the bundled model (on CUDA regrouped into heads of 64, as the smoke's FlashInfer phase)")
     ap.add_argument("--dtype", default=None, help="the server's --dtype (default: bfloat16 on CUDA, where the "
                     "FlashInfer executor serves and has no float32 kernels; float32 elsewhere)")
     ap.add_argument("--server-arg", action="append", default=[],
@@ -276,8 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlcache_sglang.tooling.serving import has_cuda
 
     # on CUDA the FlashInfer executor serves: the bundled weights in heads FlashInfer has kernels for
-    model = args.model or (smoke.model_for({"head_dim": smoke.FLASHINFER_HEAD_DIM}, bundled_model_dir()) if has_cuda()
-                           else bundled_model_dir())
+    model = args.model or smoke.model_for(bundled_model_dir(), smoke.FLASHINFER_HEAD_DIM if has_cuda() else None)
     dtype = args.dtype or ("bfloat16" if has_cuda() else "float32")
     deadline = t_start + args.time_budget - min(SHUTDOWN_RESERVE_S, 0.15 * args.time_budget)
     side = (args.image_size, args.image_size)
@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"model": str(model), "model_name": Path(model).name, "device": "cuda" if has_cuda() else "cpu",
               "clients": args.clients, "max_new": args.max_new, "image_size": args.image_size,
               "time_budget_s": args.time_budget, "dtype": dtype,
-              "server_args": smoke.GPU_PROFILE_ARGS + smoke.VLCACHE_EXTRA_ARGS + args.server_arg, "server_env": smoke.GPU_PROFILE_ENV, "phases": [], "warmup_s": {}}
+              "server_args": smoke.GPU_PROFILE_ARGS + smoke.VLCACHE_EXTRA_ARGS + args.server_arg,
+              "server_env": smoke.GPU_PROFILE_ENV, "phases": [], "warmup_s": {}}
 
     def bench(url: str) -> dict:
         report["server_ready_s"] = time.monotonic() - t_start

@@ -117,23 +117,12 @@ def serve(model: Path, backend: str, out: Path, name: str, extra_args: list[str]
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[-4000:], "traceback": traceback.format_exc()[-4000:]}
 
 
-def settled(url: str) -> dict:
-    from vlcache_sglang.tooling.serving import vlcache_state
-
-    deadline = time.monotonic() + 30
-    while True:
-        st = vlcache_state(url)
-        if st["compressed_requests_live"] == 0 or time.monotonic() > deadline:
-            return st
-        time.sleep(0.2)
-
-
 def vlcache_checks(url: str, images: list[str]) -> dict:
     """Every whole-server check on one vlcache server (see the module docstring)."""
-    from vlcache_sglang.tooling.serving import flush_cache
+    from vlcache_sglang.tooling.serving import flush_cache, settled_state
 
     flush_cache(url)
-    start = settled(url)
+    start = settled_state(url)
     full, low = ask(url, images[0], 1.0), ask(url, images[0], 0.1)
     res = {"tokens_budget_1": full["output_ids"], "tokens_budget_01": low["output_ids"],
            "kept_ratio": low["meta_info"].get("vlcache_kept_ratio"),
@@ -159,7 +148,7 @@ def vlcache_checks(url: str, images: list[str]) -> dict:
     res["compressed_sharing_first_equal"] = first["output_ids"] == low["output_ids"]
     res["compressed_sharing_second_cached_tokens"] = second["meta_info"].get("cached_tokens")
     flush_cache(url)
-    end = settled(url)
+    end = settled_state(url)
     res["stores_back_at_start"] = {k: (start.get(k), end.get(k)) for k in STORES if start.get(k) != end.get(k)} or True
     res["counters"] = {k: end.get(k) for k in ("requests_compressed", "kv_tokens_saved", "graph_decode_steps",
                                                "graph_decode_steps_compressed", "freed_reads",
@@ -184,20 +173,19 @@ def hf_reference(model: Path, image, kept, dtype: str) -> list[int]:
     return greedy_with_plan(hf, inputs, [torch.tensor(k) for k in kept[0]], 12, eos)
 
 
-def model_for(spec: dict, bundled: Path) -> Path:
-    """The bundled model, or its variant with the head dim a phase needs (built once, in /tmp)."""
-    if not spec.get("head_dim"):
+def model_for(bundled: Path, head_dim: int | None) -> Path:
+    """The bundled model, or its variant regrouped into heads of ``head_dim`` (written to /tmp)."""
+    if not head_dim:
         return bundled
     import tempfile
 
     from vlcache_sglang.research.tinyvlm.variants import head_dim_variant
 
-    return head_dim_variant(bundled, Path(tempfile.gettempdir()) / f"vlcache-{bundled.name}-hd{spec['head_dim']}",
-                            spec["head_dim"])
+    return head_dim_variant(bundled, Path(tempfile.gettempdir()) / f"vlcache-{bundled.name}-hd{head_dim}", head_dim)
 
 
 def run_phase(name: str, spec: dict, model: Path, out: Path, stock_backend: str | None, image, images: list[str]) -> dict:
-    model = model_for(spec, model)
+    model = model_for(model, spec.get("head_dim"))
     dtype_args = ["--dtype", spec["dtype"]]
     stock = stock_backend or spec["stock"]
     stock_args = spec["stock_args"] if stock == spec["stock"] else GRAPHS_OFF

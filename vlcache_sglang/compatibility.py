@@ -12,8 +12,11 @@ from typing import Any
 
 from vlcache_sglang.settings import COMPRESSING_CUDA_EXECUTORS, ENV_CUDA_EXECUTOR, ServerSettings
 
-#: Opt-in for the per-layer executor on CUDA (no whole SGLang server has run it on CUDA yet).
+#: Opt-in for the per-layer executor on CUDA (not yet passed in a whole SGLang server on a GPU).
 CUDA_OPT_IN = f"{ENV_CUDA_EXECUTOR}=flashinfer --cuda-graph-backend-prefill=disabled"
+#: Opt-in for the SDPA executor on CUDA (passed a whole-server run on an H200 in float32).
+TORCH_OPT_IN = (f"{ENV_CUDA_EXECUTOR}=torch --cuda-graph-backend-decode=disabled "
+                "--cuda-graph-backend-prefill=disabled")
 
 
 @dataclass(frozen=True)
@@ -80,9 +83,9 @@ def refusals(server_args: Any, settings: ServerSettings) -> list[Refusal]:
             and settings.cuda_executor not in COMPRESSING_CUDA_EXECUTORS:
         out.append(Refusal(
             f"--vlcache-budget {settings.compression.budget:g} on CUDA",
-            "by default CUDA serves SGLang's FlashInfer backend uncompressed (no whole SGLang server has run "
-            "the compressing CUDA executor yet)",
-            f"opt in with {CUDA_OPT_IN}, or launch with --vlcache-budget 1.0"))
+            "by default CUDA serves SGLang's FlashInfer backend uncompressed (the compressing FlashInfer "
+            "executor has not yet passed a whole-server run on a GPU)",
+            f"opt in with {CUDA_OPT_IN} (or {TORCH_OPT_IN}: eager, any dtype), or launch with --vlcache-budget 1.0"))
     return out
 
 

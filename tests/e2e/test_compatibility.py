@@ -27,7 +27,7 @@ import requests
 from tests.conftest import make_test_image
 from tests.e2e.test_compression import PROMPT, generate
 from vlcache_sglang.tooling.gpu_kit import GPU_SERVER_ARGS, GPU_SERVER_ENV
-from vlcache_sglang.tooling.serving import running_server, vlcache_state
+from vlcache_sglang.tooling.serving import running_server, settled_state, vlcache_state
 
 pytestmark = pytest.mark.server
 MAX_NEW = 24
@@ -47,12 +47,7 @@ def server(tiny_model_dir):
 
 
 def settled(server) -> dict:
-    deadline = time.monotonic() + 30
-    while True:
-        st = vlcache_state(server.url)
-        if st["compressed_requests_live"] == 0 or time.monotonic() > deadline:
-            return st
-        time.sleep(0.2)
+    return settled_state(server.url)
 
 
 def test_mixed_chunks_give_the_unmixed_tokens(server):

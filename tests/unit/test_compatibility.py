@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from vlcache_sglang import compatibility
-from vlcache_sglang.compatibility import CUDA_OPT_IN, not_compressing_message
+from vlcache_sglang.compatibility import CUDA_OPT_IN, TORCH_OPT_IN, not_compressing_message
 from vlcache_sglang.settings import CompressionSettings, ServerSettings
 
 
@@ -83,6 +83,7 @@ def test_cuda_compression_needs_the_opt_in(parse):
     sa.device = "cuda"  # what resolution gives on a GPU machine (SGLang refuses --device cuda here)
     found = refusals(sa, COMPRESS, environ={})
     assert len(found) == 1 and CUDA_OPT_IN in found[0].message() and "--vlcache-budget 1.0" in found[0].message()
+    assert TORCH_OPT_IN in found[0].message()
     assert refusals(sa, COMPRESS, environ={"VLCACHE_CUDA_EXECUTOR": "flashinfer"}) == []
     assert refusals(sa, COMPRESS, environ={"VLCACHE_CUDA_EXECUTOR": "torch"}) == []
     assert compresses_on(sa, environ={"VLCACHE_CUDA_EXECUTOR": "torch"})

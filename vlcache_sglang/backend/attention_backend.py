@@ -290,28 +290,27 @@ def create_vlcache_backend(model_runner: ModelRunner) -> AttentionBackend:
     uncompressed steps, the plan-free Triton kernel for steps with per-layer lists) is opt-in with
     ``VLCACHE_CUDA_EXECUTOR=flashinfer`` (with ``--cuda-graph-backend-prefill=disabled``; decode
     CUDA graphs are supported), or the SDPA executor with ``VLCACHE_CUDA_EXECUTOR=torch`` (eager,
-    any dtype: float32 has no FlashInfer kernels): the first passed its tests on an H200 (docs/gpu-suite.md), but no whole
-    SGLang server has run it on CUDA yet, so by default SGLang's stock FlashInfer backend serves
-    attention there, uncompressed.
+    any dtype: float32 has no FlashInfer kernels). The SDPA executor passed a whole-server run on an
+    H200 (float32); the per-layer executor passed its own tests there but not yet a whole server
+    (docs/gpu-runs/2026-12-04-h200-server.md), so by default SGLang's stock FlashInfer backend
+    serves attention on CUDA, uncompressed.
     """
     settings = settings_of(getattr(model_runner, "server_args", None))
     if settings is None:
         raise SettingsError("vlcache: these server args were not resolved with the vlcache plugin loaded "
                             "(no settings attached); launch with SGLANG_PLUGINS including vlcache")
     if str(model_runner.device).startswith("cuda"):
-        if settings.cuda_executor == "flashinfer":
-            from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, check_cuda_graph_backend
+        from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, check_cuda_graph_backend
 
+        prefill_off = check_cuda_graph_backend(Phase.PREFILL, Backend.DISABLED)
+        if settings.cuda_executor == "flashinfer":
             from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
 
-            require_prefill_graphs_disabled(check_cuda_graph_backend(Phase.PREFILL, Backend.DISABLED))
+            require_prefill_graphs_disabled(prefill_off)
             executor = FlashInferAttentionExecutor(model_runner.device, compressed_decode=settings.compressed_decode)
             return VLCacheAttnBackend(model_runner, executor=executor, settings=settings)
         if settings.cuda_executor == "torch":
-            from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, check_cuda_graph_backend
-
-            require_graphs_disabled(check_cuda_graph_backend(Phase.PREFILL, Backend.DISABLED),
-                                    check_cuda_graph_backend(Phase.DECODE, Backend.DISABLED))
+            require_graphs_disabled(prefill_off, check_cuda_graph_backend(Phase.DECODE, Backend.DISABLED))
             return VLCacheAttnBackend(model_runner, settings=settings)
         from vlcache_sglang.backend.flashinfer_glue import create_flashinfer_backend
 

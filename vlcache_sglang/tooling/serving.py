@@ -31,6 +31,17 @@ def vlcache_state(url: str) -> dict:
     return requests.get(f"{url}/server_info", timeout=60).json()["internal_states"][0]["vlcache"]
 
 
+def settled_state(url: str, timeout: float = 30.0) -> dict:
+    """:func:`vlcache_state` once no compressed request is live (its compaction and release are
+    done), or after ``timeout`` seconds, whichever comes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = vlcache_state(url)
+        if st["compressed_requests_live"] == 0 or time.monotonic() > deadline:
+            return st
+        time.sleep(0.2)
+
+
 def flush_cache(url: str, timeout: float = 30.0) -> None:
     """Empty the server's radix cache (``POST /flush_cache``). SGLang refuses (400) while a request
     is still in its running batch, which a just-answered request can be for a moment, so this

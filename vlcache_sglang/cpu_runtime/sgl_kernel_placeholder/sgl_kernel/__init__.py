@@ -15,7 +15,7 @@ Importing it also names the ``torch.ops.sgl_kernel`` ops SGLang references at im
 (``../../sgl_kernel_ops.txt``), each raising when called.
 
 Served by ``vlcache_sglang_cpu_bootstrap`` on CPU (``vlcache_sglang/cpu_runtime/bootstrap.py``)
-and by the GPU profile's ``PYTHONPATH`` (``gpu_kit.GPU_SERVER_PYTHONPATH``) on the lent GPU.
+and by the GPU profile's ``PYTHONPATH`` (``gpu_kit.SGL_KERNEL_PLACEHOLDER``) on the lent GPU.
 """
 from __future__ import annotations
 
