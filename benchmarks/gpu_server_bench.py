@@ -59,12 +59,14 @@ def _first(value, default=0):
     return default if value is None else value
 
 
-def stream_one(url: str, image_b64: str, budget: float, max_new: int, rid: str, cut_at: float) -> dict:
-    """One streaming ``/generate``; returns its timings and accounting. Stops reading (SGLang then
-    aborts the request) when ``cut_at`` (monotonic) passes."""
-    payload = {"text": PROMPT, "image_data": image_b64, "stream": True, "rid": rid,
-               "sampling_params": {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True,
-                                   "custom_params": {"vlcache": {"budget": budget}}}}
+def stream_one(url: str, image_b64: str, budget: float | None, max_new: int, rid: str, cut_at: float) -> dict:
+    """One streaming ``/generate`` (``budget`` None: no vlcache parameters, for a stock server);
+    returns its timings and accounting. Stops reading (SGLang then aborts the request) when
+    ``cut_at`` (monotonic) passes."""
+    params = {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}
+    if budget is not None:
+        params["custom_params"] = {"vlcache": {"budget": budget}}
+    payload = {"text": PROMPT, "image_data": image_b64, "stream": True, "rid": rid, "sampling_params": params}
     t0 = time.monotonic()
     ttft, meta, cut = None, {}, False
     try:
@@ -87,8 +89,11 @@ def stream_one(url: str, image_b64: str, budget: float, max_new: int, rid: str, 
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500], "ttft_s": ttft,
                 "latency_s": time.monotonic() - t0}
     saved = int(_first(meta.get("vlcache_kv_tokens_saved")))
-    return {"ok": not cut and ttft is not None, "cut": cut, "ttft_s": ttft, "latency_s": time.monotonic() - t0,
-            "end": time.monotonic(), "completion_tokens": int(meta.get("completion_tokens", 0)),
+    latency, completion = time.monotonic() - t0, int(meta.get("completion_tokens", 0))
+    # mean time between tokens after the first: the decode step time this request saw
+    itl = (latency - ttft) / (completion - 1) if ttft is not None and completion > 1 else None
+    return {"ok": not cut and ttft is not None, "cut": cut, "ttft_s": ttft, "latency_s": latency, "itl_s": itl,
+            "end": time.monotonic(), "completion_tokens": completion,
             "prompt_tokens": int(meta.get("prompt_tokens", 0)), "kv_tokens_saved": saved,
             "kept_ratio": _first(meta.get("vlcache_kept_ratio"), None)}
 
@@ -127,50 +132,71 @@ class PoolPoller:
         self._thread.join(timeout=30)
 
 
+class Clients:
+    """``clients`` threads streaming ``images`` (each once, in order) at ``budget``; none sent after
+    ``send_until``, a stream still open at ``cut_at`` is cut. ``samples`` fills as answers come
+    (also when the run is stopped: SIGTERM sets STOP and the other clients end); ``wall`` is the
+    phase's time to its last answer; ``poller`` watched the pool meanwhile."""
+
+    def __init__(self, url: str, images: list[str], clients: int, budget: float | None, max_new: int,
+                 send_until: float, cut_at: float, rid: str, desc: str):
+        self.url, self.images, self.clients, self.budget, self.max_new = url, images, clients, budget, max_new
+        self.send_until, self.cut_at, self.rid, self.desc = send_until, cut_at, rid, desc
+        self.samples: list[dict] = []
+        self.poller = PoolPoller(url)
+        self.wall = 0.0
+
+    def run(self) -> None:
+        from tqdm import tqdm
+
+        lock, nxt = threading.Lock(), [0]
+        bar = tqdm(total=len(self.images), desc=self.desc, unit="req", mininterval=2.0)
+
+        def client():
+            while True:
+                with lock:
+                    i = nxt[0]
+                    if i >= len(self.images) or time.monotonic() >= self.send_until or STOP.is_set():
+                        return
+                    nxt[0] += 1
+                s = stream_one(self.url, self.images[i], self.budget, self.max_new, f"{self.rid}-{i}", self.cut_at)
+                with lock:
+                    self.samples.append(s)
+                bar.update(1)
+
+        t0 = time.monotonic()
+        try:
+            with self.poller, cf.ThreadPoolExecutor(max_workers=self.clients) as pool:
+                futures = [pool.submit(client) for _ in range(self.clients)]
+                try:
+                    for f in futures:
+                        f.result()
+                except BaseException:  # SIGTERM (SystemExit) or a client's error: the others end now
+                    STOP.set()
+                    raise
+        finally:
+            bar.close()
+            self.wall = max([s["end"] for s in self.samples if "end" in s], default=time.monotonic()) - t0
+
+
 def run_phase(url: str, budget: float, images: list[str], clients: int, max_new: int,
               send_until: float, cut_at: float, phases: list[dict]) -> None:
     """All ``images`` at ``budget`` from ``clients`` threads; none sent after ``send_until``.
     Appends the phase's figures to ``phases``, also when it is interrupted (SIGTERM)."""
-    from tqdm import tqdm
-
     from vlcache_sglang.tooling.serving import flush_cache, vlcache_state
 
     flush_cache(url)
     before = vlcache_state(url)
-    lock, nxt, samples = threading.Lock(), [0], []
-    bar = tqdm(total=len(images), desc=f"budget {budget}", unit="req", mininterval=2.0)
-
-    def client():
-        while True:
-            with lock:
-                i = nxt[0]
-                if i >= len(images) or time.monotonic() >= send_until or STOP.is_set():
-                    return
-                nxt[0] += 1
-            s = stream_one(url, images[i], budget, max_new, f"bench-{budget}-{i}", cut_at)
-            with lock:
-                samples.append(s)
-            bar.update(1)
-
-    t0, poller = time.monotonic(), PoolPoller(url)
+    run = Clients(url, images, clients, budget, max_new, send_until, cut_at, f"bench-{budget}", f"budget {budget}")
     try:
-        with poller, cf.ThreadPoolExecutor(max_workers=clients) as pool:
-            futures = [pool.submit(client) for _ in range(clients)]
-            try:
-                for f in futures:
-                    f.result()
-            except BaseException:  # SIGTERM (SystemExit) or a client's error: the others end now
-                STOP.set()
-                raise
+        run.run()
     finally:
-        bar.close()
-        wall = max([s["end"] for s in samples if "end" in s], default=time.monotonic()) - t0
         try:
             after = vlcache_state(url)
         except Exception:
             after = before
-        phases.append(summarize(budget, samples, len(images), clients, wall, before, after, poller.low,
-                                poller.live))
+        phases.append(summarize(budget, run.samples, len(images), clients, run.wall, before, after, run.poller.low,
+                                run.poller.live))
         phases[-1]["interrupted"] = STOP.is_set()
 
 

@@ -3,7 +3,8 @@
     PYTHONPATH=out/gpu-site:.:vlcache_sglang/cpu_runtime/sgl_kernel_placeholder \\
         python3 benchmarks/gpu_server_smoke.py --out "$OUT" [--phases fp32-torch bf16-flashinfer]
 
-Each phase serves the bundled model twice, one server after the other:
+Each phase serves the bundled model twice (on CUDA both servers start at once, so their imports
+and FlashInfer JIT builds overlap; they are asked one after the other):
 
 1. the stock backend the vlcache executor follows op for op: greedy tokens of one image question;
 2. ``--attention-backend vlcache`` with that executor: the same question at budget 1.0 (must equal
@@ -97,24 +98,49 @@ def stop_servers_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _exit)
 
 
+def launch_spec(model: Path, backend: str, out: Path, name: str, extra_args: list[str], env: dict | None = None,
+                **launch) -> dict:
+    """:func:`~vlcache_sglang.tooling.serving.start_server`'s keywords for one server with the GPU
+    profile; ``launch`` overrides the defaults (``startup_timeout``, ``max_total_tokens``, ...)."""
+    return {"model_path": model, "attention_backend": backend, "log_path": out / f"server_{name}.log",
+            "extra_args": GPU_PROFILE_ARGS + extra_args,
+            "extra_env": {**GPU_PROFILE_ENV, **(env or {}), "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+            **{"startup_timeout": 600, "max_total_tokens": 20000, **launch}}
+
+
+def serve_all(jobs: list[tuple[dict, object]], together: bool) -> list[dict]:
+    """``fn(url)`` against each ``(launch_spec, fn)`` server, in order, one at a time. ``together``:
+    all servers start at once (imports, weight loading and FlashInfer JIT builds overlap; the GPU
+    holds them all), else each starts after the previous one stopped. A server that fails to start
+    or whose ``fn`` raises gives ``{"ok": False, ...}`` (its log says what blocked it)."""
+    from vlcache_sglang.tooling.serving import running_servers
+
+    def failed(exc: BaseException) -> dict:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[-4000:],
+                "traceback": "".join(traceback.format_exception(exc))[-4000:]}
+
+    results: list[dict] = []
+    groups = [list(range(len(jobs)))] if together else [[i] for i in range(len(jobs))]
+    for group in groups:
+        started = time.monotonic()
+        with running_servers({str(i): jobs[i][0] for i in group}) as handles:
+            up = round(time.monotonic() - started, 1)
+            for i in group:
+                handle = handles[str(i)]
+                if isinstance(handle, Exception):
+                    results.append(failed(handle))
+                    continue
+                try:
+                    results.append({"ok": True, "startup_s": up, **jobs[i][1](handle.url)})
+                except Exception as exc:  # keep going: the log says what blocked it
+                    results.append(failed(exc))
+    return results
+
+
 def serve(model: Path, backend: str, out: Path, name: str, extra_args: list[str], fn, env: dict | None = None,
           **launch) -> dict:
-    """``fn(url)`` against one server with the GPU profile; ``launch`` overrides
-    ``running_server``'s keywords (``startup_timeout``, ``max_total_tokens``, ...)."""
-    from vlcache_sglang.tooling.serving import running_server
-
-    log = out / f"server_{name}.log"
-    launch = {"startup_timeout": 600, "max_total_tokens": 20000, **launch}
-    started = time.monotonic()
-    try:
-        with running_server(model, attention_backend=backend, extra_args=GPU_PROFILE_ARGS + extra_args,
-                            extra_env={**GPU_PROFILE_ENV, **(env or {}),
-                                       "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
-                            log_path=log, **launch) as server:
-            up = time.monotonic() - started
-            return {"ok": True, "startup_s": round(up, 1), **fn(server.url)}
-    except Exception as exc:  # keep going: the log says what blocked it
-        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[-4000:], "traceback": traceback.format_exc()[-4000:]}
+    """``fn(url)`` against one server with the GPU profile (see :func:`launch_spec`)."""
+    return serve_all([(launch_spec(model, backend, out, name, extra_args, env, **launch), fn)], together=False)[0]
 
 
 def vlcache_checks(url: str, images: list[str]) -> dict:
@@ -184,16 +210,20 @@ def model_for(bundled: Path, head_dim: int | None) -> Path:
     return head_dim_variant(bundled, Path(tempfile.gettempdir()) / f"vlcache-{bundled.name}-hd{head_dim}", head_dim)
 
 
-def run_phase(name: str, spec: dict, model: Path, out: Path, stock_backend: str | None, image, images: list[str]) -> dict:
+def run_phase(name: str, spec: dict, model: Path, out: Path, stock_backend: str | None, image, images: list[str],
+              together: bool = False) -> dict:
     model = model_for(model, spec.get("head_dim"))
     dtype_args = ["--dtype", spec["dtype"]]
     stock = stock_backend or spec["stock"]
     stock_args = spec["stock_args"] if stock == spec["stock"] else GRAPHS_OFF
     phase: dict = {"dtype": spec["dtype"], "model": str(model), "stock_backend": stock, "vlcache_env": spec["env"]}
-    phase["stock"] = serve(model, stock, out, f"stock_{name}", dtype_args + stock_args,
-                           lambda url: {"tokens": ask(url, images[0], None)["output_ids"]})
-    phase["vlcache"] = serve(model, "vlcache", out, f"vlcache_{name}", dtype_args + spec["args"],
-                             lambda url: vlcache_checks(url, images), env=spec["env"])
+    phase["together"] = together
+    phase["stock"], phase["vlcache"] = serve_all([
+        (launch_spec(model, stock, out, f"stock_{name}", dtype_args + stock_args),
+         lambda url: {"tokens": ask(url, images[0], None)["output_ids"]}),
+        (launch_spec(model, "vlcache", out, f"vlcache_{name}", dtype_args + spec["args"], env=spec["env"]),
+         lambda url: vlcache_checks(url, images)),
+    ], together)
     v, s = phase["vlcache"], phase["stock"]
     if v.get("ok") and s.get("ok"):
         phase["budget_1_equals_stock"] = v["tokens_budget_1"] == s["tokens"]
@@ -219,6 +249,9 @@ def main() -> int:
                     help="serve every phase's stock server with this backend (CPU rehearsal: torch_native)")
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds from now after which no phase starts that needs more than what is left")
+    ap.add_argument("--together", action=argparse.BooleanOptionalAction, default=None,
+                    help="start a phase's two servers at once (default: on CUDA; on a 2-core CPU an idle "
+                         "server keeps a core busy)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     stop_servers_on_sigterm()
@@ -226,6 +259,9 @@ def main() -> int:
     from tests.conftest import make_test_image, png_base64
     from vlcache_sglang.bundled import bundled_model_dir
 
+    from vlcache_sglang.tooling.serving import has_cuda
+
+    together = has_cuda() if args.together is None else args.together
     model = bundled_model_dir()
     image = make_test_image(3, (224, 224))
     images = [png_base64(image), png_base64(make_test_image(5, (224, 224)))]
@@ -237,7 +273,8 @@ def main() -> int:
             report["phases"][name] = {"skipped": f"{left:.0f} s left of the deadline"}
             continue
         started = time.monotonic()
-        report["phases"][name] = run_phase(name, PHASES[name], model, args.out, args.stock_backend, image, images)
+        report["phases"][name] = run_phase(name, PHASES[name], model, args.out, args.stock_backend, image, images,
+                                           together)
         report["phases"][name]["wall_s"] = round(time.monotonic() - started, 1)
         path.write_text(json.dumps(report, indent=1))
         ph = report["phases"][name]

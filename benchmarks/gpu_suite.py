@@ -253,6 +253,64 @@ def bench_decode(args, device, lengths, copy_bw, results):
         del k, v
 
 
+#: (block_n, programs per SM, num_warps, num_stages) the decode sweep times; the first is the default
+DECODE_SWEEP = [(64, 2, None, None)] + [(bn, pps, w, st) for bn in (32, 64, 128) for pps in (2, 4, 8)
+                                         for w, st in ((4, 2), (4, 3), (8, 3))]
+
+
+def bench_decode_sweep(args, device, copy_bw, results):
+    """The plan-free kept-list decode (``kernels/ragged_decode.py``) over launch configurations, at
+    ``--sweep-length`` tokens, batch ``--decode-batch``, ``--budget`` of the rows kept (scattered):
+    key block, splits (``programs_per_sm``), warps and pipeline stages; CUDA-graph replay time and
+    the kept bytes read as a fraction of the copy bandwidth (issue 21 target: >= 80 % at 32K, batch
+    8). Every configuration's output is checked against the default's, so a fast wrong one cannot win."""
+    import torch
+
+    from vlcache_sglang.kernels.ragged_decode import num_splits_for, ragged_decode
+
+    hq, hkv, d, bsz, n = args.heads, args.kv_heads, args.head_dim, args.decode_batch, args.sweep_length
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    k = torch.randn(bsz * n + 1, hkv, d, dtype=dtype, device=device)
+    v = torch.randn_like(k)
+    g = torch.Generator().manual_seed(n)
+    kept_n = max(1, int(round(args.budget * n)))
+    kept = [torch.randperm(n, generator=g)[:kept_n].sort().values + b * n for b in range(bsz)]
+    kv, _ = _decode_meta(kept, device)
+    q = torch.randn(bsz, hq, d, dtype=dtype, device=device)
+    read = bsz * kept_n * hkv * d * k.element_size() * 2
+    reference, rows = None, []
+    configs = DECODE_SWEEP if device.type == "cuda" else DECODE_SWEEP[:2]
+    for block_n, pps, warps, stages in configs:
+        splits = num_splits_for(kept_n, bsz, hkv, device, block_n=block_n, programs_per_sm=pps)
+        out = torch.empty_like(q)
+        ws = (torch.empty(bsz, hq, splits, d, dtype=torch.float32, device=device),
+              torch.empty(bsz, hq, splits, dtype=torch.float32, device=device))
+
+        def call():
+            ragged_decode(q, k, v, kv.kv_indptr, kv.kv_indices, d ** -0.5, out=out, num_splits=splits,
+                          block_n=block_n, workspace=ws, num_warps=warps, num_stages=stages)
+
+        row = {"block_n": block_n, "programs_per_sm": pps, "num_warps": warps, "num_stages": stages,
+               "splits": splits}
+        try:
+            t = graph_time(call, device, args.iters) if device.type == "cuda" else timeit(call, device, iters=2)
+        except Exception as exc:  # noqa: BLE001 - a configuration the compiler refuses is a result too
+            rows.append({**row, "error": f"{exc!r}"[:200]})
+            continue
+        if reference is None:
+            reference = out.clone()
+        err = float((out.float() - reference.float()).abs().max())
+        rows.append({**row, "s": t, "GBps": read / t / 1e9, "frac_of_copy": read / t / copy_bw,
+                     "max_abs_diff": err, "correct": err < 2e-2})
+    good = [r for r in rows if r.get("correct")]
+    best = min(good, key=lambda r: r["s"]) if good else None
+    entry = {"figure": "decode_sweep", "n": n, "batch": bsz, "budget": args.budget, "kept_per_request": kept_n,
+             "copy_bw_GBps": copy_bw / 1e9, "configs": rows, "default": rows[0] if rows else None, "best": best,
+             "target": "kept read >= 80 % of copy bandwidth", "pass": bool(best and best["frac_of_copy"] >= 0.8)}
+    results.append(entry)
+    print(json.dumps({k: entry[k] for k in ("figure", "n", "batch", "default", "best", "pass")}, default=str), flush=True)
+
+
 def bench_planning(args, device, results):
     import torch
 
@@ -458,6 +516,16 @@ def markdown(report: dict) -> str:
                       f"BW kept {r['bw_kept_GBps']:.0f} GB/s = {100 * r['bw_kept_frac_of_copy']:.0f} % of copy "
                       f"{r['copy_bw_GBps']:.0f} GB/s, BW full {r['bw_full_GBps']:.0f} GB/s")
             lines.append(f"| decode speed-up, budget {r['budget']} | n={r['n']}, batch={r['batch']} | {r['speedup']:.2f}x | {detail} | {target} | {ok} |")
+        elif f == "decode_sweep":
+            b, d0 = r.get("best"), r.get("default")
+
+            def cfg(c):
+                return (f"block {c['block_n']}, {c['programs_per_sm']}/SM ({c['splits']} splits), warps "
+                        f"{c['num_warps'] or 'default'}, stages {c['num_stages'] or 'default'}: {_fmt(1e6 * c['s'], 'us')}, "
+                        f"{100 * c['frac_of_copy']:.0f} % of copy") if c and "s" in c else "-"
+            lines.append(f"| kept-list decode sweep ({len(r['configs'])} configs) | n={r['n']}, batch={r['batch']}, "
+                         f"{r['kept_per_request']} kept | {_fmt(1e6 * b['s'], 'us') if b else '-'} | best {cfg(b)}; default {cfg(d0)} | "
+                         f"{target} | {ok} |")
         elif f == "plan_us_per_step":
             kind = (f"compressed ({r.get('compressed_decode', 'flashinfer')})" if r["compressed"]
                     else "uncompressed")
@@ -484,6 +552,7 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=64, help="statistics window rows (post-vision question)")
     p.add_argument("--budget", type=float, default=0.1)
     p.add_argument("--decode-batch", type=int, default=8)
+    p.add_argument("--sweep-length", type=int, default=32768, help="tokens per request in the decode sweep")
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--heads", type=int, default=28)
     p.add_argument("--kv-heads", type=int, default=4)
@@ -503,6 +572,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.stats_lengths, args.decode_lengths, args.plan_batches = [64, 128], [256, 512], [1]
         args.window, args.decode_batch, args.layers, args.iters = 8, 2, 2, 2
+        args.sweep_length = 512
         args.heads, args.kv_heads, args.head_dim, args.move_tokens = 4, 2, 16, 64
 
     import torch
@@ -556,6 +626,7 @@ def main(argv=None) -> int:
         report["copy_bw_GBps"] = copy_bw / 1e9
         steps = [("stats", lambda: bench_stats(args, device, args.stats_lengths, report["results"])),
                  ("decode", lambda: bench_decode(args, device, args.decode_lengths, copy_bw, report["results"])),
+                 ("decode_sweep", lambda: bench_decode_sweep(args, device, copy_bw, report["results"])),
                  ("planning", lambda: bench_planning(args, device, report["results"])),
                  ("kv_move", lambda: bench_kv_move(args, device, copy_bw, report["results"]))]
         for name, step in steps:

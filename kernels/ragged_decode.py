@@ -135,18 +135,19 @@ def _decode_pass2(O_PART, LSE_PART, OUT, stride_ob, stride_oh, stride_os, stride
 
 
 def choose_num_splits(max_len: int, batch: int, kv_heads: int, *, block_n: int = 64, sm_count: int = 132,
-                      max_splits: int = 32) -> int:
-    """Enough splits to give every SM work (about two programs each), never splits of under
-    four key blocks. Depends only on host-known sizes; fix it for CUDA-graph capture."""
-    want = math.ceil(2 * sm_count / max(1, batch * kv_heads))
-    cap = max(1, math.ceil(max_len / (4 * block_n)))
+                      max_splits: int = 32, programs_per_sm: float = 2.0, min_blocks: int = 4) -> int:
+    """Enough splits to give every SM work (``programs_per_sm`` programs each), never splits of
+    under ``min_blocks`` key blocks. Depends only on host-known sizes; fix it for CUDA-graph capture."""
+    want = math.ceil(programs_per_sm * sm_count / max(1, batch * kv_heads))
+    cap = max(1, math.ceil(max_len / (min_blocks * block_n)))
     return int(max(1, min(want, cap, max_splits)))
 
 
-def num_splits_for(max_len: int, batch: int, kv_heads: int, device: torch.device, *, block_n: int = 64) -> int:
+def num_splits_for(max_len: int, batch: int, kv_heads: int, device: torch.device, *, block_n: int = 64,
+                   **choice) -> int:
     """:func:`choose_num_splits` with ``device``'s SM count (4 off CUDA, where the interpreter runs)."""
     sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return choose_num_splits(max_len, batch, kv_heads, block_n=block_n, sm_count=sm)
+    return choose_num_splits(max_len, batch, kv_heads, block_n=block_n, sm_count=sm, **choice)
 
 
 def ragged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_indptr: torch.Tensor,
@@ -154,7 +155,7 @@ def ragged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   num_splits: int | None = None, max_len: int | None = None, block_n: int = 64,
                   workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
                   k_scale: float | None = None, v_scale: float | None = None,
-                  per_head: bool = False) -> torch.Tensor:
+                  per_head: bool = False, num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """``out[b] = softmax(q[b] K_b^T * scale) V_b`` where ``K_b = k_cache[kv_indices[indptr[b]:indptr[b+1]]]``.
 
     fp8 caches: ``K_b``/``V_b`` are the stored values times ``k_scale``/``v_scale`` (1 if None).
@@ -164,7 +165,8 @@ def ragged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     holds head-rows ``row * Hkv + h`` and feeds query heads ``h * G .. (h + 1) * G - 1``.
     ``num_splits`` (or ``max_len``, the longest list, to choose it) is host-side;
     ``workspace`` = preallocated ``(o_part [B, Hq, S, D] fp32, lse_part [B, Hq, S] fp32)`` for
-    CUDA-graph use.
+    CUDA-graph use. ``num_warps`` / ``num_stages``: pass 1's launch options on CUDA (Triton's
+    defaults when None; the GPU suite's sweep times the alternatives).
     """
     bsz, hq, d = q.shape
     hkv = k_cache.shape[1]
@@ -194,13 +196,15 @@ def ragged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             or (interpret_for(device) and q.dtype == torch.bfloat16))
     group = hq // hkv
     block_d = max(16, next_pow2(d))
+    launch = {} if interpret_for(device) else {
+        k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
     kernel(_decode_pass1, device)[(bsz, hkv, num_splits)](
         q, k_cache, v_cache, kv_indices, kv_indptr, o_part, lse_part,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
         float(scale) * k_scale * _LOG2E, num_splits, hkv,
         PER_HEAD=bool(per_head), GROUP=group, HEAD_DIM=d, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        CAST_F32=cast, IEEE=cast,
+        CAST_F32=cast, IEEE=cast, **launch,
     )
     kernel(_decode_pass2, device)[(bsz, hq)](
         o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0),

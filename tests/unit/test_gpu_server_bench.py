@@ -43,12 +43,17 @@ def test_phase_figures_and_the_comparison():
     assert "not meaningful" not in bench.markdown({"device": "cuda", "phases": [full]})
 
 
+def session_argv(script: str, benchmark: str, var: str, budget: str, out: Path) -> list[str]:
+    """The arguments gpu_session.sh gives ``benchmark``, with ``$OUT`` and its budget filled in."""
+    line = re.search(rf"python3 benchmarks/{benchmark} (.*?) 2>&1", script.replace("\\\n", " "), re.S)
+    assert line, f"gpu_session.sh no longer runs {benchmark}"
+    argv = line.group(1).replace('"$OUT"', str(out)).replace(f'"${var}_BUDGET"', budget)
+    return argv.replace(f"${{{var}_ARGS:-}}", "").split()
+
+
 def test_gpu_session_command_line_parses(tmp_path, monkeypatch):
     script = (REPO / "scripts" / "gpu_session.sh").read_text()
-    line = re.search(r"python3 benchmarks/gpu_server_bench.py (.*?) 2>&1", script.replace("\\\n", " "), re.S)
-    assert line, "gpu_session.sh no longer runs the benchmark"
-    argv = line.group(1).replace('"$OUT"', str(tmp_path)).replace('"$BENCH_BUDGET"', "180")
-    argv = argv.replace("${BENCH_ARGS:-}", "").split()
+    argv = session_argv(script, "gpu_server_bench.py", "BENCH", "180", tmp_path)
     seen = {}
     monkeypatch.setattr(bench.smoke, "stop_servers_on_sigterm", lambda: None)  # leave pytest's SIGTERM alone
     monkeypatch.setattr(bench.smoke, "serve", lambda *a, **kw: seen.update(kw) or {"ok": False, "error": "no server"})
@@ -56,3 +61,32 @@ def test_gpu_session_command_line_parses(tmp_path, monkeypatch):
     assert seen["startup_timeout"] <= 180 and (tmp_path / "server_bench.json").exists()
     assert "server failed" in (tmp_path / "server_bench.md").read_text()
     assert script.index("gpu_server_smoke.py") < script.index("gpu_server_bench.py") < script.index("gpu_suite.py")
+
+
+def test_gpu_session_speed_command_line_parses(tmp_path, monkeypatch):
+    """The speed step of gpu_session.sh parses, keeps its server starts within its budget, and a
+    run whose servers never come up says so (exit 1, the errors in its report)."""
+    from contextlib import contextmanager
+
+    import gpu_server_speed as speed
+
+    from vlcache_sglang.tooling import serving
+
+    script = (REPO / "scripts" / "gpu_session.sh").read_text()
+    argv = session_argv(script, "gpu_server_speed.py", "SPEED", "120", tmp_path)
+    seen = {}
+
+    @contextmanager
+    def no_servers(specs):
+        seen.update(specs)
+        yield {name: RuntimeError(f"{name} did not start") for name in specs}
+
+    monkeypatch.setattr(speed.smoke, "stop_servers_on_sigterm", lambda: None)
+    monkeypatch.setattr(serving, "running_servers", no_servers)
+    assert speed.main(argv + ["--scale", "rehearsal", "--requests", "2", "--single", "1"]) == 1
+    assert set(seen) == {"stock", "vlcache"}
+    assert all(spec["startup_timeout"] <= 120 for spec in seen.values())
+    assert "--load-format" in seen["stock"]["extra_args"]
+    report = (tmp_path / "server_speed.json").read_text()
+    assert "stock did not start" in report and "vlcache did not start" in report
+    assert script.index("gpu_server_smoke.py") < script.index("gpu_server_speed.py") < script.index("gpu_suite.py")

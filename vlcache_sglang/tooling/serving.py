@@ -194,16 +194,19 @@ class _PortTaken(RuntimeError):
 def start_server(model_path: str | os.PathLike, *, attention_backend: str = "vlcache",
                  extra_args: list[str] | None = None, extra_env: dict[str, str] | None = None,
                  log_path: str | os.PathLike | None = None, startup_timeout: float = 240.0,
-                 port_attempts: int = 3, **kwargs) -> ServerHandle:
+                 port_attempts: int = 3, spawned: list[ServerHandle] | None = None, **kwargs) -> ServerHandle:
     """Launch the stock SGLang server and wait until it generates; raises with the log tail on failure.
 
     Only a lost race for the HTTP port is retried (on a fresh port): SGLang logs
-    ``address already in use`` and then waits forever instead of exiting.
+    ``address already in use`` and then waits forever instead of exiting. Each process is
+    appended to ``spawned`` as soon as it exists, so a caller stopped while it waits (SIGTERM)
+    can stop servers that are not up yet.
     """
     for attempt in range(port_attempts):
         try:
             return _start_once(model_path, attention_backend=attention_backend, extra_args=extra_args,
-                               extra_env=extra_env, log_path=log_path, startup_timeout=startup_timeout, **kwargs)
+                               extra_env=extra_env, log_path=log_path, startup_timeout=startup_timeout,
+                               spawned=spawned, **kwargs)
         except _PortTaken as exc:
             if attempt == port_attempts - 1:
                 raise RuntimeError(f"SGLang server could not bind a port in {port_attempts} attempts:\n{exc}") from None
@@ -212,7 +215,7 @@ def start_server(model_path: str | os.PathLike, *, attention_backend: str = "vlc
 
 def _start_once(model_path: str | os.PathLike, *, attention_backend: str, extra_args: list[str] | None,
                 extra_env: dict[str, str] | None, log_path: str | os.PathLike | None,
-                startup_timeout: float, **kwargs) -> ServerHandle:
+                startup_timeout: float, spawned: list[ServerHandle] | None = None, **kwargs) -> ServerHandle:
     port = free_port()
     cmd = server_command(model_path, attention_backend=attention_backend, port=port, extra_args=extra_args, **kwargs)
     log = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="sglang-", suffix=".log")[1])
@@ -220,6 +223,8 @@ def _start_once(model_path: str | os.PathLike, *, attention_backend: str, extra_
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=server_env(extra_env),
                                 start_new_session=True)
     handle = ServerHandle(process=proc, port=port, log_path=log, args=cmd)
+    if spawned is not None:
+        spawned.append(handle)
     bind_failure = f"error while attempting to bind on address ('{LOOPBACK}', {port})"
     deadline = time.monotonic() + startup_timeout
     while time.monotonic() < deadline:
@@ -245,3 +250,28 @@ def running_server(model_path: str | os.PathLike, **kwargs) -> Iterator[ServerHa
         yield handle
     finally:
         handle.stop()
+
+
+@contextmanager
+def running_servers(specs: dict[str, dict]) -> Iterator[dict[str, ServerHandle | Exception]]:
+    """Start every server of ``specs`` (name -> :func:`start_server`'s keywords, ``model_path``
+    among them) at the same time and wait for all: their imports, weight loading and JIT builds
+    overlap. Yields name -> handle, or the exception that server failed with; stops them all on
+    exit, also those still starting when the caller is stopped."""
+    import concurrent.futures as cf
+
+    spawned: list[ServerHandle] = []
+    pool = cf.ThreadPoolExecutor(max_workers=len(specs))
+    try:
+        futures = {name: pool.submit(start_server, spawned=spawned, **spec) for name, spec in specs.items()}
+        results: dict[str, ServerHandle | Exception] = {}
+        for name, future in futures.items():
+            try:
+                results[name] = future.result()
+            except Exception as exc:
+                results[name] = exc
+        yield results
+    finally:
+        for handle in list(spawned):  # a server not up yet exits, and its start thread with it
+            handle.stop()
+        pool.shutdown(wait=True)
