@@ -54,3 +54,35 @@ def test_dual_gemm_without_cutlass_is_off_with_the_profile(tmp_path, with_profil
         assert "MODE None MAX 0" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     else:  # what the first GPU run met (there: No module named 'cutlass'; here 'cuda' comes first)
         assert "IMPORT ERROR" in proc.stdout, proc.stdout
+
+
+HANGING_SERVER = textwrap.dedent("""
+    import threading, time
+    def first_request():
+        time.sleep(120)  # stands for a server stuck in its first request
+    threading.Thread(target=first_request, name="stuck-scheduler", daemon=True).start()
+    print("READY", flush=True)
+    time.sleep(120)
+""")
+
+
+def test_a_server_stopped_before_it_was_ready_leaves_its_stacks(tmp_path):
+    """The profile's SIGUSR1 handler, and ``ServerHandle.stop(dump_stacks=True)`` using it: a
+    process of the profile stopped while it hangs writes every thread's stack into its log."""
+    import time
+
+    from vlcache_sglang.tooling.serving import ServerHandle
+
+    site = tmp_path / "site"
+    install_profile(site)
+    log = tmp_path / "server.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", HANGING_SERVER], stdout=fh, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONPATH=str(site)), start_new_session=True)
+    deadline = time.monotonic() + 60
+    while "READY" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ServerHandle(process=proc, port=0, log_path=log).stop(timeout=10, dump_stacks=True)
+    text = log.read_text()
+    assert proc.poll() is not None, "the process group was stopped"
+    assert "first_request" in text and "Thread 0x" in text, text[-2000:]

@@ -8,15 +8,22 @@ Standard library only. It adapts SGLang 0.5.23 to what the lent GPU machine lack
   run's servers died there. When that import fails, the mode is ``None``: SGLang's own choice for
   any layer the fused kernel does not serve (its gate-up and down GEMMs run as two plain GEMMs).
 
+* a server that hangs says where: ``SIGUSR1`` writes every thread's Python stack of the process
+  to its stderr, the server log (``faulthandler``). ``serving`` sends it to a server's process
+  group before stopping one that never became ready (the first GPU run's vlcache server sat in
+  its first request for 50 s and left no clue).
+
 Applied by a post-import hook, so SGLang is not imported at interpreter start; it runs in every
 process that has the site folder on ``PYTHONPATH`` (the stock and the vlcache servers alike, so
 their comparison stays like for like). Logged once per process.
 """
 from __future__ import annotations
 
+import faulthandler
 import importlib.abc
 import importlib.machinery
 import logging
+import signal
 import sys
 
 DUAL_GEMM_MODULE = "sglang.srt.layers.dual_gemm"
@@ -74,6 +81,7 @@ class _PatchingLoader(importlib.abc.Loader):
 def install() -> None:
     if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _PostImportFinder())
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
 
 
 install()

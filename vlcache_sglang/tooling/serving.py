@@ -23,6 +23,7 @@ from typing import Iterator
 import requests
 
 LOOPBACK = "127.0.0.1"
+STACK_DUMP_WAIT_S = 3.0  # after SIGUSR1, for every process to write its stacks
 
 
 def vlcache_state(url: str) -> dict:
@@ -132,9 +133,19 @@ class ServerHandle:
         except OSError:
             return ""
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM the server's process group, wait until every member is gone, then SIGKILL."""
+    def stop(self, timeout: float = 30.0, dump_stacks: bool = False) -> None:
+        """SIGTERM the server's process group, wait until every member is gone, then SIGKILL.
+
+        ``dump_stacks``: first ``SIGUSR1`` to the group and a moment's wait: processes of the GPU
+        profile (:mod:`~vlcache_sglang.tooling.gpu_sitecustomize`) write every thread's stack into
+        the log; a process without that handler just ends, as it was about to."""
         pgid = self.process.pid
+        if dump_stacks and self.process.poll() is None:
+            try:
+                os.killpg(pgid, signal.SIGUSR1)
+                time.sleep(STACK_DUMP_WAIT_S)
+            except ProcessLookupError:
+                return
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
             try:
                 os.killpg(pgid, sig)
@@ -239,7 +250,7 @@ def _start_once(model_path: str | os.PathLike, *, attention_backend: str, extra_
                 handle.stop()
                 raise _PortTaken(handle.log_tail()) from None
         time.sleep(1.0)
-    handle.stop()
+    handle.stop(dump_stacks=True)
     raise TimeoutError(f"SGLang server not ready after {startup_timeout:.0f} s:\n{handle.log_tail()}")
 
 
@@ -261,10 +272,10 @@ def running_servers(specs: dict[str, dict]) -> Iterator[dict[str, ServerHandle |
     import concurrent.futures as cf
 
     spawned: list[ServerHandle] = []
+    results: dict[str, ServerHandle | Exception] = {}
     pool = cf.ThreadPoolExecutor(max_workers=len(specs))
     try:
         futures = {name: pool.submit(start_server, spawned=spawned, **spec) for name, spec in specs.items()}
-        results: dict[str, ServerHandle | Exception] = {}
         for name, future in futures.items():
             try:
                 results[name] = future.result()
@@ -272,6 +283,7 @@ def running_servers(specs: dict[str, dict]) -> Iterator[dict[str, ServerHandle |
                 results[name] = exc
         yield results
     finally:
-        for handle in list(spawned):  # a server not up yet exits, and its start thread with it
-            handle.stop()
+        ready = {id(h) for h in results.values() if isinstance(h, ServerHandle)}
+        for handle in list(spawned):  # a server not up yet exits (saying where it was), its start thread with it
+            handle.stop(dump_stacks=id(handle) not in ready)
         pool.shutdown(wait=True)
