@@ -258,7 +258,6 @@ def main() -> int:
     t0 = time.monotonic()
     from tests.conftest import make_test_image, png_base64
     from vlcache_sglang.bundled import bundled_model_dir
-
     from vlcache_sglang.tooling.serving import has_cuda
 
     together = has_cuda() if args.together is None else args.together

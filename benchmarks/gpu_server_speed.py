@@ -101,7 +101,7 @@ def measure(handle, side: str, images: list[str], clients: int, budget: float | 
         "output_tokens_per_s": sum(s["completion_tokens"] for s in ok) / wall if wall > 0 and ok else None,
         "ttft_median_s": median(s["ttft_s"] for s in ok), "itl_median_s": median(s["itl_s"] for s in ok),
         "prompt_tokens_mean": statistics.mean(s["prompt_tokens"] for s in ok) if ok else None,
-        "kept_ratio_mean": median(s.get("kept_ratio") for s in ok),
+        "kept_ratio_median": median(s.get("kept_ratio") for s in ok),
         "kv_tokens_saved": after.get("kv_tokens_saved", 0) - before.get("kv_tokens_saved", 0),
         "requests_compressed": after.get("requests_compressed", 0) - before.get("requests_compressed", 0),
         "peak_running": peak_running(handle.log_path, offset), "peak_live_kv": poller.live,
@@ -184,23 +184,18 @@ def write(report: dict, out: Path) -> str:
     return md
 
 
-def server_specs(model: Path, args, out: Path, cuda: bool, together: bool) -> dict[str, dict]:
+def server_specs(model: Path, args, out: Path, cuda: bool, stock_backend: str) -> dict[str, dict]:
+    """Both servers' :func:`gpu_server_smoke.launch_spec`: the same flags, pool and profile."""
     common = ["--load-format", "dummy", "--dtype", args.dtype, "--decode-log-interval", "1",
               "--cuda-graph-backend-prefill=disabled"]
     if cuda:
         common += ["--mm-attention-backend", args.mm_attention_backend,
                    "--cuda-graph-max-bs-decode", str(args.max_running)]
-        if together:  # two servers share the GPU: each keeps to its part
+        if args.together:  # two servers share the GPU: each keeps to its part
             common += ["--mem-fraction-static", str(args.mem_fraction_static)]
     launch = {"max_total_tokens": args.max_total_tokens, "max_running_requests": args.max_running}
-    stock_backend = "flashinfer" if cuda else "torch_native"
-    env = {**smoke.GPU_PROFILE_ENV, "PYTHONPATH": __import__("os").environ.get("PYTHONPATH", "")}
-    return {
-        "stock": dict(model_path=model, attention_backend=stock_backend, log_path=out / "server_speed_stock.log",
-                      extra_args=smoke.GPU_PROFILE_ARGS + common, extra_env=env, **launch),
-        "vlcache": dict(model_path=model, attention_backend="vlcache", log_path=out / "server_speed_vlcache.log",
-                        extra_args=smoke.GPU_PROFILE_ARGS + common, extra_env=env, **launch),
-    }
+    return {"stock": smoke.launch_spec(model, stock_backend, out, "speed_stock", common, **launch),
+            "vlcache": smoke.launch_spec(model, "vlcache", out, "speed_vlcache", common, **launch)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     args.max_total_tokens = pool_tokens(sizes[0][1], args.pool_requests or args.batch, args.max_new)
     args.max_running = max(args.batch, args.requests)
     model = write_dummy_model(Path(tempfile.gettempdir()) / f"vlcache-qwen2vl-{args.scale}-dummy", args.scale)
+    stock_backend = "flashinfer" if cuda else "torch_native"
     report = {"scale": args.scale, "device": "cuda" if cuda else "cpu", "budget": args.budget,
-              "stock_backend": "flashinfer" if cuda else "torch_native", "max_total_tokens": args.max_total_tokens,
+              "stock_backend": stock_backend, "max_total_tokens": args.max_total_tokens,
               "max_new": args.max_new, "together": args.together,
               "args": {k: str(v) for k, v in vars(args).items()}, "phases": {}}
     if cuda:
@@ -260,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         warm = {tokens: png_base64(make_test_image(900 + j, (side, side))) for j, (side, tokens) in enumerate(sizes)}
         return plan, warm
 
-    images = cf.ThreadPoolExecutor(max_workers=1).submit(build_plan)
+    planned = cf.ThreadPoolExecutor(max_workers=1).submit(build_plan)
     n_phases = 2 * len(sizes)
     measurements_left = [n_phases * len(SIDES)]
 
@@ -282,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(write(report, args.out), flush=True)
 
     warmed: set = set()
-    specs = server_specs(model, args, args.out, cuda, args.together)
+    specs = server_specs(model, args, args.out, cuda, stock_backend)
     groups = [list(SIDES)] if args.together else [[s] for s in SIDES]
     try:
         for group in groups:
@@ -294,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                     if isinstance(h, Exception):
                         report.setdefault("server_errors", {})[s] = f"{type(h).__name__}: {h}"[-3000:]
                 up = {s: h for s, h in handles.items() if not isinstance(h, Exception)}
-                plan, warm = images.result()
+                plan, warm = planned.result()
                 for key, tokens, kind, phase_images in plan:
                     for s in group:
                         if s in up:
