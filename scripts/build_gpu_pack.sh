@@ -34,6 +34,20 @@ for d in cake_dsv4 cake_sampling kda fused_moe cake_fmha gdn experimental blackw
   rm -rf "${csrc:?}/$d"
 done
 rm -rf "$csrc"/alphamoe_*
+# FlashInfer's kernels for the GPU session, built here ahead of time (vlcache_sglang/tooling/
+# flashinfer_aot.py) where a CUDA 13 nvcc is found: the GPU then loads them instead of spending its
+# minutes in nvcc. Without nvcc the pack still works; the GPU builds them on first use.
+CUDA_HOME="${CUDA_HOME:-$(ls -d /usr/local/cuda-13* /usr/local/cuda 2>/dev/null | head -n 1)}"
+if [ "${SKIP_AOT:-0}" != 1 ] && [ -x "$CUDA_HOME/bin/nvcc" ] && "$CUDA_HOME/bin/nvcc" --version | grep -q "release 13\."; then
+  tvm_version="$(ls "$WORK"/apache_tvm_ffi-*.whl | sed -E 's/.*apache_tvm_ffi-([^-]+)-.*/\1/')"
+  "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$WORK/local" "apache-tvm-ffi==$tvm_version" "nvidia-curand>=10.4,<11"
+  mkdir -p "$WORK/local/site" && (cd "$WORK/local/site" && for w in "$WORK"/local/*.whl; do unzip -q -o "$w"; done)
+  PYTHONPATH="$WORK/site:$WORK/local/site:$ROOT" "$PY" -m vlcache_sglang.tooling.flashinfer_aot \
+    --aot-dir "$WORK/site/flashinfer/data/aot" --cuda-home "$CUDA_HOME" \
+    --curand-include "$(dirname "$(find "$WORK/local/site/nvidia" -name curand_kernel.h | head -n 1)")"
+else
+  echo "no CUDA 13 nvcc at CUDA_HOME=${CUDA_HOME:-unset} (or SKIP_AOT=1): FlashInfer's kernels will build on the GPU"
+fi
 tar -C "$WORK/site" -cf - . | xz -T0 -6 > "$DEST/flashinfer-$FI_VERSION-site.tar.xz"
 (cd "$DEST" && sha256sum ./*.whl ./*.tar.xz > SHA256SUMS)
 du -sh "$DEST"/*

@@ -15,5 +15,6 @@ if [ ! -d "$SITE/flashinfer" ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$SRC"/apache_tvm_ffi-*.whl >&2
 fi
 PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c \
-  "import flashinfer; from flashinfer.decode import BatchDecodeWithPagedKVCacheWrapper; print('flashinfer', flashinfer.__version__)" >&2
+  "import flashinfer, flashinfer.jit.env as e; from flashinfer.decode import BatchDecodeWithPagedKVCacheWrapper; \
+print('flashinfer', flashinfer.__version__, 'prebuilt modules:', sum(1 for p in e.FLASHINFER_AOT_DIR.glob('*/*.so')))" >&2
 echo "export PYTHONPATH=$SITE\${PYTHONPATH:+:\$PYTHONPATH}"

@@ -27,8 +27,14 @@ export FLASHINFER_CUDA_ARCH_LIST="${FLASHINFER_CUDA_ARCH_LIST:-9.0a}"   # H100/H
 export FLASHINFER_WORKSPACE_BASE="${FLASHINFER_WORKSPACE_BASE:-$ROOT/out/flashinfer-ws}"
 mkdir -p "$FLASHINFER_WORKSPACE_BASE"
 STEPS="${STEPS-smoke speed bench suite}"
-pack_out() { [ -n "${PACK_TO:-}" ] && tar -czf "$PACK_TO" -C "$OUT" . 2>/dev/null; true; }
-trap pack_out EXIT
+# every FlashInfer module this session still had to compile (the pack's prebuilt ones load instead;
+# vlcache_sglang/tooling/flashinfer_aot.py), counted over all logs, then all of $OUT in one file
+finish() {
+  grep -rhoE "Building JIT module [^;]+" "$OUT" --include='*.log' 2>/dev/null | sort | uniq -c \
+    > "$OUT/flashinfer_jit_built.txt"
+  [ -n "${PACK_TO:-}" ] && tar -czf "$PACK_TO" -C "$OUT" . 2>/dev/null; true
+}
+trap finish EXIT
 trap 'exit 143' TERM INT
 has_step() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
 {
