@@ -114,6 +114,12 @@ class ServerEvaluator:
         r.raise_for_status()
         return str(r.json().get("model_path"))
 
+    def cells(self) -> str:
+        """The KV cells the server holds (``--vlcache-cells``): what its kept ratios count."""
+        from vlcache_sglang.tooling.serving import vlcache_state
+
+        return str(vlcache_state(self.url).get("cells", "layer"))
+
     def ask(self, policy: PolicyConfig, item: EvalItem) -> Answer:
         body = {
             "model": "default", "temperature": 0, "max_tokens": self.max_tokens, "return_meta_info": True,
@@ -145,10 +151,11 @@ class HFEvaluator:
 
     Assumed API: ``hf_eval.load(model_path, *, device) -> handle`` and
     ``hf_eval.answer(handle, policy: PolicyConfig, image: PIL.Image, question: str, *,
-    max_new_tokens: int) -> (text: str, kept_ratio: float, prompt_tokens: int)``.
+    max_new_tokens: int, cells: str) -> (text: str, kept_ratio: float, prompt_tokens: int)``; ``cells``
+    as the server's ``--vlcache-cells``, and the kept ratio is what that server would hold.
     """
 
-    def __init__(self, model_path: str, *, max_tokens: int = 16, device: str = "cpu") -> None:
+    def __init__(self, model_path: str, *, max_tokens: int = 16, device: str = "cpu", cells: str = "layer") -> None:
         try:
             import vlcache_sglang.research.hf_eval as hf_eval
         except ImportError as exc:
@@ -162,12 +169,13 @@ class HFEvaluator:
         self._hf = hf_eval
         self.handle = hf_eval.load(model_path, device=device)
         self.max_tokens = max_tokens
+        self.cells = cells
 
     def evaluate(self, policy: PolicyConfig, items: Sequence[EvalItem]) -> TrialResult:
         t0 = time.monotonic()
         answers = []
         for it in items:
             text, kept, tokens = self._hf.answer(self.handle, policy, it.image(), it.question,
-                                                 max_new_tokens=self.max_tokens)
+                                                 max_new_tokens=self.max_tokens, cells=self.cells)
             answers.append(Answer(str(text), float(kept), int(tokens)))
         return score(items, answers, time.monotonic() - t0)

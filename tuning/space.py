@@ -3,8 +3,9 @@
 Searched (PolicyConfig field names): ``alpha`` (budget ratio, log scale), ``window_mode`` with its
 length (``window_size`` for ``last_w``; ``max_window`` cap for ``post_vision``, 0 = no cap),
 ``sparsity_threshold`` (log), ``recent_share`` and ``recent_window`` (one recent window shared by
-every layer, or the paper's per-layer share of each budget), ``clip_min``, ``clip_max``, ``granularity``,
-``pool_kernel``, ``redistribute``. ``--fix name=value`` pins a parameter (or any other
+every layer, or the paper's per-layer share of each budget), ``clip_min``, ``clip_max``, ``granularity``
+with, for ``head``, its ``head_budget`` split (uniform, or AdaKV's adaptive one with its
+``head_floor``), ``pool_kernel``, ``redistribute``. ``--fix name=value`` pins a parameter (or any other
 PolicyConfig field) and removes it from the search. The clip ranges follow the alpha range so
 every sampled point is a valid policy (``clip_min <= alpha <= clip_max``).
 """
@@ -25,8 +26,19 @@ from optuna.distributions import (
 
 from vlcache_sglang.policy import PolicyConfig, PolicyConfigError
 
-#: parameters that only exist for one window mode
-CONDITIONAL = {"window_size": "last_w", "max_window": "post_vision"}
+#: parameters that only exist under one value of another: name -> (parent, value). A parent comes
+#: first; one that is inactive or fixed elsewhere has its PolicyConfig default.
+CONDITIONAL = {"window_size": ("window_mode", "last_w"), "max_window": ("window_mode", "post_vision"),
+               "head_budget": ("granularity", "head"), "head_floor": ("head_budget", "adaptive")}
+_DEFAULTS = PolicyConfig().to_dict()
+
+
+def _active(name: str, values: Mapping[str, Any]) -> bool:
+    """Whether ``name`` means anything given the other values (its parents' chain holds)."""
+    if name not in CONDITIONAL:
+        return True
+    parent, needs = CONDITIONAL[name]
+    return _active(parent, values) and values.get(parent, _DEFAULTS[parent]) == needs
 
 
 class SpaceError(ValueError):
@@ -48,6 +60,8 @@ def default_distributions(alpha_lo: float = 0.02, alpha_hi: float = 0.5) -> dict
         "clip_min": FloatDistribution(0.0, min(0.02, alpha_lo)),
         "clip_max": FloatDistribution(max(0.5, alpha_hi), 1.0) if alpha_hi < 1.0 else CategoricalDistribution([1.0]),
         "granularity": CategoricalDistribution(["layer", "head"]),
+        "head_budget": CategoricalDistribution(["uniform", "adaptive"]),
+        "head_floor": FloatDistribution(0.05, 0.5),
         "pool_kernel": CategoricalDistribution([1, 3, 5, 7]),
         "redistribute": CategoricalDistribution([True, False]),
     }
@@ -84,10 +98,9 @@ class SearchSpace:
               alpha_range: tuple[float, float] = (0.02, 0.5)) -> "SearchSpace":
         fixed = {"method": method, **dict(fixed or {})}
         dists = {k: v for k, v in default_distributions(*alpha_range).items() if k not in fixed}
-        if fixed.get("window_mode") == "last_w":
-            dists.pop("max_window", None)
-        if fixed.get("window_mode") == "post_vision":
-            dists.pop("window_size", None)
+        for name, (parent, needs) in CONDITIONAL.items():  # parents first: a fixed or dropped one
+            if parent not in dists and fixed.get(parent, _DEFAULTS[parent]) != needs:
+                dists.pop(name, None)
         space = cls(dists, fixed)
         try:  # fail now, not in trial 1: fixed values with the widest sampled values
             for extreme in (0, -1):
@@ -100,12 +113,10 @@ class SearchSpace:
         """Ask the trial for every active parameter (window length conditional on the mode)."""
         params: dict[str, Any] = {}
         for name, dist in self.distributions.items():
-            if name in CONDITIONAL:
-                continue
-            params[name] = suggest(trial, name, dist)
-        mode = params.get("window_mode", self.fixed.get("window_mode", "post_vision"))
-        for name, needs in CONDITIONAL.items():
-            if name in self.distributions and mode == needs:
+            if name not in CONDITIONAL:
+                params[name] = suggest(trial, name, dist)
+        for name in CONDITIONAL:  # parents first
+            if name in self.distributions and _active(name, {**self.fixed, **params}):
                 params[name] = suggest(trial, name, self.distributions[name])
         return params
 
@@ -114,9 +125,8 @@ class SearchSpace:
         values = {**self.fixed, **params}
         if values.get("max_window") == 0:
             values["max_window"] = None
-        mode = values.get("window_mode", "post_vision")
-        for name, needs in CONDITIONAL.items():  # inactive conditionals keep the default
-            if name in params and mode != needs:
+        for name in CONDITIONAL:  # inactive conditionals keep the default
+            if name in params and not _active(name, values):
                 values.pop(name)
         return PolicyConfig().replace(**values)
 
@@ -130,7 +140,7 @@ class SearchSpace:
         fields["pool_kernel"] = policy.resolved_pool_kernel()
         params = {}
         for name, dist in self.distributions.items():
-            if name in CONDITIONAL and fields["window_mode"] != CONDITIONAL[name]:
+            if not _active(name, fields):
                 continue
             if not _inside(dist, fields[name]):
                 return None

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", choices=("server", "hf"), default="server",
                    help="server: real SGLang server; hf: Hugging Face harness (quick runs)")
     e.add_argument("--url", default=None, help="use this running vlcache server instead of starting one")
+    e.add_argument("--cells", choices=("layer", "head"), default="layer",
+                   help="KV cells the policy will be served with (--vlcache-cells): layer holds per-head "
+                        "plans as the union over heads, head holds each head's own positions")
     e.add_argument("--max-tokens", type=int, default=16)
     e.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     o = p.add_argument_group("output")
@@ -87,26 +90,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def open_evaluator(args: argparse.Namespace, spec: ModelSpec) -> Iterator[Evaluator]:
-    """The evaluator of ``--backend``: a server (given or started here) or the HF harness."""
+def open_evaluator(args: argparse.Namespace, spec: ModelSpec,
+                   given: ServerEvaluator | None = None) -> Iterator[Evaluator]:
+    """The evaluator of ``--backend``: a server (``given``, checked by :func:`url_evaluator`, or
+    started here) or the HF harness."""
     if args.backend == "hf":
-        yield HFEvaluator(spec.model_path, max_tokens=args.max_tokens)
+        yield HFEvaluator(spec.model_path, max_tokens=args.max_tokens, cells=args.cells)
         return
-    if args.url:
-        ev = ServerEvaluator(args.url, max_tokens=args.max_tokens, concurrency=args.concurrency)
-        served = ev.model_path()
-        if _same_model(served, spec.model_path):
-            yield ev
-            return
-        raise StudyError(f"the server at {args.url} serves {served!r}, not {spec.model_path!r}")
+    if given is not None:
+        yield given
+        return
     from vlcache_sglang.tooling.serving import running_server
 
     print(f"starting an SGLang server for {spec.model_path} ...", flush=True)
     # the policy travels whole in every request; 'none' keeps any per-model default out of it
     with running_server(spec.model_path, attention_backend="vlcache",
-                        extra_args=["--vlcache-config", "none"]) as server:
+                        extra_args=["--vlcache-config", "none", "--vlcache-cells", args.cells]) as server:
         print(f"server ready at {server.url} (log {server.log_path})", flush=True)
         yield ServerEvaluator(server.url, max_tokens=args.max_tokens, concurrency=args.concurrency)
+
+
+def url_evaluator(args: argparse.Namespace, spec: ModelSpec) -> ServerEvaluator:
+    """The ``--url`` server, once it is known to serve this model with ``--cells`` (checked before
+    the study is opened, so a refused launch stores nothing)."""
+    ev = ServerEvaluator(args.url, max_tokens=args.max_tokens, concurrency=args.concurrency)
+    served = ev.model_path()
+    if not _same_model(served, spec.model_path):
+        raise StudyError(f"the server at {args.url} serves {served!r}, not {spec.model_path!r}")
+    cells = ev.cells()
+    if cells != args.cells:  # the kept share it reports would be another memory than the one tuned for
+        raise StudyError(f"the server at {args.url} serves --vlcache-cells {cells}, not {args.cells}: pass "
+                         f"--cells {cells}, or relaunch it with --vlcache-cells {args.cells}")
+    return ev
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -118,9 +133,12 @@ def _same_model(a: str, b: str) -> bool:
 
 def _setup(args: argparse.Namespace, spec: ModelSpec, space: SearchSpace, objective: ObjectiveSpec,
            dataset: str, study_split: str) -> dict[str, Any]:
-    return {"space": space.signature(), "objective": objective.signature(), "model": spec.model_path,
-            "dataset": dataset, "study_split": study_split, "qtypes": sorted(args.qtypes or []),
-            "per_group": args.per_group, "max_tokens": args.max_tokens}
+    setup = {"space": space.signature(), "objective": objective.signature(), "model": spec.model_path,
+             "dataset": dataset, "study_split": study_split, "qtypes": sorted(args.qtypes or []),
+             "per_group": args.per_group, "max_tokens": args.max_tokens}
+    if args.cells != "layer":  # only then: studies stored before --cells existed still resume
+        setup["cells"] = args.cells
+    return setup
 
 
 def _reference(study, key: str, evaluate) -> TrialResult:
@@ -229,6 +247,7 @@ def _main(args: argparse.Namespace) -> int:
     heldout_items = load_items(dataset, heldout_split, groups=args.qtypes, per_group=args.per_group)
     if {it.id for it in study_items} & {it.id for it in heldout_items} and Path(str(dataset)).is_dir():
         raise DatasetError(f"splits {study_split!r} and {heldout_split!r} share item ids; they must be disjoint")
+    given = url_evaluator(args, spec) if args.backend == "server" and args.url else None
     url = storage_url(args.storage)
     storage = open_storage(url)
     name = args.study_name or f"{spec.name.replace('/', '--')}-{objective.kind}"
@@ -245,7 +264,7 @@ def _main(args: argparse.Namespace) -> int:
           f"{len(study_items)} study items ({study_split}), "
           f"{len(heldout_items)} held-out items ({heldout_split})", flush=True)
 
-    with open_evaluator(args, spec) as evaluator:
+    with open_evaluator(args, spec, given) as evaluator:
         from vlcache_sglang.policy import PolicyConfig
 
         full = _reference(study, "ref_full_cache", lambda: evaluator.evaluate(FULL_CACHE, study_items))
@@ -281,7 +300,7 @@ def _report(args, spec: ModelSpec, name: str, url: str, records: list[TrialRecor
     provenance = {
         "written_by": "vlcache-tune", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": spec.name, "model_path": spec.model_path, "study_name": name, "storage": url,
-        "objective": objective.signature(), "trial": chosen.number, "params": chosen.params,
+        "objective": objective.signature(), "cells": args.cells, "trial": chosen.number, "params": chosen.params,
         "study_split": {"name": study_split, "accuracy": chosen.accuracy, "kept_ratio": chosen.kept_ratio,
                         "full_cache_accuracy": full.accuracy},
         "heldout": {"name": heldout_split, **{k: v.to_dict() for k, v in held.items()}},

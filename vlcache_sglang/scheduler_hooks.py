@@ -155,6 +155,8 @@ def add_vlcache_state(result, internal_state, state, *args, **kwargs):
         "freed_reads": getattr(backend, "freed_reads", 0),
         # whether freed_reads was being counted at all (VLCACHE_DEBUG_CHECKS=1)
         "debug_checks": bool(getattr(backend, "debug_checks", False)),
+        # KV cell granularity served (--vlcache-cells): what a request's vlcache_kept_ratio counts
+        "cells": "head" if compressor is not None and compressor.head_cells else "layer",
         "tp_size": compressor.gather.world_size if compressor else 1,
         "tp_plans_checked": compressor.gather.plans_checked if compressor else 0,  # debug checks
         "tp_plan_mismatches": compressor.gather.plan_mismatches if compressor else 0,

@@ -104,6 +104,18 @@ def test_budget_one_gives_the_full_cache_tokens(server, hf):
     assert out["meta_info"].get("vlcache_kv_tokens_saved", [0])[0] == 0
 
 
+def test_server_info_names_the_cells_and_kept_ratio_counts_them(server):
+    """``/server_info`` says which cells the server holds (``tune.py --cells`` checks it), and a
+    per-head plan's ``vlcache_kept_ratio`` is the share the heads hold, not the layers' union."""
+    assert vlcache_state(server.url)["cells"] == "head"
+    out = generate(server, make_test_image(45, (336, 280)), budget=0.1, granularity="head", return_plan=True)
+    meta = out["meta_info"]
+    head_kept = meta["vlcache_head_kept_positions"][0]
+    cells = sum(len(h) for layer in head_kept for h in layer)
+    assert meta["vlcache_kept_ratio"][0] == pytest.approx(
+        cells / (len(head_kept) * len(head_kept[0]) * meta["vlcache_planned_tokens"][0]))
+
+
 def test_layer_plans_on_head_cells_equal_the_reference(server, hf):
     image = make_test_image(42, (336, 280))
     out = generate(server, image, budget=0.1, return_plan=True)

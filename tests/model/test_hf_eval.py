@@ -194,6 +194,24 @@ def test_tuning_adapter_answer(setup):
     assert (text, ratio, m) == (out.prediction, out.kept_ratio, out.prompt_len)
 
 
+def test_tuning_adapter_answer_counts_what_the_cells_hold(setup):
+    """Per-head plans: layer cells hold each layer's union over heads, head cells each head's own
+    positions, so the tuner's kept share (its memory objective) depends on ``cells``."""
+    from vlcache_sglang.research.hf_eval import HFHandle, answer, evaluate_policies
+
+    model, prompter, items = setup
+    handle, item = HFHandle(model, prompter, MODEL), items[2]
+    cfg = PolicyConfig(alpha=0.1, granularity="head", head_budget="adaptive")
+    _, union, _ = answer(handle, cfg, item.image, item.question, max_new_tokens=MAX_NEW, cells="layer")
+    text, held, m = answer(handle, cfg, item.image, item.question, max_new_tokens=MAX_NEW, cells="head")
+    out = evaluate_policies(model, prompter, items[2:3], [cfg], MAX_NEW, progress=False, cells="head")[0].items[0]
+    assert held < union and (text, held, m) == (out.prediction, out.held_ratio, out.prompt_len)
+    layer_cfg = PolicyConfig(alpha=0.1)  # one set per layer: both cells hold the same
+    ratios = [answer(handle, layer_cfg, item.image, item.question, max_new_tokens=MAX_NEW, cells=c)[1]
+              for c in ("layer", "head")]
+    assert ratios[0] == pytest.approx(ratios[1])
+
+
 def test_fidelity_measures():
     from vlcache_sglang.research.hf_eval import next_token_kl, token_agreement
 

@@ -92,17 +92,35 @@ def test_policy_request_carries_the_whole_policy():
 def test_every_sampled_point_is_a_valid_policy_and_conditionals_follow_the_mode():
     space = SearchSpace.build()
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
-    modes = set()
+    modes, splits = set(), set()
     for _ in range(60):
         trial = study.ask()
         params = space.sample(trial)
         policy = space.to_policy(params)
         modes.add(policy.window_mode)
+        splits.add((policy.granularity, policy.head_budget))
         assert ("window_size" in params) == (policy.window_mode == "last_w")
         assert ("max_window" in params) == (policy.window_mode == "post_vision")
+        assert ("head_budget" in params) == (policy.granularity == "head")  # AdaKV's split: heads only
+        assert ("head_floor" in params) == (policy.head_budget == "adaptive")
+        if "head_floor" not in params:
+            assert policy.head_floor == PolicyConfig().head_floor
+        assert space.params_for(policy) == params  # every point maps back to itself
         assert policy.clip_min <= policy.alpha <= policy.clip_max and policy.method == "vlcache"
         study.tell(trial, [0.0, 0.0])
     assert modes == {"post_vision", "last_w"}
+    assert splits == {("layer", "uniform"), ("head", "uniform"), ("head", "adaptive")}
+
+
+def test_a_fixed_parent_decides_its_conditionals():
+    layer = SearchSpace.build(fixed={"granularity": "layer"})
+    assert "head_budget" not in layer.distributions and "head_floor" not in layer.distributions
+    uniform = SearchSpace.build(fixed={"granularity": "head", "head_budget": "uniform"})
+    assert "head_floor" not in uniform.distributions
+    adaptive = SearchSpace.build(fixed={"head_budget": "adaptive"})  # granularity still searched
+    assert {"granularity", "head_floor"} <= set(adaptive.distributions)
+    assert adaptive.to_policy({"granularity": "layer", "head_floor": 0.4}).head_floor == PolicyConfig().head_floor
+    assert adaptive.to_policy({"granularity": "head", "head_floor": 0.4}).head_floor == 0.4
 
 
 def test_fixing_a_parameter_removes_it_and_bad_values_are_refused():

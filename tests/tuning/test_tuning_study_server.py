@@ -74,6 +74,14 @@ def test_few_trial_study_writes_a_policy_measured_on_the_heldout_split(server, t
     assert rc == 2 and "different setup" in err and "granularity" in err
     assert len(complete_trials(db, "e2e")) == 4
 
+    # tuning for head cells on a server that holds layer cells would measure another memory
+    rc = main(COMMON + ["--url", server.url, "--cells", "head", "--n-trials", "1", "--storage", str(db),
+                        "--study-name", "cells", "--no-write"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--vlcache-cells layer" in err and "--cells layer" in err
+    stored = optuna.get_all_study_summaries(open_storage(storage_url(str(db))), include_best_trial=False)
+    assert [s.study_name for s in stored] == ["e2e"]  # refused before the study was opened
+
 
 def test_killed_study_resumes_without_losing_trials(server, tmp_path):
     db = tmp_path / "r.db"

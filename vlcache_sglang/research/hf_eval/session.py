@@ -37,10 +37,15 @@ def load(model_path: str | Path, *, device: str = "cpu") -> HFHandle:
 
 
 def answer(handle: HFHandle, policy: PolicyConfig, image, question: str, *,
-           max_new_tokens: int = 16) -> tuple[str, float, int]:
-    """``(text, kept_ratio, prompt_tokens)`` of one question under ``policy``."""
-    run = run_item(handle.model, handle.prompter, image, question, [policy], max_new_tokens)
+           max_new_tokens: int = 16, cells: str = "layer") -> tuple[str, float, int]:
+    """``(text, kept_ratio, prompt_tokens)`` of one question under ``policy``, served as a server
+    with ``--vlcache-cells cells`` would: with layer cells each layer holds the union over its heads
+    (``sum_l |U_l| / (L m)``), with head cells every (layer, KV head) its own positions
+    (``sum_{l,h} k_{l,h} / (L H m)``, :attr:`CompressionPlan.held_ratio`)."""
+    run = run_item(handle.model, handle.prompter, image, question, [policy], max_new_tokens, cells=cells)
     plan = run.plans[0]
-    kept = layer_positions(plan)
-    ratio = sum(int(k.numel()) for k in kept) / (plan.num_layers * plan.prompt_len)
+    if cells == "head":
+        ratio = plan.held_ratio
+    else:
+        ratio = sum(int(k.numel()) for k in layer_positions(plan)) / (plan.num_layers * plan.prompt_len)
     return handle.prompter.decode(run.outputs[0].tokens), ratio, plan.prompt_len
