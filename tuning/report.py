@@ -8,7 +8,8 @@ from .evaluator import TrialResult
 from .objectives import TrialRecord, pareto_front
 
 SHOWN_PARAMS = ("alpha", "window_mode", "window_size", "max_window", "sparsity_threshold", "recent_share",
-                "recent_window", "clip_min", "clip_max", "granularity", "pool_kernel", "redistribute")
+                "recent_window", "clip_min", "clip_max", "granularity", "head_budget", "head_floor", "pool_kernel",
+                "redistribute")
 
 
 def _fmt(value) -> str:

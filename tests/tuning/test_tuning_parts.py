@@ -171,6 +171,14 @@ def test_pareto_front_and_choices():
         ObjectiveSpec("memory-cap")
 
 
+def test_the_trials_table_shows_every_searched_parameter():
+    from tuning.report import trials_table
+
+    searched = SearchSpace.build("vlcache").distributions
+    header = trials_table([TrialRecord(0, dict.fromkeys(searched, 1), 0.5, 0.1)], None).splitlines()[0]
+    assert [n for n in searched if f" {n} |" not in header] == []
+
+
 # -- storage and study ---------------------------------------------------------------------------
 def test_storage_that_cannot_be_opened(tmp_path):
     bad = tmp_path / "bad.db"
