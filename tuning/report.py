@@ -25,12 +25,13 @@ def trials_table(records: Sequence[TrialRecord], chosen: TrialRecord | None, lim
     rest = sorted((r for r in records if r.number not in numbers), key=lambda r: (-r.accuracy, r.kept_ratio))
     rows = (front + rest)[:limit]
     params = [p for p in SHOWN_PARAMS if any(p in r.params for r in rows)]
-    lines = ["| trial | front | accuracy | kept KV | " + " | ".join(params) + " |",
-             "|---|---|---|---|" + "---|" * len(params)]
+    header = ["trial", "front", "accuracy", "kept KV", *params]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         mark = "**chosen**" if chosen is not None and r.number == chosen.number else ("yes" if r.number in numbers else "")
-        lines.append(f"| {r.number} | {mark} | {100 * r.accuracy:.1f}% | {100 * r.kept_ratio:.1f}% | "
-                     + " | ".join(_fmt(r.params.get(p, "-")) for p in params) + " |")
+        cells = [str(r.number), mark, f"{100 * r.accuracy:.1f}%", f"{100 * r.kept_ratio:.1f}%",
+                 *(_fmt(r.params.get(p, "-")) for p in params)]
+        lines.append("| " + " | ".join(cells) + " |")
     if len(records) > limit:
         lines.append(f"\n({len(records)} completed trials; {len(front)} on the Pareto front; first {limit} shown)")
     return "\n".join(lines)

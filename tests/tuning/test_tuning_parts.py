@@ -177,6 +177,8 @@ def test_the_trials_table_shows_every_searched_parameter():
     searched = SearchSpace.build("vlcache").distributions
     header = trials_table([TrialRecord(0, dict.fromkeys(searched, 1), 0.5, 0.1)], None).splitlines()[0]
     assert [n for n in searched if f" {n} |" not in header] == []
+    table = trials_table([TrialRecord(0, {}, 0.5, 0.1)], None).splitlines()  # no parameters: still a table
+    assert len({line.count("|") for line in table}) == 1
 
 
 # -- storage and study ---------------------------------------------------------------------------
