@@ -28,10 +28,11 @@ export FLASHINFER_WORKSPACE_BASE="${FLASHINFER_WORKSPACE_BASE:-$ROOT/out/flashin
 mkdir -p "$FLASHINFER_WORKSPACE_BASE"
 STEPS="${STEPS-smoke speed bench suite}"
 # every FlashInfer module this session still had to compile (the pack's prebuilt ones load instead;
-# vlcache_sglang/tooling/flashinfer_aot.py), counted over all logs, then all of $OUT in one file
+# vlcache_sglang/tooling/flashinfer_aot.py) and every prebuilt one that failed to load, with its
+# error, counted over all logs; then all of $OUT in one file
 finish() {
-  grep -rhoE "Building JIT module [^;]+" "$OUT" --include='*.log' 2>/dev/null | sort | uniq -c \
-    > "$OUT/flashinfer_jit_built.txt"
+  grep -rhoE "Building JIT module [^;]+|Failed to load AOT artifact [^ ]+: .{0,300}" "$OUT" --include='*.log' \
+    2>/dev/null | sort | uniq -c > "$OUT/flashinfer_jit_built.txt"
   [ -n "${PACK_TO:-}" ] && tar -czf "$PACK_TO" -C "$OUT" . 2>/dev/null; true
 }
 trap finish EXIT

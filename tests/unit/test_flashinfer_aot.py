@@ -66,8 +66,9 @@ def test_build_environment_fills_only_the_toolkits_gaps(tmp_path):
 
 
 def test_gpu_session_lists_the_modules_it_still_compiled(tmp_path):
-    """gpu_session.sh, however it ends, counts FlashInfer's "Building JIT module" lines over its
-    logs into flashinfer_jit_built.txt, and packs it with the rest of $OUT."""
+    """gpu_session.sh, however it ends, counts FlashInfer's "Building JIT module" and "Failed to
+    load AOT artifact" lines over its logs into flashinfer_jit_built.txt, and packs it with the
+    rest of $OUT."""
     root = tmp_path / "tree"
     (root / "scripts").mkdir(parents=True)
     shutil.copy(REPO / "scripts" / "gpu_session.sh", root / "scripts")
@@ -75,11 +76,15 @@ def test_gpu_session_lists_the_modules_it_still_compiled(tmp_path):
     (out / "phase").mkdir(parents=True)
     line = "flashinfer.jit: Building JIT module {}; this can take several minutes on first use.\n"
     (out / "phase" / "server_stock.log").write_text(line.format("cascade") + line.format("batch_decode_x"))
-    (out / "server_vlcache.log").write_text(line.format("cascade"))
+    failed = ("2026-12-05 - WARNING - core.py:548 - flashinfer.jit: Failed to load AOT artifact /x/aot/cascade/"
+              "cascade.so: undefined symbol: cuLaunchKernelEx. Trying another provider or falling back to JIT build.\n")
+    (out / "server_vlcache.log").write_text(line.format("cascade") + failed)
     (out / "notes.txt").write_text(line.format("not_a_log"))
     env = {"PATH": "/usr/bin:/bin", "OUT": str(out), "STEPS": "", "PACK_TO": str(tmp_path / "s.tgz")}
     subprocess.run(["bash", str(root / "scripts" / "gpu_session.sh")], env=env, check=True, capture_output=True)
-    counts = {ln.split()[-1]: int(ln.split()[0]) for ln in (out / "flashinfer_jit_built.txt").read_text().splitlines()}
-    assert counts == {"cascade": 2, "batch_decode_x": 1}
+    counts = {ln.split(None, 1)[1]: int(ln.split()[0]) for ln in (out / "flashinfer_jit_built.txt").read_text().splitlines()}
+    assert counts == {"Building JIT module cascade": 2, "Building JIT module batch_decode_x": 1,
+                      "Failed to load AOT artifact /x/aot/cascade/cascade.so: undefined symbol: cuLaunchKernelEx. "
+                      "Trying another provider or falling back to JIT build.": 1}
     with tarfile.open(tmp_path / "s.tgz") as tar:
         assert "./flashinfer_jit_built.txt" in tar.getnames()
