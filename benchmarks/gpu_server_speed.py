@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import math
 import re
 import statistics
 import sys
@@ -54,6 +55,11 @@ from bench_capacity import peak_running  # noqa: E402
 SIDES = ("stock", "vlcache")
 TEXT_TOKENS = 64  # the prompt's text around the image, rounded up (pool sizing)
 SHUTDOWN_RESERVE_S = 25.0
+GIB = 1 << 30
+#: per server, beyond weights and pool: CUDA context, decode graphs, prefill and vision activations
+WORKING_RESERVE_BYTES = 3 * GIB
+#: above this --mem-fraction-static the two servers do not fit one GPU together
+MAX_TOGETHER_FRACTION = 0.9
 
 
 DECODE_LOG = re.compile(r"Decode batch.*?#running-req: (\d+).*?gen throughput \(token/s\): ([0-9.]+)")
@@ -73,6 +79,59 @@ def decode_steps(log: Path, offset: int, min_steps: int = 3) -> dict[int, float]
 def pool_tokens(smallest_visual_tokens: int, requests: int, max_new: int) -> int:
     """``--max-total-tokens``: ``requests`` uncompressed requests of the smallest image, whole."""
     return requests * (smallest_visual_tokens + TEXT_TOKENS + max_new)
+
+
+def together_mem_fraction(free_bytes: int, weights_bytes: int, pool_bytes: int,
+                          reserve_bytes: int = WORKING_RESERVE_BYTES) -> float:
+    """The smallest ``--mem-fraction-static`` (rounded up to 0.01) with which two servers started
+    together on one GPU both get their whole ``--max-total-tokens`` pool, whichever profiles first.
+
+    SGLang 0.5.23 sizes a pool as ``free_at_profile - B x (1 - f)`` bytes
+    (``KVCacheConfigurator._profile_available_bytes``), ``B`` the free memory before its own weights
+    loaded, and then takes ``min(that, --max-total-tokens)`` with only a warning. ``B`` is at most
+    ``free_bytes``; the server that profiles last sees both sets of weights and the other's pool and
+    working memory gone: ``free - 2W - P - 2R - free x (1 - f) >= P``, so ``f >= (2W + 2P + 2R) / free``.
+    Raises when that exceeds :data:`MAX_TOGETHER_FRACTION` (the two do not fit together)."""
+    need = 2 * (weights_bytes + pool_bytes + reserve_bytes)
+    fraction = math.ceil(100 * need / free_bytes) / 100
+    if fraction > MAX_TOGETHER_FRACTION:
+        raise ValueError(
+            f"two servers of {weights_bytes / GIB:.1f} GiB weights and a {pool_bytes / GIB:.1f} GiB pool need "
+            f"{need / GIB:.1f} GiB together, --mem-fraction-static {fraction:.2f} of the {free_bytes / GIB:.1f} GiB "
+            "free: run them one after the other (--no-together) or shrink the pool (--pool-requests)")
+    return fraction
+
+
+def server_memory(model: Path, dtype: str, pool_tokens_: int) -> tuple[int, int]:
+    """(weights bytes, vlcache pool bytes) of one server on ``model``: parameters x dtype size, and
+    ``pool_tokens_`` cells of K and V over every layer plus the plugin's tables per slot
+    (:func:`~vlcache_sglang.backend.memory_budget.table_bytes_per_slot`; the stock pool is smaller)."""
+    import torch
+    from transformers import AutoConfig
+
+    from vlcache_sglang.backend.memory_budget import table_bytes_per_slot
+    from vlcache_sglang.fixtures.qwen2vl_7b_dummy import parameter_count
+
+    size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    text = AutoConfig.from_pretrained(model).text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    cell = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * size
+    cell += table_bytes_per_slot(text.num_hidden_layers, graph_buffers=True)
+    return parameter_count(model) * size, pool_tokens_ * cell
+
+
+def pool_mismatch(requested: int, pools: dict[str, int | None], mem_fraction: float | None) -> str | None:
+    """Why the servers' pools cannot be compared (``None`` when each holds exactly ``requested``
+    tokens): a capacity or throughput ratio between different pools measures the pools."""
+    wrong = {side: n for side, n in pools.items() if n != requested}
+    if not wrong:
+        return None
+    got = ", ".join(f"{side} {n:,}" if n is not None else f"{side} unknown" for side, n in wrong.items())
+    hint = (f"raise --mem-fraction-static (it was {mem_fraction})" if mem_fraction is not None
+            else "give the servers more memory")
+    return (f"pools differ from the requested --max-total-tokens {requested:,} ({got}): SGLang took its "
+            f"smaller profiled pool; {hint} or run the servers one after the other (--no-together). "
+            "Batch phases skipped (their ratios would compare pools); single phases measured")
 
 
 def median(values):
@@ -121,6 +180,8 @@ def pairs(report: dict) -> list[dict]:
         s, v = phase.get("stock"), phase.get("vlcache")
         if not (s and v and s.get("ok") and v.get("ok")):
             continue
+        if phase["kind"] == "batch" and report.get("pool_mismatch"):
+            continue  # its ratios would compare two pools (see pool_mismatch)
         row = {"phase": key, "visual_tokens": phase["visual_tokens"], "kind": phase["kind"]}
         for fig in ("peak_running", "requests_per_s", "output_tokens_per_s", "ttft_median_s", "itl_median_s"):
             row[fig] = (s.get(fig), v.get(fig), ratio(v.get(fig), s.get(fig)))
@@ -146,7 +207,10 @@ def markdown(report: dict) -> str:
     lines = [f"### Serving speed, {report['scale']} Qwen2-VL-7B shapes (dummy weights), {report['device']}"
              + (f" ({report.get('gpu')})" if report.get("gpu") else ""),
              "", f"stock `{report['stock_backend']}` vs `vlcache` at budget {report['budget']}; pool "
-             f"{report['max_total_tokens']:,} tokens; {report['max_new']} new tokens per request"
+             f"{report['max_total_tokens']:,} tokens"
+             + (f" (--mem-fraction-static {report['mem_fraction_static']} each, both up together)"
+                if report.get("together") and report.get("mem_fraction_static") else "")
+             + f"; {report['max_new']} new tokens per request"
              + ("; CPU: only the ratios of this one run mean anything" if cpu else ""), "",
              "| visual tokens | phase | figure | stock | vlcache | vlcache / stock |", "|---|---|---|---|---|---|"]
     names = {"peak_running": ("peak running requests", "d"), "requests_per_s": ("requests/s", ".3f"),
@@ -171,8 +235,9 @@ def markdown(report: dict) -> str:
             if res and (res.get("ok", 0) < res.get("planned", 0) or res.get("errors")):
                 lines.append(f"\n{key} {side}: {res.get('ok')} of {res.get('planned')} requests measured "
                              f"({res.get('sent')} sent) {res.get('errors') or ''}")
-    if report.get("stopped"):
-        lines += ["", f"stopped: {report['stopped']}"]
+    for key in ("memory_warning", "pool_mismatch", "stopped"):
+        if report.get(key):
+            lines += ["", f"{key.replace('_', ' ')}: {report[key]}"]
     return "\n".join(lines) + "\n"
 
 
@@ -200,7 +265,7 @@ def server_specs(model: Path, args, out: Path, cuda: bool, stock_backend: str) -
 
 def main(argv: list[str] | None = None) -> int:
     from vlcache_sglang.fixtures.qwen2vl_7b_dummy import image_side_for, write_dummy_model
-    from vlcache_sglang.tooling.serving import has_cuda, running_servers
+    from vlcache_sglang.tooling.serving import has_cuda, running_servers, vlcache_state
 
     cuda = has_cuda()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -218,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16" if cuda else "float32")
     ap.add_argument("--mm-attention-backend", default="triton_attn",
                     help="vision attention on CUDA (sdpa builds an s x s mask: 1 GB per 8K-token image)")
-    ap.add_argument("--mem-fraction-static", type=float, default=0.4)
+    ap.add_argument("--mem-fraction-static", type=float, default=None,
+                    help="each server's, when both are up together (default: the smallest with which both "
+                         "get the whole pool on this GPU, see together_mem_fraction)")
     ap.add_argument("--together", action=argparse.BooleanOptionalAction, default=cuda,
                     help="both servers up at once (default on CUDA)")
     args = ap.parse_args(argv)
@@ -241,6 +308,19 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         report["gpu"] = torch.cuda.get_device_name()
+        if args.together:
+            weights, pool = server_memory(model, args.dtype, args.max_total_tokens)
+            free = torch.cuda.mem_get_info()[0]
+            needed = together_mem_fraction(free, weights, pool)
+            report["memory_gib"] = {"free": round(free / GIB, 2), "weights": round(weights / GIB, 2),
+                                    "pool": round(pool / GIB, 2), "mem_fraction_needed": needed}
+            if args.mem_fraction_static is None:
+                args.mem_fraction_static = needed
+            elif args.mem_fraction_static < needed:
+                report["memory_warning"] = (f"--mem-fraction-static {args.mem_fraction_static} is below the "
+                                            f"{needed} both servers need for the whole pool on this GPU")
+                print(report["memory_warning"], flush=True)
+        report["mem_fraction_static"] = args.mem_fraction_static
 
     def build_plan() -> tuple[list, dict]:
         """[(key, visual tokens, kind, images)] and a warm-up image per size: the same images on
@@ -264,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         now = time.monotonic()
         if now >= deadline:
             report["stopped"] = f"time budget spent before {key} {side}"
+            return
+        if kind == "batch" and report.get("pool_mismatch"):
+            measurements_left[0] -= 1
             return
         share = (deadline - now) / max(1, measurements_left[0])
         measurements_left[0] -= 1
@@ -290,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
                     if isinstance(h, Exception):
                         report.setdefault("server_errors", {})[s] = f"{type(h).__name__}: {h}"[-3000:]
                 up = {s: h for s, h in handles.items() if not isinstance(h, Exception)}
+                report.setdefault("pools", {}).update({s: vlcache_state(h.url).get("max_total_num_tokens")
+                                                       for s, h in up.items()})
+                report["pool_mismatch"] = pool_mismatch(args.max_total_tokens, report["pools"],
+                                                        args.mem_fraction_static if args.together else None)
                 plan, warm = planned.result()
                 for key, tokens, kind, phase_images in plan:
                     for s in group:

@@ -50,6 +50,9 @@ def test_every_phase_measured_on_both_servers(report):
             assert phase[side]["ok"] == phase[side]["planned"], (side, phase[side]["errors"])
     assert "| 1,024 | batch | peak running requests |" in report["md"]
     assert "TTFT overhead" in report["md"]
+    # both servers hold exactly the requested pool (read back from /server_info), so they compare
+    assert report["pools"] == {"stock": report["max_total_tokens"], "vlcache": report["max_total_tokens"]}
+    assert report["pool_mismatch"] is None and "pool mismatch" not in report["md"]
 
 def test_vlcache_compresses_every_request_and_stock_none(report):
     for phase in report["phases"].values():
