@@ -12,8 +12,10 @@ reads ``TRITON_INTERPRET`` once, at decoration time, and in one pytest process s
 import triton first). Only features that both the interpreter of triton 3.9 and the compiler of
 triton 3.6 support are used: ``tl.load/store`` with masks, ``tl.dot`` (fp32 accumulation,
 ``input_precision="ieee"`` for fp32 inputs), ``tl.where``, ``tl.max/sum``, ``tl.exp2/log2``,
-``range`` loops with runtime bounds. No atomics, no helper ``@jit`` functions (each kernel is one
-function), no global non-constexpr constants.
+``range`` loops with runtime bounds, ``tl.atomic_add`` on int64 (integer sums: the result does
+not depend on the programs' order). No float atomics (they would make results depend on the
+schedule), no helper ``@jit`` functions (each kernel is one function), no global non-constexpr
+constants.
 """
 from __future__ import annotations
 

@@ -8,9 +8,9 @@ it down. Everything here takes and returns the same objects as the reference.
 
 What the server calls:
 
-* statistics of one request: :func:`attention_stats_auto`, with the signature of
-  :func:`vlcache_sglang.policy.stats.attention_stats` (a ``StatsFn``), handed to
-  ``StatsAccumulator(..., stats_fn=...)``; the batched kernel itself is
+* statistics of one request: a :class:`StatsDispatch` (one per compressor), with the signature
+  of :func:`vlcache_sglang.policy.stats.attention_stats` (a ``StatsFn``), handed to
+  ``StatsAccumulator(..., stats_fn=...)``; :func:`attention_stats_auto` is the same for one call; the batched kernel itself is
   :func:`vlcache_sglang.kernels.attention_stats.attention_stats_batched`;
 * compaction: :func:`move_kv_rows_auto` (or ``kv_move.compact_requests`` for many requests).
 """
@@ -25,6 +25,7 @@ from vlcache_sglang.policy.stats import AttentionStats
 __all__ = [
     "KERNEL_MODES",
     "KernelMode",
+    "StatsDispatch",
     "attention_stats_auto",
     "move_kv_rows_auto",
     "use_triton",
@@ -52,25 +53,60 @@ def use_triton(device: torch.device | str, mode: KernelMode = "auto") -> bool:
     return True
 
 
+class StatsDispatch:
+    """A ``StatsFn`` (the signature of :func:`vlcache_sglang.policy.stats.attention_stats`) that runs
+    the Triton kernel where :func:`use_triton` says so, keeping each key count's launch plan and key
+    indices: every layer of a prefill chunk has the same row and key counts, so the host builds them
+    once per chunk instead of once per layer (six small host-to-device copies and an ``arange``
+    each). One per compressor; at most ``max_plans`` layouts are kept (least recently used
+    dropped first)."""
+
+    def __init__(self, mode: KernelMode = "auto", max_plans: int = 16) -> None:
+        use_triton("cpu", mode)  # validates the mode
+        self.mode = mode
+        self.max_plans = max_plans
+        self._plans: dict[tuple, tuple] = {}
+
+    def plan(self, n_q: int, n_k: int, num_q_heads: int, device: torch.device):
+        """(launch plan, int32 key indices ``0..n_k-1``) of one request's layout."""
+        from vlcache_sglang.kernels.attention_stats import plan_stats
+
+        key = (n_q, n_k, num_q_heads, device)
+        hit = self._plans.pop(key, None)  # re-inserted last: the least recently used goes first
+        if hit is None:
+            if len(self._plans) >= self.max_plans:
+                self._plans.pop(next(iter(self._plans)))
+            hit = (plan_stats([0, n_q], [0, n_k], device, num_q_heads=num_q_heads),
+                   torch.arange(n_k, device=device, dtype=torch.int32))
+        self._plans[key] = hit
+        return hit
+
+    def __call__(self, q: torch.Tensor, q_positions: torch.Tensor, k: torch.Tensor, scale: float,
+                 threshold: float = 0.01, *, key_chunk: int = 1024, query_chunk: int = 128,
+                 dtype: torch.dtype = torch.float32) -> AttentionStats:
+        if dtype == torch.float64 or not use_triton(k.device, self.mode):
+            from vlcache_sglang.policy.stats import attention_stats
+
+            return attention_stats(q, q_positions, k, scale, threshold, key_chunk=key_chunk,
+                                   query_chunk=query_chunk, dtype=dtype)
+        from vlcache_sglang.kernels.attention_stats import attention_stats_batched
+
+        n_q, n_k = q.shape[0], k.shape[0]
+        plan, idx = self.plan(n_q, n_k, q.shape[1], k.device)
+        out = attention_stats_batched(q, q_positions.to(k.device), [0, n_q], k, idx, [0, n_k], scale, threshold,
+                                      plan=plan)
+        return AttentionStats(out.col, out.below[0], out.causal[0])
+
+
 def attention_stats_auto(q: torch.Tensor, q_positions: torch.Tensor, k: torch.Tensor, scale: float,
                          threshold: float = 0.01, *, key_chunk: int = 1024, query_chunk: int = 128,
                          dtype: torch.dtype = torch.float32, mode: KernelMode = "auto") -> AttentionStats:
     """Drop-in for :func:`vlcache_sglang.policy.stats.attention_stats` (one request, keys given
     as a ``[n_k, Hkv, D]`` tensor): the Triton kernel where :func:`use_triton` says so (fp32
-    accumulation), the torch reference otherwise or when ``dtype`` is float64. With a mode other
-    than ``"auto"``, bind it (``functools.partial(attention_stats_auto, mode=...)``) to get a
-    ``StatsFn``."""
-    if dtype == torch.float64 or not use_triton(k.device, mode):
-        from vlcache_sglang.policy.stats import attention_stats
-
-        return attention_stats(q, q_positions, k, scale, threshold, key_chunk=key_chunk,
-                               query_chunk=query_chunk, dtype=dtype)
-    from vlcache_sglang.kernels.attention_stats import attention_stats_batched
-
-    n_q, n_k = q.shape[0], k.shape[0]
-    idx = torch.arange(n_k, device=k.device, dtype=torch.int32)
-    out = attention_stats_batched(q, q_positions.to(k.device), [0, n_q], k, idx, [0, n_k], scale, threshold)
-    return AttentionStats(out.col, out.below[0], out.causal[0])
+    accumulation), the torch reference otherwise or when ``dtype`` is float64. One call, no plan
+    kept: the server hands the policy a :class:`StatsDispatch`, which keeps them."""
+    return StatsDispatch(mode)(q, q_positions, k, scale, threshold, key_chunk=key_chunk, query_chunk=query_chunk,
+                               dtype=dtype)
 
 
 def move_kv_rows_auto(k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *,

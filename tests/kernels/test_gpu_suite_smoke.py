@@ -22,14 +22,18 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     figures = {r["figure"] for r in report["results"]}
-    assert {"stats_share", "decode_speedup", "decode_sweep", "plan_us_per_step", "kv_move"} <= figures, report["results"]
+    assert {"stats_share", "stats_sweep", "decode_speedup", "decode_sweep", "plan_us_per_step",
+            "kv_move"} <= figures, report["results"]
+    stats = next(r for r in report["results"] if r["figure"] == "stats_sweep")
+    assert [(c["block_m"], c["block_n"]) for c in stats["configs"]] == [(16, 64), (32, 64)]
+    assert all(c.get("correct") for c in stats["configs"]) and stats["best"] is not None, stats["configs"]
     sweep = next(r for r in report["results"] if r["figure"] == "decode_sweep")
     # every configuration ran and agreed with the default one (the sweep's guard against a fast wrong one)
     assert sweep["configs"] and all(c.get("correct") for c in sweep["configs"]), sweep["configs"]
     assert sweep["configs"][1]["block_n"] == 32 and sweep["best"] is not None
     assert not [r for r in report["results"] if str(r.get("skipped", "")).startswith("error")], report["results"]
     md = (tmp_path / "gpu_suite.md").read_text()
-    assert "| figure |" in md and "stats share" in md
+    assert "| figure |" in md and "stats share" in md and "| statistics sweep (2 plans) |" in md
 
 
 def test_gpu_suite_help():

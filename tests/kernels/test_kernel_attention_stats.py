@@ -196,6 +196,29 @@ def test_dispatch_matches_policy_reference(device):
         assert (got.below.cpu() - ref.below.cpu()).abs().max() <= 2
 
 
+def test_stats_dispatch_keeps_one_plan_per_layout(device):
+    """The server's ``StatsFn``: every layer of a chunk reuses one launch plan and key index list
+    (built once per layout, at most ``max_plans`` kept), and its results are the reference's."""
+    from vlcache_sglang.kernels.dispatch import StatsDispatch
+    from vlcache_sglang.policy.stats import attention_stats
+
+    fn = StatsDispatch("triton", max_plans=2)
+    g = torch.Generator().manual_seed(6)
+    for n_k in (29, 29, 40, 29, 51):  # two layers of a 29-key chunk, then other layouts
+        q = torch.randn(7, 4, 8, generator=g).to(device)
+        k = torch.randn(n_k, 2, 8, generator=g).to(device)
+        pos = torch.arange(n_k - 7, n_k, device=device)
+        got, ref = fn(q, pos, k, 0.35, 0.02), attention_stats(q, pos, k, 0.35, 0.02)
+        torch.testing.assert_close(got.col.float(), ref.col.float(), rtol=2e-5, atol=2e-5)
+        assert torch.equal(got.causal.cpu(), ref.causal.cpu())
+        assert (got.below.cpu() - ref.below.cpu()).abs().max() <= 2
+    assert list(fn._plans) == [(7, 29, 4, k.device), (7, 51, 4, k.device)]  # 40 least recently used
+    plan, idx = fn.plan(7, 29, 4, k.device)
+    assert fn.plan(7, 29, 4, k.device)[0] is plan and torch.equal(idx.cpu(), torch.arange(29, dtype=torch.int32))
+    with pytest.raises(ValueError, match="kernel mode"):
+        StatsDispatch("cuda")
+
+
 @pytest.mark.parametrize("method", ["vlcache", "h2o"])
 def test_accumulator_with_the_dispatch_as_stats_fn(device, method):
     """``StatsAccumulator(..., stats_fn=attention_stats_auto)`` (what the backend hands the policy)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from functools import partial
 
 import torch
 
@@ -33,7 +32,7 @@ from vlcache_sglang.backend.request_info import RequestInfo
 from vlcache_sglang.backend.request_state import CompressedRow, RequestState, RequestStates, ResolvedRow
 from vlcache_sglang.backend.tensor_parallel import StatsGather
 from vlcache_sglang.backend.virtual_kv import VirtualKV, install_free_filter
-from vlcache_sglang.kernels.dispatch import attention_stats_auto
+from vlcache_sglang.kernels.dispatch import StatsDispatch
 from vlcache_sglang.policy import PolicyError, StatsAccumulator, attention_stats, build_plan
 
 logger = logging.getLogger(__name__)
@@ -91,7 +90,7 @@ class Compressor:
         self.num_q_heads, self.num_kv_heads = num_q_heads, num_kv_heads
         # the statistics function handed to the policy: the fused Triton kernel on CUDA (per
         # ``kernels``: VLCACHE_KERNELS), the policy's torch reference elsewhere
-        self.stats_fn = partial(attention_stats_auto, mode=kernels) if kv.k.is_cuda else attention_stats
+        self.stats_fn = StatsDispatch(kernels) if kv.k.is_cuda else attention_stats
         # cells: a slot's L layer rows, or with head cells its L * Hkv (layer, KV head) rows
         self.head_cells = cells == "head"  # one KV head per rank under TP still holds per head
         self.heads_per_unit = num_kv_heads if self.head_cells else 1

@@ -211,7 +211,7 @@ class StatsAccumulator:
 
     ``stats_fn`` computes one call's statistics (a :data:`StatsFn`); the default is the torch
     reference :func:`attention_stats`. The policy never picks a kernel itself: an engine with a
-    fused kernel hands it in (the SGLang backend passes ``kernels.dispatch.attention_stats_auto``,
+    fused kernel hands it in (the SGLang backend passes a ``kernels.dispatch.StatsDispatch``,
     Triton on CUDA).
     """
 
