@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -97,6 +99,35 @@ def test_chunked_prefill_accumulates_exactly() -> None:
     ref = dense_attention_stats(q[window.start:], torch.arange(window.start, m), k, 0.35, 0.01)
     torch.testing.assert_close(one.stats.col[0], ref.col.view(hkv, 2, m).sum(1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(one.stats.head_sparsity()[0], ref.below.double() / ref.causal.double())
+
+
+@pytest.mark.parametrize("method, window_end", [("vlcache", None), ("vlcache", 34), ("h2o", None),
+                                                ("streamingllm", None)])  # window rows, all rows, none
+def test_first_position_gives_the_same_statistics_as_positions(method, window_end) -> None:
+    """``add(..., q_positions=<int>)`` (what the backend passes: the chunk's first position, so the
+    needed rows are chosen on the host, no device sync per layer) equals passing the positions,
+    chunk by chunk, with chunks before, across and inside the window."""
+    m, n_layers, hq, hkv, d = 48, 2, 4, 2, 8
+    cfg = PolicyConfig(method=method, stats_dtype="float64", window_size=9)
+    window = locate_window(m, [(4, 30)], cfg)
+    if window_end is not None:  # a window that ends inside a chunk
+        window = dataclasses.replace(window, end=window_end)
+    q, k = _qk(m, hq, hkv, d, seed=8)
+    by_tensor = StatsAccumulator(n_layers, hq, hkv, m, window, cfg)
+    by_first = StatsAccumulator(n_layers, hq, hkv, m, window, cfg)
+    chunks = [(0, 20), (20, 33), (33, 35), (35, 48)]
+    for layer in range(n_layers):
+        for a, b in chunks:
+            by_tensor.add(layer, q[a:b], torch.arange(a, b), k[:b], 0.35)
+            by_first.add(layer, q[a:b], a, k[:b], 0.35)
+            lo, hi = by_first.needed_span(a, b - a)
+            assert hi - lo == int(by_first.needed_rows(torch.arange(a, b)).sum())
+    assert by_first.stats.rows_seen == by_tensor.stats.rows_seen
+    if by_tensor.stats.col is None:
+        assert by_first.stats.col is None and method == "streamingllm"
+        return
+    for name in ("col", "below", "causal"):
+        torch.testing.assert_close(getattr(by_first.stats, name), getattr(by_tensor.stats, name), rtol=0, atol=0)
 
 
 def test_rows_used_per_method() -> None:

@@ -150,18 +150,18 @@ class Compressor:
             if not acc.needs_attention:
                 continue
             q0, q1 = meta.qo_indptr_cpu[b], meta.qo_indptr_cpu[b + 1]
-            prefix = meta.prefix_lens_cpu[b]
-            positions = torch.arange(prefix, prefix + (q1 - q0), device=q.device)
-            rows = acc.needed_rows(positions)
-            if not bool(rows.any()):
+            prefix = meta.prefix_lens_cpu[b]  # the chunk's rows sit at positions prefix, prefix + 1, ...
+            lo, hi = acc.needed_span(prefix, q1 - q0)  # host integers: no device sync per layer
+            if hi <= lo:
                 continue
+            rows = q[q0 + lo:q0 + hi]
             if head_lists is not None and head_lists.positions_of(b) is not None:
-                acc.add_per_head(layer_id, q[q0:q1][rows], positions[rows], head_lists.keys_of(b),
-                                 head_lists.positions_of(b), scaling)
+                acc.add_per_head(layer_id, rows, prefix + lo, head_lists.keys_of(b), head_lists.positions_of(b),
+                                 scaling)
                 continue
             keys = k_cache[kv.slots(b)]
             pos = key_positions[b] if key_positions is not None else None
-            acc.add(layer_id, q[q0:q1][rows], positions[rows], keys, scaling, key_positions=pos)
+            acc.add(layer_id, rows, prefix + lo, keys, scaling, key_positions=pos)
         if layer_id == self.num_layers - 1:
             for info in infos:
                 if info.compresses and info.is_last_chunk:

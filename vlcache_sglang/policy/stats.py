@@ -248,14 +248,28 @@ class StatsAccumulator:
             return (q_positions >= st.window.start) & (q_positions < st.window.end)
         return torch.zeros_like(q_positions, dtype=torch.bool)
 
-    def add(self, layer_id: int, q_rows: torch.Tensor, q_positions: torch.Tensor,
+    def needed_span(self, first_position: int, n_rows: int) -> tuple[int, int]:
+        """Rows ``[lo, hi)`` of ``n_rows`` rows at the consecutive positions ``first_position..``
+        that ``add`` would use, from host integers (no device synchronisation)."""
+        st = self.stats
+        if st.rows == "all":
+            return 0, n_rows
+        if st.rows == "window":
+            lo = min(max(st.window.start - first_position, 0), n_rows)
+            return lo, max(lo, min(st.window.end - first_position, n_rows))
+        return 0, 0
+
+    def add(self, layer_id: int, q_rows: torch.Tensor, q_positions: torch.Tensor | int,
             k_all: torch.Tensor, scale: float, key_positions: torch.Tensor | None = None) -> None:
         """Add one layer's statistics for one prefill chunk.
 
         Args:
             layer_id: ``0 <= layer_id < num_layers``.
             q_rows: ``[n_q, Hq, D]`` the chunk's queries (post-RoPE).
-            q_positions: ``[n_q]`` their absolute prompt positions.
+            q_positions: ``[n_q]`` their absolute prompt positions, or an ``int``: the first of
+                consecutive positions (a prefill chunk). Then the needed rows are chosen on the
+                host (:meth:`needed_span`); a tensor needs a device-to-host read to choose them,
+                which on a GPU waits for the work queued before it.
             k_all: ``[n_k, Hkv, D]`` all keys so far (positions ``0..n_k-1``), ``n_k <= m``.
             scale: softmax scale.
             key_positions: ``[n_k]`` increasing prompt positions of ``k_all`` when the layer holds
@@ -275,12 +289,13 @@ class StatsAccumulator:
         self._accumulate(layer_id, slice(None), q_rows, q_positions, k_all, key_positions, scale)
         st.rows_seen[layer_id] += int(q_positions.shape[0])
 
-    def add_per_head(self, layer_id: int, q_rows: torch.Tensor, q_positions: torch.Tensor,
+    def add_per_head(self, layer_id: int, q_rows: torch.Tensor, q_positions: torch.Tensor | int,
                      keys: Sequence[torch.Tensor], key_positions: Sequence[torch.Tensor | None], scale: float) -> None:
         """:meth:`add` when each KV head holds its own keys (a prefix compressed per KV head
         earlier, served with head cells): KV head ``h``'s query group attends over ``keys[h]``
         (``[n_h, D]``, at the increasing prompt positions ``key_positions[h]``; None: ``0..n_h-1``)
-        and only those columns of head ``h`` get attention, as in the forward's own attention."""
+        and only those columns of head ``h`` get attention, as in the forward's own attention.
+        ``q_positions``: as in :meth:`add`."""
         st = self.stats
         if st.rows == "none":
             return
@@ -306,7 +321,11 @@ class StatsAccumulator:
         if n_keys > st.prompt_len:
             raise ValueError(f"k_all has {n_keys} keys, more than prompt_len={st.prompt_len}")
 
-    def _needed(self, q_rows: torch.Tensor, q_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _needed(self, q_rows: torch.Tensor, q_positions: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(q_positions, torch.Tensor):
+            q_positions = int(q_positions)
+            lo, hi = self.needed_span(q_positions, q_rows.shape[0])
+            return q_rows[lo:hi], torch.arange(q_positions + lo, q_positions + hi, device=q_rows.device)
         q_positions = q_positions.to(q_rows.device)
         sel = self.needed_rows(q_positions)
         if not bool(sel.all()):
