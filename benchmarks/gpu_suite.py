@@ -172,8 +172,11 @@ def bench_stats(args, device, lengths, results):
         del k_pool, v_pool, q_all, k_seq, v_seq
 
 
-#: (block_m, block_n) of the statistics' launch plan the sweep times; the first is the default
-STATS_SWEEP = [(16, 64), (32, 64), (64, 64), (16, 32), (32, 32), (64, 32), (32, 128), (64, 128)]
+#: (block_m, block_n, pack_heads) of the statistics' launch plan the sweep times; the first is the
+#: default. Packed: one program per KV head, block_m rows of each of its query heads in one dot product
+STATS_SWEEP = [(16, 64, False), (32, 64, False), (64, 64, False), (16, 32, False), (64, 32, False),
+               (32, 128, False), (16, 64, True), (8, 64, True), (4, 64, True), (16, 32, True), (8, 128, True),
+               (16, 128, True)]
 
 
 def bench_stats_sweep(args, device, results):
@@ -201,10 +204,11 @@ def bench_stats_sweep(args, device, results):
     t_prefill = timeit(prefill, device, iters=args.iters)
     wn = min(args.window, n)
     qw, pos = q_all[n - wn:].contiguous(), torch.arange(n - wn, n, device=device)
-    configs = STATS_SWEEP if device.type == "cuda" else STATS_SWEEP[:2]
+    configs = STATS_SWEEP if device.type == "cuda" else STATS_SWEEP[:2] + STATS_SWEEP[6:7]
     reference, rows = None, []
-    for block_m, block_n in configs:
-        plan = plan_stats([0, wn], [0, n], device, block_m=block_m, block_n=block_n, num_q_heads=hq)
+    for block_m, block_n, packed in configs:
+        plan = plan_stats([0, wn], [0, n], device, block_m=block_m, block_n=block_n, num_q_heads=hq,
+                          pack_heads=packed, num_kv_heads=hkv)
         out = BatchedStats(torch.empty(hq, n, dtype=torch.float32, device=device),
                            torch.empty(1, hq, dtype=torch.int64, device=device),
                            torch.empty(1, hq, dtype=torch.int64, device=device))
@@ -212,7 +216,7 @@ def bench_stats_sweep(args, device, results):
         def call():
             attention_stats_batched(qw, pos, [0, wn], k_pool, idx, [0, n], scale, 0.01, plan=plan, out=out)
 
-        row = {"block_m": block_m, "block_n": block_n, "splits": plan.num_splits}
+        row = {"block_m": block_m, "block_n": block_n, "pack_heads": packed, "splits": plan.num_splits}
         try:
             row["eager_s"] = timeit(call, device, iters=args.iters)
             if device.type == "cuda":
@@ -620,7 +624,8 @@ def markdown(report: dict) -> str:
                 if not c or "eager_s" not in c:
                     return "-"
                 gpu = f", GPU {_fmt(c['graph_s'], 'ms')} = {_fmt(c['share_gpu'], '%')}" if "graph_s" in c else ""
-                return (f"blocks {c['block_m']} x {c['block_n']} ({c['splits']} splits): eager "
+                packed = ", packed per KV head" if c.get("pack_heads") else ""
+                return (f"blocks {c['block_m']} x {c['block_n']}{packed} ({c['splits']} splits): eager "
                         f"{_fmt(c['eager_s'], 'ms')} = {_fmt(c['share_eager'], '%')}{gpu}")
             lines.append(f"| statistics sweep ({len(r['configs'])} plans) | n={r['n']}, window={r['window']} | "
                          f"{_fmt(b['share_eager'], '%') if b else '-'} | best {plan_(b)}; default {plan_(d0)}; prefill "

@@ -13,11 +13,11 @@ as :func:`vlcache_sglang.policy.stats.attention_stats` (its reference):
 
 Two passes, as in the paper, and never an m-by-m (or window-by-m) block in memory:
 
-1. ``_stats_pass1``: grid (query block, query head, key split). An online softmax over the
-   split's causal keys gives each row's running max and normaliser (log2 domain) per split.
+1. ``_stats_pass1``: grid (query block, query head or KV head, key split). An online softmax
+   over the split's causal keys gives each row's running max and normaliser (log2 domain) per split.
    Program (0, 0, 0) also zeroes ``below`` and ``causal`` (pass 2 starts after it ends).
-2. ``_stats_pass2``: grid (key block, query head). Each program loads its key tile once, walks the
-   request's query rows, combines their key splits (a log2-sum-exp2 over at most a few dozen
+2. ``_stats_pass2``: grid (key block, query head or KV head). Each program loads its key tile
+   once, walks the request's query rows, combines their key splits (a log2-sum-exp2 over at most a few dozen
    splits, recomputed per program: cheaper than a launch), recomputes the logits and emits the
    column sums of the probabilities and the threshold count. Since ``max_j A[q, j] = 1 / sum_q``,
    the test ``A < p * max A`` is ``s - max_s < log p``: no division. Every ``col`` element is
@@ -28,6 +28,13 @@ Two passes, as in the paper, and never an m-by-m (or window-by-m) block in memor
 Two kernel launches and two allocations per layer, nothing else on the host: the statistics of an
 8K prompt are bound by the host's launches, not by the GPU (H200, 2026-11-26: 0.29 ms at 2K and at
 8K alike, about 19 launches then, most of them small torch ops).
+
+Heads per program: one query head (``grid(.., Hq, ..)``, the default), or with a plan's
+``pack_heads`` all ``G = Hq / Hkv`` query heads of one KV head (``grid(.., Hkv, ..)``): their rows
+are packed head-major into one ``[next_pow2(G) * BLOCK_M, D]`` tile, so each key tile is loaded
+once per KV head instead of once per query head and feeds one larger dot product; pass 2 reduces
+the probabilities per head (a reshape to ``[G', BLOCK_M, BLOCK_N]``). Which is faster on a GPU is
+the GPU suite's ``stats_sweep`` to say.
 
 Inputs may be bf16, fp16 or fp32 (fp32 accumulation; fp32 inputs use IEEE dot products), with
 GQA (query head ``h`` reads KV head ``h // (Hq // Hkv)``). The key pool is read in place through
@@ -77,13 +84,13 @@ def _stats_pass1(Q, POS, K, KV_IDX, QO_PTR, KV_PTR, BLK_REQ, BLK_START, M_OUT, L
                  stride_qr, stride_qh, stride_kr, stride_kh, stride_ms, stride_mh,
                  stride_bb, stride_bh, stride_cb, stride_ch, n_counts, num_heads,
                  scale_log2, split_len,
-                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAST_F32: tl.constexpr,
+                 GROUP: tl.constexpr, HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAST_F32: tl.constexpr,
                  IEEE: tl.constexpr):
     pid = tl.program_id(0)
-    h = tl.program_id(1)
+    hp = tl.program_id(1)
     sp = tl.program_id(2)
-    if (pid == 0) & (h == 0) & (sp == 0):
+    if (pid == 0) & (hp == 0) & (sp == 0):
         # pass 2 adds its counts atomically into below / causal [B, Hq]: zero them here (pass 2
         # starts after every pass-1 program ended), which saves two launches
         for i0 in range(0, n_counts, 256):
@@ -100,23 +107,28 @@ def _stats_pass1(Q, POS, K, KV_IDX, QO_PTR, KV_PTR, BLK_REQ, BLK_START, M_OUT, L
     n_q = tl.load(QO_PTR + b + 1) - q_beg
     kv_beg = tl.load(KV_PTR + b)
     n_k = tl.load(KV_PTR + b + 1) - kv_beg
+    h0 = hp * HEADS  # this program's query heads h0 .. h0 + HEADS - 1, all of one KV head
+    kvh = h0 // GROUP
 
-    offs_m = r0 + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < n_q
+    # packed rows: (head g, row i) at g * BLOCK_M + i, one dot product for all the heads
+    offs_r = tl.arange(0, HEADS_P2 * BLOCK_M)
+    g = offs_r // BLOCK_M
+    offs_m = r0 + offs_r % BLOCK_M
+    row_ok = (offs_m < n_q) & (g < HEADS)
     rows = (q_beg + offs_m).to(tl.int64)
+    head = h0 + g
     pos = tl.load(POS + rows, mask=row_ok, other=-1)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + rows[:, None] * stride_qr + h * stride_qh + offs_d[None, :],
+    q = tl.load(Q + rows[:, None] * stride_qr + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if CAST_F32:
         q = q.to(tl.float32)
-    kvh = h // GROUP
 
     k_lo = sp * split_len
     k_hi = tl.minimum(tl.minimum(k_lo + split_len, n_k), tl.reduce(pos, 0, tl.standard._elementwise_max) + 1)
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    m_i = tl.full([HEADS_P2 * BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.full([HEADS_P2 * BLOCK_M], 0.0, tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_N):
         offs_n = k0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < k_hi
@@ -136,7 +148,7 @@ def _stats_pass1(Q, POS, K, KV_IDX, QO_PTR, KV_PTR, BLK_REQ, BLK_START, M_OUT, L
         p = tl.where(valid, tl.exp2(s - m_new[:, None]), 0.0)
         l_i = l_i * tl.exp2(m_i - m_new) + tl.reduce(p, 1, tl.standard._sum_combine)
         m_i = m_new
-    out = sp * stride_ms + h * stride_mh + rows
+    out = sp * stride_ms + head * stride_mh + rows
     tl.store(M_OUT + out, m_i, mask=row_ok)
     tl.store(L_OUT + out, l_i, mask=row_ok)
 
@@ -145,18 +157,19 @@ def _stats_pass2(Q, POS, K, KV_IDX, QO_PTR, KV_PTR, BLK_REQ, BLK_START, M_PART, 
                  stride_qr, stride_qh, stride_kr, stride_kh, stride_ms, stride_mh, stride_ch,
                  stride_bb, stride_bh, stride_cb, stride_cbh, num_splits,
                  scale_log2, log2_thr,
-                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAST_F32: tl.constexpr,
+                 GROUP: tl.constexpr, HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAST_F32: tl.constexpr,
                  IEEE: tl.constexpr):
     pid = tl.program_id(0)
-    h = tl.program_id(1)
+    hp = tl.program_id(1)
     b = tl.load(BLK_REQ + pid)
     k0 = tl.load(BLK_START + pid)
     q_beg = tl.load(QO_PTR + b)
     n_q = tl.load(QO_PTR + b + 1) - q_beg
     kv_beg = tl.load(KV_PTR + b)
     n_k = tl.load(KV_PTR + b + 1) - kv_beg
-    kvh = h // GROUP
+    h0 = hp * HEADS
+    kvh = h0 // GROUP
 
     offs_n = k0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_k
@@ -167,26 +180,29 @@ def _stats_pass2(Q, POS, K, KV_IDX, QO_PTR, KV_PTR, BLK_REQ, BLK_START, M_PART, 
                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     if CAST_F32:
         k = k.to(tl.float32)
-    acc = tl.full([BLOCK_N], 0.0, tl.float32)
-    cnt = tl.full([BLOCK_N], 0, tl.int32)
-    cnt_causal = tl.full([BLOCK_N], 0, tl.int32)
+    offs_r = tl.arange(0, HEADS_P2 * BLOCK_M)
+    g = offs_r // BLOCK_M
+    head = h0 + g
+    acc = tl.full([HEADS_P2, BLOCK_N], 0.0, tl.float32)
+    cnt = tl.full([HEADS_P2, BLOCK_N], 0, tl.int32)
+    cnt_causal = tl.full([HEADS_P2, BLOCK_N], 0, tl.int32)
     for r0 in range(0, n_q, BLOCK_M):
-        offs_m = r0 + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < n_q
+        offs_m = r0 + offs_r % BLOCK_M
+        row_ok = (offs_m < n_q) & (g < HEADS)
         rows = (q_beg + offs_m).to(tl.int64)
         pos = tl.load(POS + rows, mask=row_ok, other=-1)
         # the key splits of pass 1, combined (log2-sum-exp2): each row's max and log-normaliser
-        m2 = tl.full([BLOCK_M], -1.0e30, tl.float32)
+        part = head * stride_mh + rows
+        m2 = tl.full([HEADS_P2 * BLOCK_M], -1.0e30, tl.float32)
         for sp in range(0, num_splits):
-            m_sp = tl.load(M_PART + sp * stride_ms + h * stride_mh + rows, mask=row_ok, other=-1.0e30)
-            m2 = tl.maximum(m2, m_sp)
-        l_tot = tl.full([BLOCK_M], 0.0, tl.float32)
+            m2 = tl.maximum(m2, tl.load(M_PART + sp * stride_ms + part, mask=row_ok, other=-1.0e30))
+        l_tot = tl.full([HEADS_P2 * BLOCK_M], 0.0, tl.float32)
         for sp in range(0, num_splits):
-            m_sp = tl.load(M_PART + sp * stride_ms + h * stride_mh + rows, mask=row_ok, other=-1.0e30)
-            l_sp = tl.load(L_PART + sp * stride_ms + h * stride_mh + rows, mask=row_ok, other=0.0)
+            m_sp = tl.load(M_PART + sp * stride_ms + part, mask=row_ok, other=-1.0e30)
+            l_sp = tl.load(L_PART + sp * stride_ms + part, mask=row_ok, other=0.0)
             l_tot += l_sp * tl.exp2(m_sp - m2)
         lse2 = m2 + tl.log2(tl.where(l_tot > 0, l_tot, 1.0))
-        q = tl.load(Q + rows[:, None] * stride_qr + h * stride_qh + offs_d[None, :],
+        q = tl.load(Q + rows[:, None] * stride_qr + head[:, None] * stride_qh + offs_d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         if CAST_F32:
             q = q.to(tl.float32)
@@ -197,15 +213,21 @@ def _stats_pass2(Q, POS, K, KV_IDX, QO_PTR, KV_PTR, BLK_REQ, BLK_START, M_PART, 
         s = s * scale_log2
         valid = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]
         p = tl.where(valid, tl.exp2(tl.where(valid, s - lse2[:, None], -1.0e30)), 0.0)
-        acc += tl.reduce(p, 0, tl.standard._sum_combine)
         low = valid & ((s - m2[:, None]) < log2_thr)
-        cnt += tl.reduce(low.to(tl.int32), 0, tl.standard._sum_combine)
-        cnt_causal += tl.reduce(valid.to(tl.int32), 0, tl.standard._sum_combine)
-    tl.store(COL + h * stride_ch + kv_beg + offs_n, acc, mask=n_ok)
+        # per head: the packed rows of head g are g * BLOCK_M .. (g + 1) * BLOCK_M - 1
+        acc += tl.reduce(tl.reshape(p, [HEADS_P2, BLOCK_M, BLOCK_N]), 1, tl.standard._sum_combine)
+        cnt += tl.reduce(tl.reshape(low.to(tl.int32), [HEADS_P2, BLOCK_M, BLOCK_N]), 1, tl.standard._sum_combine)
+        cnt_causal += tl.reduce(tl.reshape(valid.to(tl.int32), [HEADS_P2, BLOCK_M, BLOCK_N]), 1,
+                                tl.standard._sum_combine)
+    offs_g = tl.arange(0, HEADS_P2)
+    heads = h0 + offs_g
+    g_ok = offs_g < HEADS
+    tl.store(COL + heads[:, None] * stride_ch + kv_beg + offs_n[None, :], acc, mask=g_ok[:, None] & n_ok[None, :])
     # integer atomics: the sums do not depend on the programs' order (deterministic)
-    tl.atomic_add(BELOW + b * stride_bb + h * stride_bh, tl.reduce(cnt, 0, tl.standard._sum_combine).to(tl.int64))
-    tl.atomic_add(CAUSAL + b * stride_cb + h * stride_cbh,
-                  tl.reduce(cnt_causal, 0, tl.standard._sum_combine).to(tl.int64))
+    tl.atomic_add(BELOW + b * stride_bb + heads * stride_bh,
+                  tl.reduce(cnt, 1, tl.standard._sum_combine).to(tl.int64), mask=g_ok)
+    tl.atomic_add(CAUSAL + b * stride_cb + heads * stride_cbh,
+                  tl.reduce(cnt_causal, 1, tl.standard._sum_combine).to(tl.int64), mask=g_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,6 +251,9 @@ class StatsLaunchPlan:
     q_blk_start: torch.Tensor
     k_blk_req: torch.Tensor  # int32 [n_kblocks]
     k_blk_start: torch.Tensor
+    #: one program per KV head, its query heads' rows packed into one dot product (GQA: keys are
+    #: read once per KV head, not once per query head); else one program per query head
+    pack_heads: bool = False
 
 
 def _blocks(indptr: Sequence[int], block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,12 +267,17 @@ def _blocks(indptr: Sequence[int], block: int) -> tuple[torch.Tensor, torch.Tens
 
 def plan_stats(qo_indptr_cpu: Sequence[int], kv_indptr_cpu: Sequence[int], device: torch.device | str, *,
                block_m: int = 16, block_n: int = 64, num_splits: int | None = None,
-               target_programs: int | None = None, num_q_heads: int = 1) -> StatsLaunchPlan:
+               target_programs: int | None = None, num_q_heads: int = 1, pack_heads: bool = False,
+               num_kv_heads: int | None = None) -> StatsLaunchPlan:
     """Host-side block tables for :func:`attention_stats_batched` (no device sync).
 
     ``num_splits`` (pass 1 key splits, flash-decoding style) defaults to enough programs to fill
     a GPU (``target_programs``, 4 x SM count on CUDA) and to 1 on the CPU interpreter.
+    ``pack_heads``: one program per KV head (``num_kv_heads`` of them) for all its query heads;
+    ``block_m`` then counts rows per query head.
     """
+    if pack_heads and not num_kv_heads:
+        raise ValueError("pack_heads needs num_kv_heads")
     device = torch.device(device)
     qo = [int(x) for x in qo_indptr_cpu]
     kv = [int(x) for x in kv_indptr_cpu]
@@ -263,7 +293,7 @@ def plan_stats(qo_indptr_cpu: Sequence[int], kv_indptr_cpu: Sequence[int], devic
         if device.type == "cuda":
             if target_programs is None:
                 target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-            base = max(1, q_req.numel() * num_q_heads)
+            base = max(1, q_req.numel() * (num_kv_heads if pack_heads else num_q_heads))
             num_splits = max(1, min(-(-target_programs // base), -(-max_k // block_n)))
         else:
             num_splits = 1
@@ -280,6 +310,7 @@ def plan_stats(qo_indptr_cpu: Sequence[int], kv_indptr_cpu: Sequence[int], devic
         num_splits=num_splits, split_len=split_len,
         qo_indptr=dev(torch.tensor(qo, dtype=torch.int32)), kv_indptr=dev(torch.tensor(kv, dtype=torch.int32)),
         q_blk_req=dev(q_req), q_blk_start=dev(q_start), k_blk_req=dev(k_req), k_blk_start=dev(k_start),
+        pack_heads=pack_heads,
     )
 
 
@@ -300,7 +331,8 @@ def attention_stats_batched(q: torch.Tensor, q_positions: torch.Tensor, qo_indpt
                             k_pool: torch.Tensor, kv_indices: torch.Tensor, kv_indptr_cpu: Sequence[int],
                             scale: float, threshold: float = 0.01, *, plan: StatsLaunchPlan | None = None,
                             out: BatchedStats | None = None, poison: bool = False,
-                            block_m: int = 16, block_n: int = 64, num_splits: int | None = None) -> BatchedStats:
+                            block_m: int = 16, block_n: int = 64, num_splits: int | None = None,
+                            pack_heads: bool = False) -> BatchedStats:
     """Triton statistics of a batch of requests (see the module docstring).
 
     Args:
@@ -310,7 +342,8 @@ def attention_stats_batched(q: torch.Tensor, q_positions: torch.Tensor, qo_indpt
         k_pool: ``[rows, Hkv, D]`` the KV pool's K buffer (a layer's buffer, or the global one).
         kv_indices: ``[total_keys]`` int32/int64 pool rows of each request's keys, in position order.
         scale: softmax scale; threshold: ``p`` of the sparsity filter (``<= 0``: count nothing).
-        plan: block tables from :func:`plan_stats` for this layout (built here when absent).
+        plan: block tables from :func:`plan_stats` for this layout (built here when absent, from
+            ``block_m``, ``block_n``, ``num_splits`` and ``pack_heads``).
         out: optional preallocated outputs (``col [Hq, total_keys]`` fp32, ``below``/``causal``
             ``[B, Hq]`` int64); every element is overwritten.
         poison: fill every output and intermediate buffer with NaN / a sentinel before launching
@@ -319,7 +352,8 @@ def attention_stats_batched(q: torch.Tensor, q_positions: torch.Tensor, qo_indpt
     device = k_pool.device
     if plan is None:
         plan = plan_stats(qo_indptr_cpu, kv_indptr_cpu, device, block_m=block_m, block_n=block_n,
-                          num_splits=num_splits, num_q_heads=q.shape[1])
+                          num_splits=num_splits, num_q_heads=q.shape[1], pack_heads=pack_heads,
+                          num_kv_heads=k_pool.shape[1])
     _check(q, q_positions, k_pool, kv_indices, plan)
     hq, d = q.shape[1], q.shape[2]
     group = hq // k_pool.shape[1]
@@ -352,6 +386,11 @@ def attention_stats_batched(q: torch.Tensor, q_positions: torch.Tensor, qo_indpt
     scale_log2 = float(scale) * _LOG2E
     log2_thr = math.log2(threshold) if threshold > 0 else _NEG
     bm, bn = plan.block_m, plan.block_n
+    heads = group if plan.pack_heads else 1  # query heads per program
+    heads_p2 = next_pow2(heads)
+    if heads_p2 * bm < 16:
+        raise ValueError(f"a program's rows ({heads_p2} heads x block_m {bm}) must be at least 16 (tl.dot)")
+    packing = dict(GROUP=group, HEADS=heads, HEADS_P2=heads_p2)
 
     if plan.total_q == 0 or bsz == 0:
         col.zero_()
@@ -366,24 +405,24 @@ def attention_stats_batched(q: torch.Tensor, q_positions: torch.Tensor, qo_indpt
     if poison:
         m_part.fill_(float("nan"))
         l_part.fill_(float("nan"))
-    grid1 = (plan.q_blk_req.numel(), hq, plan.num_splits)
+    grid1 = (plan.q_blk_req.numel(), hq // heads, plan.num_splits)
     kernel(_stats_pass1, device)[grid1](
         q, pos, k_pool, idx, plan.qo_indptr, plan.kv_indptr, plan.q_blk_req, plan.q_blk_start, m_part, l_part,
         below, causal,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), m_part.stride(0), m_part.stride(1),
         below.stride(0), below.stride(1), causal.stride(0), causal.stride(1), bsz * hq, hq,
         scale_log2, plan.split_len,
-        GROUP=group, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, CAST_F32=cast, IEEE=ieee,
+        **packing, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, CAST_F32=cast, IEEE=ieee,
     )
     n_kblk = plan.k_blk_req.numel()
     if n_kblk:
-        kernel(_stats_pass2, device)[(n_kblk, hq)](
+        kernel(_stats_pass2, device)[(n_kblk, hq // heads)](
             q, pos, k_pool, idx, plan.qo_indptr, plan.kv_indptr, plan.k_blk_req, plan.k_blk_start, m_part, l_part,
             col, below, causal,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), m_part.stride(0), m_part.stride(1),
             col.stride(0), below.stride(0), below.stride(1), causal.stride(0), causal.stride(1), plan.num_splits,
             scale_log2, log2_thr,
-            GROUP=group, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, CAST_F32=cast, IEEE=ieee,
+            **packing, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, CAST_F32=cast, IEEE=ieee,
         )
     return BatchedStats(col, below, causal)
 

@@ -25,7 +25,8 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert {"stats_share", "stats_sweep", "decode_speedup", "decode_sweep", "plan_us_per_step",
             "kv_move"} <= figures, report["results"]
     stats = next(r for r in report["results"] if r["figure"] == "stats_sweep")
-    assert [(c["block_m"], c["block_n"]) for c in stats["configs"]] == [(16, 64), (32, 64)]
+    assert [(c["block_m"], c["block_n"], c["pack_heads"]) for c in stats["configs"]] == [
+        (16, 64, False), (32, 64, False), (16, 64, True)]
     assert all(c.get("correct") for c in stats["configs"]) and stats["best"] is not None, stats["configs"]
     sweep = next(r for r in report["results"] if r["figure"] == "decode_sweep")
     # every configuration ran and agreed with the default one (the sweep's guard against a fast wrong one)
@@ -33,7 +34,7 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert sweep["configs"][1]["block_n"] == 32 and sweep["best"] is not None
     assert not [r for r in report["results"] if str(r.get("skipped", "")).startswith("error")], report["results"]
     md = (tmp_path / "gpu_suite.md").read_text()
-    assert "| figure |" in md and "stats share" in md and "| statistics sweep (2 plans) |" in md
+    assert "| figure |" in md and "stats share" in md and "| statistics sweep (3 plans) |" in md
 
 
 def test_gpu_suite_help():

@@ -109,20 +109,33 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("pack_heads", [False, True], ids=["per-query-head", "packed-per-kv-head"])
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_oracle_small(case, dtype, device):
+def test_matches_oracle_small(case, dtype, pack_heads, device):
     reqs, hq, hkv, d = CASES[case]
     batch = make_batch(reqs, hq, hkv, d, dtype, device, seed=case)
     tol = 2e-5 if dtype == torch.float32 else 1e-4
-    check(batch, scale=d ** -0.5 * 1.3, threshold=0.02, tol=tol, block_n=16, num_splits=2)
+    check(batch, scale=d ** -0.5 * 1.3, threshold=0.02, tol=tol, block_n=16, num_splits=2, pack_heads=pack_heads)
 
 
+@pytest.mark.parametrize("pack_heads, block_m", [(False, 16), (True, 16), (True, 4)])
 @pytest.mark.parametrize("num_splits", [1, 3, 50])
 @pytest.mark.parametrize("block_n", [16, 32])
-def test_key_splits_and_blocks(num_splits, block_n, device):
-    batch = make_batch([(61, 9), (17, 4)], 4, 2, 8, torch.float32, device, seed=5)
-    check(batch, scale=0.4, threshold=0.05, tol=2e-5, block_n=block_n, num_splits=num_splits)
+def test_key_splits_and_blocks(num_splits, block_n, pack_heads, block_m, device):
+    """Packed with block_m 4: 4 rows x 4 query heads (group 4 of the 8 heads' KV head) per program,
+    so a request's 9 rows take three row blocks."""
+    batch = make_batch([(61, 9), (17, 4)], 8, 2, 8, torch.float32, device, seed=5)
+    check(batch, scale=0.4, threshold=0.05, tol=2e-5, block_n=block_n, num_splits=num_splits, pack_heads=pack_heads,
+          block_m=block_m)
+
+
+def test_packed_needs_sixteen_rows_and_kv_heads(device):
+    batch = make_batch([(20, 4)], 4, 2, 8, torch.float32, device, seed=7)
+    with pytest.raises(ValueError, match="at least 16"):
+        check(batch, scale=0.4, threshold=0.05, tol=2e-5, pack_heads=True, block_m=4)  # 2 heads x 4 rows
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        plan_stats([0, 4], [0, 20], device, pack_heads=True)
 
 
 def test_fp16_and_thresholds(device):
@@ -260,12 +273,14 @@ def test_accumulator_with_the_dispatch_as_stats_fn(device, method):
     ([(3000, 50)] * 6, 16, 2, 64),
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_large_shapes_cuda(reqs, hq, hkv, d, dtype):
+@pytest.mark.parametrize("pack_heads", [False, True])
+def test_large_shapes_cuda(reqs, hq, hkv, d, dtype, pack_heads):
     dev = torch.device("cuda")
     batch = make_batch(reqs, hq, hkv, d, dtype, dev, seed=len(reqs), spread=1.0)
     q, pos, qo, k_pool, idx, kv = batch
     out = poisoned_out(hq, kv[-1], len(qo) - 1, dev)
-    got = attention_stats_batched(q, pos, qo, k_pool, idx, kv, d ** -0.5, 0.01, out=out, poison=True)
+    got = attention_stats_batched(q, pos, qo, k_pool, idx, kv, d ** -0.5, 0.01, out=out, poison=True,
+                                  pack_heads=pack_heads)
     assert torch.isfinite(got.col).all()
     ref = attention_stats_batched_torch(q, pos, qo, k_pool, idx, kv, d ** -0.5, 0.01)
     torch.testing.assert_close(got.col, ref.col.float(), rtol=1e-3, atol=1e-4)

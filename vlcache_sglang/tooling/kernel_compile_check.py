@@ -83,8 +83,9 @@ def compile_launch(fn: Callable, args: tuple, kwargs: dict, arch: int = 90):
                           options=options)
 
 
-def stats_case(dtype: torch.dtype, k_dtype: torch.dtype) -> None:
-    """Two requests' statistics (a 64-row window over 2,000 keys, 6 rows over 600), 7B heads."""
+def stats_case(dtype: torch.dtype, k_dtype: torch.dtype, pack_heads: bool = False) -> None:
+    """Two requests' statistics (a 64-row window over 2,000 keys, 6 rows over 600), 7B heads
+    (``pack_heads``: one program per KV head)."""
     from vlcache_sglang.kernels.attention_stats import attention_stats_batched
 
     g = torch.Generator().manual_seed(0)
@@ -92,7 +93,8 @@ def stats_case(dtype: torch.dtype, k_dtype: torch.dtype) -> None:
     k_pool = torch.randn(3000, 4, 128, generator=g).to(k_dtype)
     idx = torch.randperm(3000, generator=g)[:2600]
     pos = torch.cat([torch.arange(1936, 2000), torch.arange(594, 600)])
-    attention_stats_batched(q, pos, [0, 64, 70], k_pool, idx, [0, 2000, 2600], 128 ** -0.5, 0.01)
+    attention_stats_batched(q, pos, [0, 64, 70], k_pool, idx, [0, 2000, 2600], 128 ** -0.5, 0.01,
+                            pack_heads=pack_heads)
 
 
 def decode_case(dtype: torch.dtype, cache_dtype: torch.dtype, per_head: bool, warps: int | None = None,
@@ -129,6 +131,8 @@ CASES: dict[str, Callable[[], None]] = {
     "stats fp16": lambda: stats_case(torch.float16, torch.float16),
     "stats fp32": lambda: stats_case(torch.float32, torch.float32),
     "stats bf16 q, fp8 e4m3 keys": lambda: stats_case(bf16, fp8e4),
+    "stats bf16, packed per KV head": lambda: stats_case(bf16, bf16, pack_heads=True),
+    "stats fp32, packed per KV head": lambda: stats_case(torch.float32, torch.float32, pack_heads=True),
     "decode bf16": lambda: decode_case(bf16, bf16, False),
     "decode bf16 per head": lambda: decode_case(bf16, bf16, True),
     "decode bf16, 8 warps 3 stages (the sweep's)": lambda: decode_case(bf16, bf16, False, 8, 3),
