@@ -33,40 +33,73 @@ class LayerListBuilder:
 
     def build(self, meta: ForwardMetadata, req_pool_indices: list[int], rids: list[str] | None) -> LayerLists:
         """Per-layer key lists (global row ids) and their positions, when the batch holds a
-        compacted request or a row with virtual ids; ``({}, {})`` otherwise (stock path)."""
+        compacted request or a row with virtual ids; ``({}, {})`` otherwise (stock path).
+
+        Host work per forward does not grow with batch x layers: which rows hold virtual ids is
+        one device read for the whole batch, plain requests' rows in a layer come from one
+        elementwise op over the batch's slots (consecutive plain requests: one slice; with head
+        cells a view per request and head), every layer's ``indptr`` goes to the device in one
+        copy, and each layer's list is one ``cat`` (this runs before every decode step)."""
         records = [self.states.compressed_row(idx, rids[b] if rids is not None else None)
                    for b, idx in enumerate(req_pool_indices)]
-        if not any(records) and not self.vkv.has_virtual(meta.kv.kv_indices):
+        kv = meta.kv
+        virtual = self._rows_with_virtual_ids(kv, len(req_pool_indices))
+        if not any(records) and not any(virtual):
             return {}, {}
         per_request = []  # per request: per layer (rows, positions), None: plain slots
         for b, rec in enumerate(records):
-            slots = meta.kv.slots(b)
-            if rec is None and not self.vkv.has_virtual(slots):
+            if rec is None and not virtual[b]:
                 per_request.append(None)
                 continue
             rid = rids[b] if rids is not None else None
-            per_request.append(self._request_layers(req_pool_indices[b], rid, rec, slots))
+            per_request.append(self._request_layers(req_pool_indices[b], rid, rec, kv.slots(b)))
         hp = self.vkv.units.heads_per_unit
-        out: dict[int, RaggedKV] = {}
+        rows_per_layer = self.vkv.units.rows_per_layer
+        slots = kv.kv_indices.to(torch.int64)
+        cut = kv.kv_indptr_cpu
+        indptrs: list[list[int]] = []
+        parts_by_layer: list[list[torch.Tensor]] = []
         positions_out: dict[int, list[torch.Tensor | None]] = {}
         for layer in range(self.num_layers):
+            # CellUnits.rows for the whole batch: (slot + layer * R) * hp + head
+            plain = [(slots + layer * rows_per_layer) * hp + head for head in range(hp)] if None in per_request else []
             parts, pos_parts, indptr = [], [], [0]
+            run = None  # layer cells: consecutive plain requests are one slice of `plain`
             for b, units in enumerate(per_request):
+                if units is None and hp == 1:
+                    run = (run[0] if run else cut[b], cut[b + 1])
+                    pos_parts.append(None)
+                    indptr.append(indptr[-1] + cut[b + 1] - cut[b])
+                    continue
+                if run:
+                    parts.append(plain[0][run[0]:run[1]])
+                    run = None
                 for head in range(hp):  # head cells: one list per (request, KV head)
-                    unit = layer * hp + head
                     if units is None:
-                        ids = self.vkv.units.rows(unit, meta.kv.slots(b))
-                        pos_parts.append(None)
+                        ids, pos = plain[head][cut[b]:cut[b + 1]], None  # a view
                     else:
-                        ids, pos = units[unit]
-                        pos_parts.append(pos)
+                        ids, pos = units[layer * hp + head]
                     parts.append(ids)
+                    pos_parts.append(pos)
                     indptr.append(indptr[-1] + ids.numel())
-            indices = torch.cat(parts)
-            out[layer] = RaggedKV(torch.tensor(indptr, dtype=torch.int64, device=indices.device), indices, indptr,
-                                  heads=hp)
+            if run:
+                parts.append(plain[0][run[0]:run[1]])
+            parts_by_layer.append(parts)
+            indptrs.append(indptr)
             positions_out[layer] = pos_parts  # head cells: one entry per (request, KV head)
+        device = slots.device
+        indptr_dev = torch.tensor(indptrs, dtype=torch.int64, device=device)  # one copy for all layers
+        out = {layer: RaggedKV(indptr_dev[layer], torch.cat(parts), indptrs[layer], heads=hp)
+               for layer, parts in enumerate(parts_by_layer)}
         return out, positions_out
+
+    def _rows_with_virtual_ids(self, kv: RaggedKV, batch: int) -> list[bool]:
+        """Per request, whether its slots hold a virtual id (one device read for the batch)."""
+        if batch == 0 or kv.kv_indices.numel() == 0:
+            return [False] * batch
+        seen = torch.nn.functional.pad((kv.kv_indices >= self.vkv.base).to(torch.int64).cumsum(0), (1, 0))
+        per = seen[kv.kv_indptr.to(device=seen.device, dtype=torch.int64)]  # virtual ids before each boundary
+        return (per[1:] > per[:-1]).tolist()
 
     def _request_layers(self, req_pool_idx: int, rid: str | None, rec: CompressedRow | None,
                         slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
