@@ -94,3 +94,36 @@ def test_layer_cells_build_does_not_grow_with_plain_requests():
 
 def test_head_cells_build_does_not_grow_with_plain_requests():
     check_cells("head")
+
+
+class CountNonzero(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.nonzero = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.nonzero += func.overloadpacket.__name__ == "nonzero"
+        return func(*args, **(kwargs or {}))
+
+
+def test_resolving_plain_slots_needs_no_nonzero_per_unit():
+    """A decode step appends plain slots to a compressed row's resolution: every unit holds them,
+    so no ``nonzero`` (a device read each) per unit; the result is the general path's."""
+    for cells in ("layer", "head"):
+        s = setup(cells)
+        fill(s, 0, 60)
+        vkv = s.comp.vkv
+        kept = [torch.arange(0, 60, 3 + u % 2) for u in range(vkv.num_units)]
+        assert s.comp.compact_row(0, "r0", kept, 0, 60) is not None
+        row = s.req_pool.req_to_token[0, :60].to(torch.int64)
+        plain = s.allocator.alloc(5).to(torch.int64)
+        counter = CountNonzero()
+        with counter:
+            fast = vkv.resolve(plain)
+        assert counter.nonzero == 0
+        mixed = vkv.resolve(torch.cat([row, plain]))  # the general path (virtual ids present)
+        for u, (present, rows) in enumerate(fast):
+            all_present, all_rows = mixed[u]
+            tail = all_present >= 60
+            assert torch.equal(present, all_present[tail] - 60) and torch.equal(rows, all_rows[tail])
+            assert torch.equal(rows, vkv.units.rows(u, plain))

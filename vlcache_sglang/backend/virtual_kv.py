@@ -181,7 +181,13 @@ class VirtualKV:
 
     def resolve(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per unit ``(present, rows)``: the indices into ``ids`` present in that unit and their
-        K/V rows, in order."""
+        K/V rows, in order. Ids without a virtual one (a decode step's new tokens) cost one device
+        read in all, not one ``nonzero`` per unit."""
+        ids = ids.to(device=self.device, dtype=torch.int64)
+        if not self.has_virtual(ids):  # plain slots (a decode step's new tokens): in every unit, no nonzero
+            present = torch.arange(ids.numel(), device=ids.device)
+            rows = ids.unsqueeze(1) * self.units.heads_per_unit + self._unit_offsets
+            return [(present, rows[:, u]) for u in range(self.num_units)]
         rows = self.layer_rows(ids)
         out = []
         for layer in range(self.num_units):
