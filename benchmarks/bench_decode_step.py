@@ -20,13 +20,14 @@ from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlcache_sglang.backend.attention_backend import VLCacheAttnBackend
 
 
 def setup(context: int, batch: int, layers: int, q_heads: int, kv_heads: int, dim: int, compressed: bool):
-    size = batch * (context + 8) + 16
-    req_pool = ReqToTokenPool(size=batch, max_context_len=context + 8, device="cpu", enable_memory_saver=False)
+    size = batch * (context + 8 + ROOM) + 16
+    req_pool = ReqToTokenPool(size=batch, max_context_len=context + 8 + ROOM, device="cpu", enable_memory_saver=False)
     kv_pool = MHATokenToKVPool(size=size, page_size=1, dtype=torch.float32, head_num=kv_heads, head_dim=dim,
                                layer_num=layers, device="cpu", enable_memory_saver=False)
     allocator = TokenToKVPoolAllocator(size, torch.float32, "cpu", kv_pool, need_sort=False)
@@ -57,6 +58,30 @@ def setup(context: int, batch: int, layers: int, q_heads: int, kv_heads: int, di
     return backend, fb, atts, allocator
 
 
+ROOM = 64  # decode steps the metadata timing may append
+
+
+class CountOps(TorchDispatchMode):
+    """ATen ops dispatched (on a GPU each is a launch or at least dispatcher time on the host)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def append_token(backend, fb, allocator) -> None:
+    """What SGLang does between two decode steps: one new slot per request, lengths + 1."""
+    new = allocator.alloc(fb.batch_size)
+    lens = fb.seq_lens_cpu
+    backend.req_to_token_pool.req_to_token[fb.req_pool_indices, lens] = new.to(torch.int32)
+    fb.seq_lens_cpu = fb.seq_lens = lens + 1
+    fb.out_cache_loc = new.long()
+
+
 def step(backend, fb, atts, q_heads, kv_heads, dim, batch):
     backend.init_forward_metadata(fb)
     for att in atts:
@@ -65,27 +90,34 @@ def step(backend, fb, atts, q_heads, kv_heads, dim, batch):
         backend.forward_decode(q, k, k, att, fb)
 
 
-def metadata_times(backend, fb, batch: int, repeats: int) -> tuple[float, float]:
+def metadata_times(backend, fb, allocator, batch: int, repeats: int) -> tuple[float, float, int]:
     """Host time per step of the eager metadata and of CUDA-graph mode's per-replay preparation
-    (``init_forward_metadata_out_graph``: the same lists, copied into the executor's fixed buffers)."""
+    (``init_forward_metadata_out_graph``: the same lists, copied into the executor's fixed buffers),
+    each after appending a token as a decode step does, and the ATen ops of one eager metadata."""
     from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
 
     eager = []
     for _ in range(repeats):
+        append_token(backend, fb, allocator)
         t0 = time.perf_counter()
         backend.init_forward_metadata(fb)
         eager.append(time.perf_counter() - t0)
+    append_token(backend, fb, allocator)
+    counter = CountOps()
+    with counter:
+        backend.init_forward_metadata(fb)
     executor, backend.executor = backend.executor, FlashInferAttentionExecutor("cpu")
     try:
         backend.init_cuda_graph_state(batch, batch)
         graph = []
         for _ in range(repeats):
+            append_token(backend, fb, allocator)
             t0 = time.perf_counter()
             backend.init_forward_metadata_out_graph(fb)
             graph.append(time.perf_counter() - t0)
     finally:
         backend.executor = executor
-    return statistics.median(eager), statistics.median(graph)
+    return statistics.median(eager), statistics.median(graph), counter.ops
 
 
 def main() -> None:
@@ -117,13 +149,18 @@ def main() -> None:
         held = {c: setups[c][3].size - setups[c][3].available_size() for c in setups}
         print(f"| {context} | {full * 1e3:.1f} ms | {comp * 1e3:.1f} ms | {full / comp:.1f}x | "
               f"{held[False]} / {held[True]} ({held[False] / held[True]:.1f}x) |")
-        prep[context] = {c: metadata_times(b, fb, args.batch, args.repeats) for c, (b, fb, _, _) in setups.items()}
-    print("\nper-step host metadata (eager init_forward_metadata / CUDA-graph replay preparation)")
-    print("| context | full cache | budget 0.1 |")
-    print("|---|---|---|")
+        prep[context] = {c: metadata_times(b, fb, alloc, args.batch, args.repeats)
+                         for c, (b, fb, _, alloc) in setups.items()}
+        backend, fb, _, alloc = setups[True]
+        backend.compressor.layer_lists.rows_reported = True  # what the server's vlcache radix tree sets
+        prep[context]["reported"] = metadata_times(backend, fb, alloc, args.batch, args.repeats)
+    print("\nper-step host metadata (eager init_forward_metadata / CUDA-graph replay preparation); budget 0.1 "
+          "without / with the radix tree's rewrite reports (the server runs with them)")
+    print("| context | full cache | budget 0.1, rows compared | budget 0.1, rewrites reported |")
+    print("|---|---|---|---|")
     for context, t in prep.items():
-        print(f"| {context} | {t[False][0] * 1e3:.2f} / {t[False][1] * 1e3:.2f} ms | "
-              f"{t[True][0] * 1e3:.2f} / {t[True][1] * 1e3:.2f} ms |")
+        cells = [f"{t[c][0] * 1e3:.2f} / {t[c][1] * 1e3:.2f} ms, {t[c][2]} ops" for c in (False, True, "reported")]
+        print(f"| {context} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

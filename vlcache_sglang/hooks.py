@@ -119,7 +119,7 @@ HOOKS: tuple[Hook, ...] = (
     Hook("sglang.srt.layers.attention.base_attn_backend.AttentionBackend", "subclass",
          "the vlcache attention backend", where="vlcache_sglang.backend.attention_backend.VLCacheAttnBackend"),
     Hook("sglang.srt.mem_cache.radix_cache.RadixCache", "subclass",
-         "matching, splitting, locking, LRU are SGLang's; sizes in slots, checkpoint limits",
+         "matching, splitting, locking, LRU are SGLang's; sizes in slots, checkpoint limits and reports row rewrites",
          where="vlcache_sglang.radix_cache.VLCacheRadixCache"),
     # -- instance attributes ------------------------------------------------------------------
     Hook("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free", "instance",

@@ -45,6 +45,10 @@ class VLCacheRadixCache(RadixCache):
         super().__init__(params)
         if runtime is not None and not self.disable:
             runtime.tree = self  # compressed requests may now enter the tree
+        if runtime is not None and runtime.compressor is not None:
+            # every rewrite of a request row's ids by this tree is reported (checkpoint, below), so
+            # decode steps may trust a row's cached resolution without reading the device
+            runtime.compressor.layer_lists.rows_reported = True
 
     def _compressor(self):
         return self.runtime.compressor if self.runtime is not None else None
@@ -76,6 +80,8 @@ class VLCacheRadixCache(RadixCache):
             if up_to <= req.kv.cache_protected_len:
                 return  # nothing (new) of this request may enter the tree
         super().checkpoint(req, up_to=up_to)
+        if compressor is not None and not self.disable:  # the row may now hold the tree's ids
+            compressor.states.row_rewritten(int(req.kv.req_pool_idx))
 
     def insert(self, params):
         result = super().insert(params)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 
+import torch
+
 from vlcache_sglang.backend.request_state import RequestStates
 from vlcache_sglang.backend.runtime import runtime_of
 
@@ -16,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 
 def attach_request_info(forward_batch, cls, batch, model_runner, *args, **kwargs):
-    """``ForwardBatch.init_new``: stage the extend batch's per-request info for the backend."""
+    """``ForwardBatch.init_new``: stage the extend batch's per-request info for the backend; give
+    a decode batch the host copy of its rows (``req_pool_indices_cpu``)."""
     runtime = runtime_of(model_runner)
     if runtime is not None and forward_batch.forward_mode.is_extend() and batch.reqs:
         from vlcache_sglang.backend.request_info import collect_request_info
@@ -27,6 +30,12 @@ def attach_request_info(forward_batch, cls, batch, model_runner, *args, **kwargs
         except Exception:  # never take the scheduler down: serve this batch uncompressed
             logger.exception("vlcache: could not read per-request settings; batch served uncompressed")
             backend.stage_request_info(None, None)
+    elif runtime is not None and forward_batch.forward_mode.is_decode() and batch.reqs and \
+            getattr(forward_batch, "req_pool_indices_cpu", None) is None:
+        # decode: SGLang passes the rows' host copy for extend only; the backend's per-layer lists
+        # need them on the host every step, and reading the device tensor would drain the stream
+        forward_batch.req_pool_indices_cpu = torch.tensor([int(r.kv.req_pool_idx) for r in batch.reqs],
+                                                          dtype=torch.int64)
     return forward_batch
 
 
@@ -153,6 +162,8 @@ def add_vlcache_state(result, internal_state, state, *args, **kwargs):
         "images_encoded": runtime.images_encoded if runtime is not None else 0,
         "videos_encoded": runtime.videos_encoded if runtime is not None else 0,
         "freed_reads": getattr(backend, "freed_reads", 0),
+        # debug checks: decode steps whose cached row resolution a missing rewrite report left stale
+        "stale_resolutions": compressor.layer_lists.stale_resolutions if compressor else 0,
         # whether freed_reads was being counted at all (VLCACHE_DEBUG_CHECKS=1)
         "debug_checks": bool(getattr(backend, "debug_checks", False)),
         # KV cell granularity served (--vlcache-cells): what a request's vlcache_kept_ratio counts

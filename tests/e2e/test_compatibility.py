@@ -79,7 +79,7 @@ def test_mixed_chunks_give_the_unmixed_tokens(server):
     assert [o["output_ids"] for o in together] == [o["output_ids"] for o in alone]
     assert [o["meta_info"]["vlcache_kept_ratio"] for o in together] == \
         [o["meta_info"]["vlcache_kept_ratio"] for o in alone]
-    assert end["freed_reads"] == 0 and end["plans_from_incomplete_statistics"] == 0
+    assert end["freed_reads"] == 0 and end["plans_from_incomplete_statistics"] == 0 and end["stale_resolutions"] == 0
     requests.post(f"{server.url}/flush_cache", timeout=60)
     end = settled(server)
     for key in ("available_kv_tokens", "evictable_kv_tokens", "virtual_ids_live", "cell_slots_live",

@@ -73,7 +73,7 @@ def settled(server) -> dict:
 def assert_back_at(start: dict, end: dict) -> None:
     assert {k: end[k] for k in ZERO} == dict.fromkeys(ZERO, 0)
     assert end["available_kv_tokens"] == start["available_kv_tokens"]
-    assert end["freed_reads"] == 0
+    assert end["freed_reads"] == 0 and end["stale_resolutions"] == 0
 
 
 def reference(hf, image, kept=None, head_kept=None, q: str = QUESTION) -> list[int]:

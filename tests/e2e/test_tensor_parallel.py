@@ -97,7 +97,7 @@ def test_radix_sharing_at_two_ranks(server, sharing):
         assert again["meta_info"]["vlcache_kept_positions"] == first["meta_info"]["vlcache_kept_positions"]
         assert again["output_ids"] == first["output_ids"]
     state = vlcache_state(server.url)
-    assert state["tp_plan_mismatches"] == 0 and state["freed_reads"] == 0
+    assert state["tp_plan_mismatches"] == 0 and state["freed_reads"] == 0 and state["stale_resolutions"] == 0
 
 
 def test_mixed_soak_at_two_ranks_ends_where_it_started(server):
@@ -107,7 +107,7 @@ def test_mixed_soak_at_two_ranks_ends_where_it_started(server):
     outcomes, state = mixed_soak(server, n, workers=6, seed=7, abort_every=20)
     assert outcomes.count("ok") > n * 0.7
     assert state["requests_compressed"] > start["requests_compressed"] + 10
-    assert state["tp_plan_mismatches"] == 0 and state["freed_reads"] == 0
+    assert state["tp_plan_mismatches"] == 0 and state["freed_reads"] == 0 and state["stale_resolutions"] == 0
     assert requests.post(f"{server.url}/flush_cache", timeout=60).status_code == 200
     end = vlcache_state(server.url)
     for key in ("available_kv_tokens", "evictable_kv_tokens", "virtual_ids_live", "cell_slots_live",

@@ -62,7 +62,7 @@ def test_mixed_soak_with_per_head_plans_at_two_ranks_ends_at_the_start(server):
     assert outcomes.count("ok") > 60 * 0.7
     end = settled(server)
     assert end["requests_compressed"] > start["requests_compressed"] + 10
-    assert end["tp_plan_mismatches"] == 0 and end["freed_reads"] == 0
+    assert end["tp_plan_mismatches"] == 0 and end["freed_reads"] == 0 and end["stale_resolutions"] == 0
     assert {k: end[k] for k in ZERO} == dict.fromkeys(ZERO, 0)
     assert end["available_kv_tokens"] == start["available_kv_tokens"]
 

@@ -197,10 +197,13 @@ def test_tree_sizes_stay_exact_through_a_random_workload_on_sglangs_radix_tree(p
 
     kv, allocator, vkv = pool
     req_pool = ReqToTokenPool(size=2, max_context_len=64, device="cpu", enable_memory_saver=False)
-    runtime = SimpleNamespace(compressor=SimpleNamespace(vkv=vkv), tree=None)  # what the backend's Runtime offers
+    # what the backend's Runtime offers
+    runtime = SimpleNamespace(compressor=SimpleNamespace(vkv=vkv, layer_lists=SimpleNamespace(rows_reported=False)),
+                              tree=None)
     try:
         tree = VLCacheRadixCache(CacheInitParams(disable=False, req_to_token_pool=req_pool,
                                                  token_to_kv_pool_allocator=allocator, page_size=1), runtime)
+        assert runtime.compressor.layer_lists.rows_reported  # the tree reports its row rewrites
         g = torch.Generator().manual_seed(11)
         locked = []
         seen = set()

@@ -21,7 +21,7 @@ from vlcache_sglang.backend.cell_store import FP8_DTYPES, rehome_pool_buffers
 from vlcache_sglang.backend.compressor import Compressor, HeadLists
 from vlcache_sglang.backend.cuda_graph import SEQ_LEN_FILL, graph_decode_metadata, graph_fits, graph_kv_capacity
 from vlcache_sglang.backend.executors.torch_executor import TorchAttentionExecutor
-from vlcache_sglang.backend.metadata import ForwardMetadata, build_ragged_kv, decode_metadata, host_ints
+from vlcache_sglang.backend.metadata import ForwardMetadata, build_ragged_kv, decode_metadata, host_ints, host_rows
 from vlcache_sglang.backend.runtime import Runtime, attach
 from vlcache_sglang.backend.tensor_parallel import StatsGather, attention_tp_group
 from vlcache_sglang.settings import ServerSettings, SettingsError, settings_of
@@ -111,7 +111,7 @@ class VLCacheAttnBackend(AttentionBackend):
         self.forward_metadata = meta
 
     def _attach_layer_kv(self, meta: ForwardMetadata, forward_batch) -> None:
-        self.attach_layer_kv(meta, forward_batch.req_pool_indices.tolist(), getattr(forward_batch, "rids", None),
+        self.attach_layer_kv(meta, host_rows(forward_batch, self.debug_checks), getattr(forward_batch, "rids", None),
                              forward_batch.out_cache_loc)
 
     def attach_layer_kv(self, meta: ForwardMetadata, req_pool_indices: list[int], rids, out_cache_loc) -> None:

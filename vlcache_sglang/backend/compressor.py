@@ -103,7 +103,7 @@ class Compressor:
         self.cell_k, self.cell_v = kv.cells(self.heads_per_unit)
         install_free_filter(allocator, self.vkv)
         self.states = RequestStates()
-        self.layer_lists = LayerListBuilder(kv, self.vkv, self.states)
+        self.layer_lists = LayerListBuilder(kv, self.vkv, self.states, debug_checks=debug_checks)
         self.counters = CompressionCounters()
         self.metrics = CompressionMetrics(enabled=metrics)
 

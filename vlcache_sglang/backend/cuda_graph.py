@@ -26,9 +26,10 @@ requests share slots, can do that). Prefill stays eager (``--cuda-graph-backend-
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV, decode_metadata, host_ints
+from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV, decode_metadata, host_ints, host_rows, to_device
 
 PADDING_SLOT = 0  # SGLang's allocator never hands out slot 0: padded tokens write (and here read) it
 SEQ_LEN_FILL = 1
@@ -51,7 +52,24 @@ def pad_ragged(kv: RaggedKV, pad: int, row: int) -> RaggedKV:
     indptr_cpu = kv.kv_indptr_cpu + [kv.kv_indptr_cpu[-1] + i + 1 for i in range(pad)]
     device = kv.kv_indices.device
     indices = torch.cat([kv.kv_indices, torch.full((pad,), row, dtype=kv.kv_indices.dtype, device=device)])
-    return RaggedKV(torch.tensor(indptr_cpu, dtype=torch.int64, device=device), indices, indptr_cpu)
+    return RaggedKV(to_device(np.asarray(indptr_cpu, dtype=np.int64), device), indices, indptr_cpu)
+
+
+def pad_layer_lists(layer_kv: dict[int, RaggedKV], pad: int, stride: int) -> dict[int, RaggedKV]:
+    """Every layer's list plus ``pad`` entries reading its padding row, with one host-to-device
+    copy for all layers' ``indptr`` (not one per layer)."""
+    if pad == 0 or not layer_kv:
+        return layer_kv
+    layers = list(layer_kv)
+    device = layer_kv[layers[0]].kv_indices.device
+    indptr_cpu = [kv.kv_indptr_cpu + [kv.kv_indptr_cpu[-1] + i + 1 for i in range(pad)] for kv in layer_kv.values()]
+    rows = np.asarray(layers, dtype=np.int64) * stride + PADDING_SLOT
+    dev = to_device(np.concatenate([np.asarray(indptr_cpu, dtype=np.int64).reshape(-1), rows]), device)
+    width = len(indptr_cpu[0])
+    fill = dev[len(layers) * width:].unsqueeze(1).expand(len(layers), pad)
+    return {layer: RaggedKV(dev[i * width:(i + 1) * width], torch.cat([kv.kv_indices, fill[i]]), indptr_cpu[i],
+                            heads=kv.heads)
+            for i, (layer, kv) in enumerate(layer_kv.items())}
 
 
 def graph_decode_metadata(backend, forward_batch, in_capture: bool) -> ForwardMetadata:
@@ -67,11 +85,11 @@ def graph_decode_metadata(backend, forward_batch, in_capture: bool) -> ForwardMe
     rows = forward_batch.req_pool_indices[:real]
     meta = decode_metadata(backend.req_to_token_pool.req_to_token, rows, seq_lens)
     if real:
-        backend.attach_layer_kv(meta, rows.tolist(), None, getattr(forward_batch, "out_cache_loc", None))
+        backend.attach_layer_kv(meta, host_rows(forward_batch, backend.debug_checks, real), None,
+                                getattr(forward_batch, "out_cache_loc", None))
     stride = backend.global_kv.rows_per_layer
     meta.kv = pad_ragged(meta.kv, pad, PADDING_SLOT)
-    meta.layer_kv = {layer: pad_ragged(kv_l, pad, layer * stride + PADDING_SLOT)
-                     for layer, kv_l in meta.layer_kv.items()}
+    meta.layer_kv = pad_layer_lists(meta.layer_kv, pad, stride)
     meta.qo_indptr_cpu = list(range(bs + 1))
     meta.prefix_lens_cpu = meta.prefix_lens_cpu + [SEQ_LEN_FILL - 1] * pad
     meta.layer_row_stride, meta.graph = stride, True

@@ -14,10 +14,11 @@ new tokens while it stays valid.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from vlcache_sglang.backend.cell_store import GlobalKV
-from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV
+from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV, to_device
 from vlcache_sglang.backend.request_state import CompressedRow, RequestStates, ResolvedRow
 from vlcache_sglang.backend.virtual_kv import VirtualKV
 
@@ -27,9 +28,15 @@ LayerLists = tuple[dict[int, RaggedKV], dict[int, list[torch.Tensor | None]]]
 class LayerListBuilder:
     """Builds :attr:`ForwardMetadata.layer_kv` and ``layer_positions`` for one forward."""
 
-    def __init__(self, kv: GlobalKV, vkv: VirtualKV, states: RequestStates) -> None:
+    def __init__(self, kv: GlobalKV, vkv: VirtualKV, states: RequestStates, debug_checks: bool = False) -> None:
         self.kv, self.vkv, self.states = kv, vkv, states
         self.num_layers = kv.num_layers
+        # True once the vlcache radix tree reports every rewrite of a row's ids (its checkpoint:
+        # RequestStates.row_rewritten); then decode steps trust a row's cached resolution without
+        # reading the device (see _build_decode). Without that tree every step compares the row.
+        self.rows_reported = False
+        self.debug_checks = debug_checks  # decode: still compare, count what a report missed
+        self.stale_resolutions = 0  # debug checks: cached resolutions a missing report left stale
 
     def build(self, meta: ForwardMetadata, req_pool_indices: list[int], rids: list[str] | None) -> LayerLists:
         """Per-layer key lists (global row ids) and their positions, when the batch holds a
@@ -46,6 +53,8 @@ class LayerListBuilder:
         virtual = self._rows_with_virtual_ids(kv, len(req_pool_indices))
         if not any(records) and not any(virtual):
             return {}, {}
+        if meta.is_decode and self.rows_reported:
+            return self._build_decode(kv, req_pool_indices, rids, records, virtual), {}
         per_request = []  # per request: per layer (rows, positions), None: plain slots
         for b, rec in enumerate(records):
             if rec is None and not virtual[b]:
@@ -87,11 +96,95 @@ class LayerListBuilder:
             parts_by_layer.append(parts)
             indptrs.append(indptr)
             positions_out[layer] = pos_parts  # head cells: one entry per (request, KV head)
-        device = slots.device
-        indptr_dev = torch.tensor(indptrs, dtype=torch.int64, device=device)  # one copy for all layers
+        indptr_dev = to_device(np.asarray(indptrs, dtype=np.int64), slots.device)  # one copy for all layers
         out = {layer: RaggedKV(indptr_dev[layer], torch.cat(parts), indptrs[layer], heads=hp)
                for layer, parts in enumerate(parts_by_layer)}
         return out, positions_out
+
+    def _build_decode(self, kv: RaggedKV, req_pool_indices: list[int], rids: list[str] | None,
+                      records: list[CompressedRow | None], virtual: list[bool]) -> dict[int, RaggedKV]:
+        """A decode step's lists, with row rewrites reported: a constant number of device ops.
+
+        A request reading per-layer lists reads, in unit ``u``, its cached resolution's rows (made
+        at ``n0`` ids, :meth:`ResolvedRow.flattened`) and then its tail ``[n0, len)``: slots a decode
+        step appended (plain, so their rows are ``slot * hp + offset_u``); a plain request reads
+        its slots' rows in every unit. So every (layer, request, head) list is two segments of one
+        source (the resolutions' rows, then the batch's slots) with an affine map, expanded on the
+        device in one ``repeat_interleave`` from a segment table built on the host with numpy: no
+        device op per request or layer (but a view per layer) and no device read (positions are
+        not built: decode does not read them)."""
+        hp = self.vkv.units.heads_per_unit
+        units, layers = self.vkv.num_units, self.num_layers
+        batch = len(req_pool_indices)
+        cut = np.asarray(kv.kv_indptr_cpu, dtype=np.int64)
+        tail_start, tail_len = cut[:-1].copy(), np.diff(cut)
+        base_start = np.zeros(batch, dtype=np.int64)
+        base_counts = np.zeros((batch, units), dtype=np.int64)
+        sources, src_len = [], 0
+        for b, rec in enumerate(records):
+            if rec is None and not virtual[b]:
+                continue
+            rid = rids[b] if rids is not None else None
+            resolved = self._decode_resolution(req_pool_indices[b], rid, rec, kv, b)
+            flat, counts = resolved.flattened()
+            n0 = resolved.ids.numel()
+            base_start[b], base_counts[b] = src_len, counts
+            tail_start[b] += n0
+            tail_len[b] -= n0
+            sources.append(flat)
+            src_len += flat.numel()
+        slots = kv.kv_indices.to(torch.int64)
+        tail_rows = slots * hp if hp > 1 else slots  # a tail slot's row in unit u: slot * hp + offset_u
+        source = torch.cat(sources + [tail_rows]) if sources else tail_rows
+        unit_base = base_start[:, None] + np.cumsum(base_counts, axis=1) - base_counts  # [batch, units]
+        offsets = (np.arange(units) // hp) * self.vkv.rows_per_layer * hp + np.arange(units) % hp
+        # segments in output order: layer, request, head, (resolution rows, tail); unit u = layer * hp + head
+        shape = (layers, batch, hp, 2)
+        lengths = np.empty(shape, dtype=np.int64)
+        start = np.empty(shape, dtype=np.int64)
+        shift = np.zeros(shape, dtype=np.int64)
+        per_unit = lambda a: a.reshape(batch, layers, hp).transpose(1, 0, 2)  # [batch, units] -> [L, B, hp]
+        lengths[..., 0] = per_unit(base_counts)
+        lengths[..., 1] = tail_len[None, :, None]
+        start[..., 0] = per_unit(unit_base)
+        start[..., 1] = (src_len + tail_start)[None, :, None]
+        shift[..., 1] = offsets.reshape(layers, 1, hp)
+        lengths = lengths.reshape(-1)
+        ends = np.cumsum(lengths)
+        # per segment: (its start in `source` minus its start in the output, the row shift), its length
+        table = np.stack([start.reshape(-1) - (ends - lengths), shift.reshape(-1), lengths])
+        total = int(ends[-1]) if ends.size else 0
+        dev = to_device(table, slots.device)
+        expanded = torch.repeat_interleave(dev[:2], dev[2], dim=1, output_size=total)
+        rows = source[expanded[0] + torch.arange(total, device=slots.device)] + expanded[1]
+        # per layer: indptr over its (request, head) lists, and where the layer starts in `rows`
+        per_list = lengths.reshape(layers, batch * hp, 2).sum(axis=2)
+        indptr = np.zeros((layers, batch * hp + 1), dtype=np.int64)
+        indptr[:, 1:] = np.cumsum(per_list, axis=1)
+        layer_start = np.concatenate([[0], np.cumsum(indptr[:, -1])])
+        indptr_dev = to_device(indptr, slots.device)
+        return {layer: RaggedKV(indptr_dev[layer], rows[layer_start[layer]:layer_start[layer + 1]],
+                                indptr[layer].tolist(), heads=hp) for layer in range(layers)}
+
+    def _decode_resolution(self, req_pool_idx: int, rid: str | None, rec: CompressedRow | None,
+                           kv: RaggedKV, b: int) -> ResolvedRow:
+        """Request ``b``'s cached resolution, trusted without a device op (rewrites are reported),
+        else made afresh. Debug checks compare it as :meth:`_request_layers` does."""
+        start = rec.protected if rec is not None else 0
+        state = self.states.for_row(req_pool_idx, rid)
+        c = state.resolved
+        if c is not None and c.row is rec and start <= c.ids.numel() <= kv.length(b):
+            if not self.debug_checks or self._still_valid(c, kv.slots(b)):
+                return c
+            self.stale_resolutions += 1
+        slots = kv.slots(b)
+        state.resolved = ResolvedRow(rec, slots.clone(), self._resolve_request(rec, slots, start), self.vkv.births)
+        return state.resolved
+
+    def _still_valid(self, c: ResolvedRow, slots: torch.Tensor) -> bool:
+        n = c.ids.numel()
+        return (torch.equal(slots[:n], c.ids) and not self.vkv.has_virtual(slots[n:])
+                and (c.stamp == self.vkv.births or self.vkv.newest_birth(c.ids) <= c.stamp))
 
     def _rows_with_virtual_ids(self, kv: RaggedKV, batch: int) -> list[bool]:
         """Per request, whether its slots hold a virtual id (one device read for the batch)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -62,20 +63,39 @@ class ForwardMetadata:
 
 
 def build_ragged_kv(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens_cpu: list[int]) -> RaggedKV:
-    """Gather each request's slot ids for positions ``[0, seq_len)`` from ``req_to_token``."""
-    indptr_cpu = [0]
-    for n in seq_lens_cpu:
-        indptr_cpu.append(indptr_cpu[-1] + int(n))
+    """Gather each request's slot ids for positions ``[0, seq_len)`` from ``req_to_token``.
+
+    Every forward runs this, so it never waits for the device: the lengths are host ints, they
+    reach the device in one non-blocking copy (with ``indptr``), and the rows are gathered at
+    offsets expanded by a ``repeat_interleave`` of host-known size (a boolean mask would be a
+    ``nonzero``: a device read)."""
+    lens = np.asarray([int(n) for n in seq_lens_cpu], dtype=np.int64)
+    indptr_np = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    indptr_cpu = indptr_np.tolist()
     device = req_to_token.device
-    if indptr_cpu[-1] == 0:
+    batch, total = lens.size, int(indptr_np[-1])
+    width = int(lens.max()) if batch else 0
+    # one copy: indptr, then per request (its flat row offset minus its output offset, its length)
+    host = np.concatenate([indptr_np, np.arange(batch, dtype=np.int64) * width - indptr_np[:-1], lens])
+    dev = to_device(host, device)
+    indptr = dev[: batch + 1]
+    if total == 0:
         indices = torch.empty(0, dtype=torch.int64, device=device)
     else:
-        rows = req_to_token[req_pool_indices.to(device=device, dtype=torch.int64)]
-        pos = torch.arange(max(seq_lens_cpu), device=device)
-        lens = torch.tensor(seq_lens_cpu, device=device)
-        indices = rows[:, : pos.numel()][pos.unsqueeze(0) < lens.unsqueeze(1)].to(torch.int64)
-    indptr = torch.tensor(indptr_cpu, dtype=torch.int64, device=device)
+        rows = req_to_token[req_pool_indices.to(device=device, dtype=torch.int64), :width].reshape(-1)
+        shift = torch.repeat_interleave(dev[batch + 1: 2 * batch + 1], dev[2 * batch + 1:], output_size=total)
+        indices = rows[shift + torch.arange(total, device=device)].to(torch.int64)
     return RaggedKV(kv_indptr=indptr, kv_indices=indices, kv_indptr_cpu=indptr_cpu)
+
+
+def to_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """A host array on ``device`` without waiting for the device: on CUDA through pinned memory and
+    a non-blocking copy (a pageable copy would drain the stream: SGLang's overlap scheduler
+    prepares the next batch while the GPU runs this one)."""
+    host = torch.from_numpy(np.ascontiguousarray(array))
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def host_ints(cpu_value, device_value) -> list[int]:
@@ -85,6 +105,21 @@ def host_ints(cpu_value, device_value) -> list[int]:
     else:
         values = device_value.tolist()
     return [int(x) for x in values]
+
+
+def host_rows(forward_batch, check: bool = False, count: int | None = None) -> list[int]:
+    """The batch's request rows as host ints: SGLang's host copy when the batch has one (extend;
+    decode through the ``ForwardBatch.init_new`` hook), else one device read. ``check`` (debug
+    checks) compares the copy with the device tensor."""
+    cpu = getattr(forward_batch, "req_pool_indices_cpu", None)
+    device = forward_batch.req_pool_indices[:count]
+    if cpu is None or len(cpu) < device.numel():
+        return device.tolist()
+    rows = [int(x) for x in cpu[:device.numel()].tolist()]
+    if check and rows != device.tolist():
+        raise AssertionError(f"vlcache debug: req_pool_indices_cpu {rows} differs from the device rows "
+                             f"{device.tolist()}")
+    return rows
 
 
 def decode_metadata(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,

@@ -38,6 +38,15 @@ class ResolvedRow:
     ids: torch.Tensor  # the row's ids it was resolved from
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     stamp: int  # VirtualKV.births when it was made
+    flat: torch.Tensor | None = None  # decode: every unit's rows concatenated (made once, on first use)
+    counts: list[int] | None = None  # decode: rows per unit in ``flat`` (host ints)
+
+    def flattened(self) -> tuple[torch.Tensor, list[int]]:
+        """Every unit's rows in one tensor and their counts (one ``cat``, once per resolution)."""
+        if self.flat is None:
+            self.counts = [int(rows.numel()) for rows, _ in self.layers]
+            self.flat = torch.cat([rows.to(torch.int64) for rows, _ in self.layers])
+        return self.flat, self.counts
 
 
 @dataclass
@@ -85,6 +94,13 @@ class RequestStates:
         """The row's state, created (or restarted for ``rid``) when missing."""
         state = self.get(req_pool_idx, rid)
         return state if state is not None else self.start(req_pool_idx, RequestState(rid=rid))
+
+    def row_rewritten(self, req_pool_idx: int) -> None:
+        """Something other than a decode step rewrote the row's ids (the radix tree swapped in
+        its own ids at a checkpoint): its cached resolution no longer holds."""
+        state = self._by_row.get(req_pool_idx)
+        if state is not None:
+            state.resolved = None
 
     def drop(self, req_pool_idx: int) -> None:
         """SGLang releases the row: forget everything about it."""

@@ -51,9 +51,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
-from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV
+from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV, to_device
 
 __all__ = ["FlashInferAttentionExecutor", "flashinfer_available"]
 
@@ -306,7 +307,7 @@ class FlashInferAttentionExecutor:
         if shared and stride is not None:
             # layers without their own list read meta.kv's slots in their own rows: one broadcast
             n = meta.kv.kv_indptr_cpu[-1]
-            rows = torch.tensor(shared, device=meta.kv.kv_indices.device)
+            rows = to_device(np.asarray(shared, dtype=np.int64), meta.kv.kv_indices.device)  # no stream drain
             self._graph_indices[rows, :n] = (meta.kv.kv_indices.unsqueeze(0) + (rows * stride).unsqueeze(1)).to(torch.int32)
             self._graph_indptr[rows, : bs + 1] = meta.kv.kv_indptr.to(torch.int32).unsqueeze(0)
         return out
