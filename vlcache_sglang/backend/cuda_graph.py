@@ -45,31 +45,19 @@ def graph_fits(capacity: int, seq_lens_sum: int | None, max_bs: int) -> bool:
     return seq_lens_sum is not None and seq_lens_sum + max_bs * SEQ_LEN_FILL <= capacity
 
 
-def pad_ragged(kv: RaggedKV, pad: int, row: int) -> RaggedKV:
-    """``kv`` plus ``pad`` entries of one key each, at global row ``row``."""
-    if pad == 0:
-        return kv
-    indptr_cpu = kv.kv_indptr_cpu + [kv.kv_indptr_cpu[-1] + i + 1 for i in range(pad)]
-    device = kv.kv_indices.device
-    indices = torch.cat([kv.kv_indices, torch.full((pad,), row, dtype=kv.kv_indices.dtype, device=device)])
-    return RaggedKV(to_device(np.asarray(indptr_cpu, dtype=np.int64), device), indices, indptr_cpu)
-
-
-def pad_layer_lists(layer_kv: dict[int, RaggedKV], pad: int, stride: int) -> dict[int, RaggedKV]:
-    """Every layer's list plus ``pad`` entries reading its padding row, with one host-to-device
-    copy for all layers' ``indptr`` (not one per layer)."""
-    if pad == 0 or not layer_kv:
-        return layer_kv
-    layers = list(layer_kv)
-    device = layer_kv[layers[0]].kv_indices.device
-    indptr_cpu = [kv.kv_indptr_cpu + [kv.kv_indptr_cpu[-1] + i + 1 for i in range(pad)] for kv in layer_kv.values()]
-    rows = np.asarray(layers, dtype=np.int64) * stride + PADDING_SLOT
-    dev = to_device(np.concatenate([np.asarray(indptr_cpu, dtype=np.int64).reshape(-1), rows]), device)
-    width = len(indptr_cpu[0])
-    fill = dev[len(layers) * width:].unsqueeze(1).expand(len(layers), pad)
-    return {layer: RaggedKV(dev[i * width:(i + 1) * width], torch.cat([kv.kv_indices, fill[i]]), indptr_cpu[i],
-                            heads=kv.heads)
-            for i, (layer, kv) in enumerate(layer_kv.items())}
+def pad_lists(lists: list[RaggedKV], rows: list[int], pad: int) -> list[RaggedKV]:
+    """Each list plus ``pad`` entries of one key each, at global row ``rows[i]``, with one
+    host-to-device copy for all of their ``indptr`` (not one per list)."""
+    if pad == 0 or not lists:
+        return lists
+    device = lists[0].kv_indices.device
+    indptr_cpu = [kv.kv_indptr_cpu + [kv.kv_indptr_cpu[-1] + i + 1 for i in range(pad)] for kv in lists]
+    width = len(indptr_cpu[0])  # every list of a batch has as many entries
+    host = np.concatenate([np.asarray(indptr_cpu, dtype=np.int64).reshape(-1), np.asarray(rows, dtype=np.int64)])
+    dev = to_device(host, device)
+    fill = dev[len(lists) * width:].unsqueeze(1).expand(len(lists), pad)
+    return [RaggedKV(dev[i * width:(i + 1) * width], torch.cat([kv.kv_indices, fill[i]]), indptr_cpu[i],
+                     heads=kv.heads) for i, kv in enumerate(lists)]
 
 
 def graph_decode_metadata(backend, forward_batch, in_capture: bool) -> ForwardMetadata:
@@ -88,8 +76,10 @@ def graph_decode_metadata(backend, forward_batch, in_capture: bool) -> ForwardMe
         backend.attach_layer_kv(meta, host_rows(forward_batch, backend.debug_checks, real), None,
                                 getattr(forward_batch, "out_cache_loc", None))
     stride = backend.global_kv.rows_per_layer
-    meta.kv = pad_ragged(meta.kv, pad, PADDING_SLOT)
-    meta.layer_kv = pad_layer_lists(meta.layer_kv, pad, stride)
+    layers = list(meta.layer_kv)  # the batch's slots read the padding slot, each layer its own row of it
+    pad_rows = [PADDING_SLOT] + [layer * stride + PADDING_SLOT for layer in layers]
+    padded = pad_lists([meta.kv, *meta.layer_kv.values()], pad_rows, pad)
+    meta.kv, meta.layer_kv = padded[0], dict(zip(layers, padded[1:]))
     meta.qo_indptr_cpu = list(range(bs + 1))
     meta.prefix_lens_cpu = meta.prefix_lens_cpu + [SEQ_LEN_FILL - 1] * pad
     meta.layer_row_stride, meta.graph = stride, True

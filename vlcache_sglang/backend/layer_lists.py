@@ -181,10 +181,15 @@ class LayerListBuilder:
         state.resolved = ResolvedRow(rec, slots.clone(), self._resolve_request(rec, slots, start), self.vkv.births)
         return state.resolved
 
+    def _holds(self, c: ResolvedRow, slots: torch.Tensor) -> bool:
+        """Whether the row still starts with ``c``'s ids and none of their table rows was rewritten
+        since (device reads)."""
+        return torch.equal(slots[:c.ids.numel()], c.ids) and (
+            c.stamp == self.vkv.births or self.vkv.newest_birth(c.ids) <= c.stamp)
+
     def _still_valid(self, c: ResolvedRow, slots: torch.Tensor) -> bool:
-        n = c.ids.numel()
-        return (torch.equal(slots[:n], c.ids) and not self.vkv.has_virtual(slots[n:])
-                and (c.stamp == self.vkv.births or self.vkv.newest_birth(c.ids) <= c.stamp))
+        """:meth:`_holds`, and the rest of the row is plain slots (what the decode path assumes)."""
+        return self._holds(c, slots) and not self.vkv.has_virtual(slots[c.ids.numel():])
 
     def _rows_with_virtual_ids(self, kv: RaggedKV, batch: int) -> list[bool]:
         """Per request, whether its slots hold a virtual id (one device read for the batch)."""
@@ -208,8 +213,7 @@ class LayerListBuilder:
         state = self.states.for_row(req_pool_idx, rid)
         c = state.resolved
         n = 0 if c is None else c.ids.numel()
-        if (c is not None and c.row is rec and start <= n <= slots.numel() and torch.equal(slots[:n], c.ids)
-                and (c.stamp == self.vkv.births or self.vkv.newest_birth(c.ids) <= c.stamp)):
+        if c is not None and c.row is rec and start <= n <= slots.numel() and self._holds(c, slots):
             if n == slots.numel():
                 return c.layers
             add = self.vkv.resolve(slots[n:])
