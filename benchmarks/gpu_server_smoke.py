@@ -65,7 +65,7 @@ PHASES = {
 }
 #: the plugin's stores that must come back to their values after a workload and a flush
 STORES = ("available_kv_tokens", "evictable_kv_tokens", "virtual_ids_live", "cell_slots_live",
-          "pending_statistics", "resolved_rows_live", "compressed_requests_live")
+          "pending_statistics", "resolved_rows_live", "row_flags_live", "compressed_requests_live")
 
 
 def prompt(question: str) -> str:

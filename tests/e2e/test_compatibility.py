@@ -83,7 +83,7 @@ def test_mixed_chunks_give_the_unmixed_tokens(server):
     requests.post(f"{server.url}/flush_cache", timeout=60)
     end = settled(server)
     for key in ("available_kv_tokens", "evictable_kv_tokens", "virtual_ids_live", "cell_slots_live",
-                "pending_statistics", "resolved_rows_live"):
+                "pending_statistics", "resolved_rows_live", "row_flags_live"):
         assert end[key] == start[key], key
 
 

@@ -186,7 +186,7 @@ def test_no_leak_after_mixed_concurrent_workload_with_aborts(server):
     assert state["requests_compressed"] > start["requests_compressed"] + 100
     assert state["kv_tokens_saved"] > start["kv_tokens_saved"]
     assert state["compressed_requests_live"] == 0 and state["pending_statistics"] == 0
-    assert state["resolved_rows_live"] == 0
+    assert state["resolved_rows_live"] == 0 and state["row_flags_live"] == 0
     assert state["available_kv_tokens"] + state["evictable_kv_tokens"] == state["max_total_num_tokens"]
     assert requests.post(f"{server.url}/flush_cache", timeout=60).status_code == 200
     assert pool_state(server)["available_kv_tokens"] == start["max_total_num_tokens"]

@@ -38,7 +38,7 @@ CHUNK = 128
 PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
           "What is the value of the key in this picture?<|im_end|>\n<|im_start|>assistant\n")
 ZERO = {"compressed_requests_live": 0, "pending_statistics": 0, "resolved_rows_live": 0,
-        "request_states_live": 0, "virtual_ids_live": 0, "cell_slots_live": 0}
+        "request_states_live": 0, "row_flags_live": 0, "virtual_ids_live": 0, "cell_slots_live": 0}
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_star
           "<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n")
 QUESTION = "What is the value of the key in this picture?"
 ZERO = ("compressed_requests_live", "pending_statistics", "resolved_rows_live", "request_states_live",
-        "virtual_ids_live", "cell_slots_live")
+        "row_flags_live", "virtual_ids_live", "cell_slots_live")
 PER_HEAD = {"granularity": "head", "head_budget": "adaptive"}
 
 

@@ -198,7 +198,7 @@ def test_small_pool_long_mixed_workload_evicts_and_leaks_nothing(server, prompte
     assert now["freed_reads"] == 0 and now["stale_resolutions"] == 0  # ... no forward read freed KV or a stale row
     assert now["evicted_slots"] > start["evicted_slots"]  # the pool was small enough to evict
     assert now["compressed_requests_live"] == 0 and now["pending_statistics"] == 0
-    assert now["resolved_rows_live"] == 0
+    assert now["resolved_rows_live"] == 0 and now["row_flags_live"] == 0
     assert now["request_states_live"] == 0  # readers of compressed tree entries kept none either
     assert now["virtual_ids_live"] > 0  # compressed entries are in the tree ...
     assert now["available_kv_tokens"] + now["evictable_kv_tokens"] == now["max_total_num_tokens"]

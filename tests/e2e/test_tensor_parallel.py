@@ -111,5 +111,5 @@ def test_mixed_soak_at_two_ranks_ends_where_it_started(server):
     assert requests.post(f"{server.url}/flush_cache", timeout=60).status_code == 200
     end = vlcache_state(server.url)
     for key in ("available_kv_tokens", "evictable_kv_tokens", "virtual_ids_live", "cell_slots_live",
-                "pending_statistics", "resolved_rows_live", "compressed_requests_live"):
+                "pending_statistics", "resolved_rows_live", "row_flags_live", "compressed_requests_live"):
         assert end[key] == start[key], key

@@ -7,7 +7,8 @@ ops (``_build_decode``): no device op per (request, layer), no ``torch.equal`` o
 SGLang's real pools: the lists equal the checking path's (every resolution made afresh) for
 layer and head cells, through decode steps, for compressed rows, a row reading another's virtual
 ids and plain rows; the ops of a build do not grow with compressed requests; a reported rewrite
-is followed; debug checks count (and repair) a rewrite nobody reported."""
+is followed; debug checks count (and repair) a rewrite nobody reported; which rows hold virtual ids
+is read from the device only for rows not seen since their last reported rewrite."""
 from __future__ import annotations
 
 import pytest
@@ -142,9 +143,62 @@ class CountReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def count_virtual_reads(s) -> list[int]:
+    """Calls of the builder's one whole-batch device read (a ``tolist``, which no dispatch mode sees)."""
+    builder, calls = s.comp.layer_lists, []
+    read = builder._rows_with_virtual_ids
+
+    def counted(kv, batch):
+        calls.append(batch)
+        return read(kv, batch)
+
+    builder._rows_with_virtual_ids = counted
+    return calls
+
+
+def test_a_decode_step_reads_virtual_rows_only_for_rows_not_seen_since_a_rewrite():
+    s = setup("layer")
+    g = torch.Generator().manual_seed(8)
+    for row in (1, 2):
+        compress(s, row, 40 + row, g)
+    reader_of(s, 10, 2, 4)
+    fill(s, 9, 20)
+    reads = count_virtual_reads(s)
+    batch = [1, 9, 10]
+
+    def reads_of_a_step(rows) -> int:
+        before = len(reads)
+        step(s, rows)
+        assert_same(lists(s, rows, reported=True)[0], lists(s, rows, reported=False, fresh=True)[0])
+        reads.pop()  # the checking path's own read
+        return len(reads) - before
+
+    assert reads_of_a_step(batch) == 1  # first decode step: every row unseen
+    assert reads_of_a_step(batch) == 0 and reads_of_a_step(batch) == 0
+    fill(s, 11, 15)
+    assert reads_of_a_step(batch + [11]) == 1  # a request joins
+    assert reads_of_a_step(batch + [11]) == 0
+    s.comp.states.row_rewritten(9)  # the tree reports a checkpoint of row 9
+    assert reads_of_a_step(batch + [11]) == 1
+    s.comp.states.drop(11)  # SGLang frees row 11, another request takes it
+    fill(s, 11, 12)
+    assert reads_of_a_step(batch + [11]) == 1
+    assert s.comp.states.holds_virtual(10, "r10") is True and s.comp.states.holds_virtual(9, "r9") is False
+    assert s.comp.states.holds_virtual(9, "another") is None  # the row is another request's now
+    # row 9 takes a virtual id nobody reported: debug checks read every step and count it
+    s.comp.layer_lists.debug_checks = True
+    s.req_pool.req_to_token[9, 0] = s.req_pool.req_to_token[2, 0]
+    assert reads_of_a_step(batch) == 1
+    assert s.comp.layer_lists.stale_resolutions == 1 and s.comp.states.holds_virtual(9, "r9") is True
+    for row in (1, 2, 9, 10, 11):
+        s.comp.states.drop(row)
+    assert s.comp.states.counts()["row_flags_live"] == 0
+
+
 def test_a_reported_decode_step_waits_for_no_device_result():
     """The step's slot lists and every layer's lists: no nonzero, no comparison read back, no
-    scalar read (the batch's one read of which rows hold virtual ids is a ``tolist``, outside)."""
+    scalar read, and (every row seen in an earlier step) not the read of which rows hold virtual
+    ids either."""
     from vlcache_sglang.backend.metadata import decode_metadata
 
     s = setup("layer")
@@ -156,11 +210,12 @@ def test_a_reported_decode_step_waits_for_no_device_result():
     lists(s, batch, reported=True)  # first resolutions
     step(s, batch)
     s.comp.layer_lists.rows_reported = True
+    reads = count_virtual_reads(s)
     counter = CountReads()
     with counter:
         meta = decode_metadata(s.req_pool.req_to_token, torch.tensor(batch), [s.lens[r] for r in batch])
         s.comp.layer_lists.build(meta, batch, [f"r{r}" for r in batch])
-    assert counter.reads == []
+    assert counter.reads == [] and reads == []
     s.comp.layer_lists.rows_reported = False  # the checking path reads every row back
     counter = CountReads()
     with counter:

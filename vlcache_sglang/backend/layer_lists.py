@@ -36,24 +36,29 @@ class LayerListBuilder:
         # reading the device (see _build_decode). Without that tree every step compares the row.
         self.rows_reported = False
         self.debug_checks = debug_checks  # decode: still compare, count what a report missed
-        self.stale_resolutions = 0  # debug checks: cached resolutions a missing report left stale
+        self.stale_resolutions = 0  # debug checks: cached resolutions (or virtual-id flags) a missing report left stale
 
     def build(self, meta: ForwardMetadata, req_pool_indices: list[int], rids: list[str] | None) -> LayerLists:
         """Per-layer key lists (global row ids) and their positions, when the batch holds a
         compacted request or a row with virtual ids; ``({}, {})`` otherwise (stock path).
 
         Host work per forward does not grow with batch x layers: which rows hold virtual ids is
-        one device read for the whole batch, plain requests' rows in a layer come from one
+        one device read for the whole batch (in a reported decode step: none once every row of the
+        batch was seen, :meth:`_decode_rows_with_virtual_ids`), plain requests' rows in a layer come from one
         elementwise op over the batch's slots (consecutive plain requests: one slice; with head
         cells a view per request and head), every layer's ``indptr`` goes to the device in one
         copy, and each layer's list is one ``cat`` (this runs before every decode step)."""
         records = [self.states.compressed_row(idx, rids[b] if rids is not None else None)
                    for b, idx in enumerate(req_pool_indices)]
         kv = meta.kv
-        virtual = self._rows_with_virtual_ids(kv, len(req_pool_indices))
+        reported_decode = meta.is_decode and self.rows_reported
+        if reported_decode:
+            virtual = self._decode_rows_with_virtual_ids(kv, req_pool_indices, rids)
+        else:
+            virtual = self._rows_with_virtual_ids(kv, len(req_pool_indices))
         if not any(records) and not any(virtual):
             return {}, {}
-        if meta.is_decode and self.rows_reported:
+        if reported_decode:
             return self._build_decode(kv, req_pool_indices, rids, records, virtual), {}
         per_request = []  # per request: per layer (rows, positions), None: plain slots
         for b, rec in enumerate(records):
@@ -198,6 +203,24 @@ class LayerListBuilder:
         seen = torch.nn.functional.pad((kv.kv_indices >= self.vkv.base).to(torch.int64).cumsum(0), (1, 0))
         per = seen[kv.kv_indptr.to(device=seen.device, dtype=torch.int64)]  # virtual ids before each boundary
         return (per[1:] > per[:-1]).tolist()
+
+    def _decode_rows_with_virtual_ids(self, kv: RaggedKV, req_pool_indices: list[int],
+                                      rids: list[str] | None) -> list[bool]:
+        """:meth:`_rows_with_virtual_ids` in a decode step with rewrites reported: read from the
+        device only when a row of the batch was not seen since its last reported rewrite (its
+        first decode step, or after a checkpoint). A decode step appends plain slots, so what was
+        read holds for the request's later steps: in steady state a step reads nothing. Debug
+        checks read every step and count a known answer the device contradicts in
+        ``stale_resolutions``."""
+        keys = [(idx, rids[b] if rids is not None else None) for b, idx in enumerate(req_pool_indices)]
+        known = [self.states.holds_virtual(idx, rid) for idx, rid in keys]
+        if None not in known and not self.debug_checks:
+            return known
+        read = self._rows_with_virtual_ids(kv, len(req_pool_indices))
+        for (idx, rid), was, now in zip(keys, known, read):
+            self.stale_resolutions += was is not None and was != now
+            self.states.note_holds_virtual(idx, rid, now)
+        return read
 
     def _request_layers(self, req_pool_idx: int, rid: str | None, rec: CompressedRow | None,
                         slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

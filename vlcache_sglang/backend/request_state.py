@@ -77,6 +77,10 @@ class RequestStates:
 
     def __init__(self) -> None:
         self._by_row: dict[int, RequestState] = {}
+        # per row seen in a decode step: (rid, whether its ids include a virtual id). A decode step
+        # appends plain slots, so the answer holds until a reported rewrite or SGLang frees the row.
+        # Kept apart from the states: every decoding row has one, plain requests included.
+        self._holds_virtual: dict[int, tuple[str | None, bool]] = {}
 
     def get(self, req_pool_idx: int, rid: str | None = None) -> RequestState | None:
         """The row's state, unless it belongs to another request (``rid`` None: any)."""
@@ -88,6 +92,9 @@ class RequestStates:
     def start(self, req_pool_idx: int, state: RequestState) -> RequestState:
         """A request starts in the row (what was kept about an earlier one is gone)."""
         self._by_row[req_pool_idx] = state
+        known = self._holds_virtual.get(req_pool_idx)
+        if known is not None and known[0] != state.rid:  # (a state made for the same request keeps it)
+            del self._holds_virtual[req_pool_idx]
         return state
 
     def for_row(self, req_pool_idx: int, rid: str | None) -> RequestState:
@@ -101,10 +108,24 @@ class RequestStates:
         state = self._by_row.get(req_pool_idx)
         if state is not None:
             state.resolved = None
+        self._holds_virtual.pop(req_pool_idx, None)
+
+    def holds_virtual(self, req_pool_idx: int, rid: str | None) -> bool | None:
+        """Whether the row's ids include a virtual id, as last read in a decode step (None: not
+        known since its last reported rewrite, or the row is another request's now)."""
+        known = self._holds_virtual.get(req_pool_idx)
+        if known is None or (rid is not None and known[0] is not None and known[0] != rid):
+            return None
+        return known[1]
+
+    def note_holds_virtual(self, req_pool_idx: int, rid: str | None, holds: bool) -> None:
+        """A decode step read whether the row holds a virtual id (kept for the later steps)."""
+        self._holds_virtual[req_pool_idx] = (rid, holds)
 
     def drop(self, req_pool_idx: int) -> None:
         """SGLang releases the row: forget everything about it."""
         self._by_row.pop(req_pool_idx, None)
+        self._holds_virtual.pop(req_pool_idx, None)
 
     def compressed_row(self, req_pool_idx: int, rid: str | None) -> CompressedRow | None:
         state = self.get(req_pool_idx, rid)
@@ -126,7 +147,8 @@ class RequestStates:
         return {"compressed_requests_live": sum(s.row is not None for s in states),
                 "pending_statistics": sum(s.pending for s in states),
                 "resolved_rows_live": sum(s.resolved is not None for s in states),
-                "request_states_live": len(self._by_row)}
+                "request_states_live": len(self._by_row),
+                "row_flags_live": len(self._holds_virtual)}
 
     def __len__(self) -> int:
         return len(self._by_row)
