@@ -183,6 +183,11 @@ def test_a_decode_step_reads_virtual_rows_only_for_rows_not_seen_since_a_rewrite
     s.comp.states.drop(11)  # SGLang frees row 11, another request takes it
     fill(s, 11, 12)
     assert reads_of_a_step(batch + [11]) == 1
+    assert s.comp.states.holds_virtual(11, "r11") is False
+    units, n = s.comp.vkv.num_units, s.lens[11]  # the backend compacts row 11 after it was seen
+    assert s.comp.compact_row(11, "r11", [torch.arange(0, n, 2 + u % 2) for u in range(units)], 0, n) is not None
+    assert s.comp.states.holds_virtual(11, "r11") is None
+    assert reads_of_a_step(batch + [11]) == 1 and s.comp.states.holds_virtual(11, "r11") is True
     assert s.comp.states.holds_virtual(10, "r10") is True and s.comp.states.holds_virtual(9, "r9") is False
     assert s.comp.states.holds_virtual(9, "another") is None  # the row is another request's now
     # row 9 takes a virtual id nobody reported: debug checks read every step and count it

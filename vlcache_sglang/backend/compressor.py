@@ -294,8 +294,8 @@ class Compressor:
         prefix_pos = [k.to(self.kv.k.device)[k < protected] for k in kept]
         record = CompressedRow(prompt_len=prompt_len, protected=protected, prefix_pos=prefix_pos,
                                kept_counts=result.kept_counts, tokens_saved=result.freed_slots)
-        state = self.states.for_row(req_pool_idx, rid)
-        state.row, state.resolved = record, None  # the row was rewritten
+        self.states.for_row(req_pool_idx, rid).row = record
+        self.states.row_rewritten(req_pool_idx)  # its cached resolution and virtual-id flag are stale
         return record
 
     def _present_only(self, row: torch.Tensor, kept: list[torch.Tensor], protected: int) -> list[torch.Tensor]:
