@@ -643,6 +643,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the benchmark steps of :func:`main`, in order (``--only`` picks some)
+BENCH_STEPS = ("stats", "stats_sweep", "decode", "decode_sweep", "planning", "kv_move")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "out" / "gpu_suite"), help="output folder (default: $OUT)")
@@ -650,6 +654,9 @@ def main(argv=None) -> int:
                    help="tiny shapes on the CPU (Triton interpreter, torch executor): checks the plumbing only")
     p.add_argument("--skip-tests", action="store_true", help="only the benchmarks")
     p.add_argument("--skip-bench", action="store_true", help="only the tests")
+    p.add_argument("--only", nargs="+", choices=BENCH_STEPS, metavar="STEP",
+                   help=f"only these benchmark steps, in this order, no tests ({', '.join(BENCH_STEPS)}); e.g. the "
+                        "two sweeps that python -m vlcache_sglang.tooling.adopt_kernel_sweeps reads")
     p.add_argument("--stats-lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     p.add_argument("--decode-lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--plan-batches", type=int, nargs="+", default=[1, 8, 32])
@@ -667,6 +674,8 @@ def main(argv=None) -> int:
     p.add_argument("--test-timeout", type=float, default=300, help="seconds for each pytest run")
     p.add_argument("--warm-one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.only:
+        args.skip_tests = True
     if args.warm_one:
         warm_one(args.warm_one)
         return 0
@@ -709,7 +718,8 @@ def main(argv=None) -> int:
         (out_dir / "gpu_suite.json").write_text(json.dumps(report, indent=2, default=str))
         (out_dir / "gpu_suite.md").write_text(markdown(report))
 
-    warm = start_warmup(out_dir) if device.type == "cuda" and fi_version != "absent" else []
+    # FlashInfer's JIT warm-up serves the tests and the FlashInfer benchmarks; --only steps skip it
+    warm = start_warmup(out_dir) if device.type == "cuda" and fi_version != "absent" and not args.only else []
     report["tests"] = {}
     if not args.skip_tests:
         smoke = ["-k", "kv_move or empty_batch"] if args.cpu_smoke else []
@@ -735,6 +745,8 @@ def main(argv=None) -> int:
                  ("decode_sweep", lambda: bench_decode_sweep(args, device, copy_bw, report["results"])),
                  ("planning", lambda: bench_planning(args, device, report["results"])),
                  ("kv_move", lambda: bench_kv_move(args, device, copy_bw, report["results"]))]
+        if args.only:  # the named steps, in the order named (a time-boxed call runs the most wanted first)
+            steps = sorted((s for s in steps if s[0] in args.only), key=lambda s: args.only.index(s[0]))
         for name, step in steps:
             try:
                 step()

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from vlcache_sglang.kernels.launch_configs import StatsLaunch
+
 import torch
 
 from vlcache_sglang.policy.stats import AttentionStats
@@ -61,22 +63,25 @@ class StatsDispatch:
     each). One per compressor; at most ``max_plans`` layouts are kept (least recently used
     dropped first)."""
 
-    def __init__(self, mode: KernelMode = "auto", max_plans: int = 16) -> None:
+    def __init__(self, mode: KernelMode = "auto", max_plans: int = 16, launch: StatsLaunch | None = None) -> None:
         use_triton("cpu", mode)  # validates the mode
         self.mode = mode
+        self.launch = (launch or StatsLaunch()).check()  # plan_stats' blocks (kernels/launch_configs.py)
         self.max_plans = max_plans
         self._plans: dict[tuple, tuple] = {}
 
-    def plan(self, n_q: int, n_k: int, num_q_heads: int, device: torch.device):
+    def plan(self, n_q: int, n_k: int, num_q_heads: int, device: torch.device, num_kv_heads: int = 1):
         """(launch plan, int32 key indices ``0..n_k-1``) of one request's layout."""
         from vlcache_sglang.kernels.attention_stats import plan_stats
 
-        key = (n_q, n_k, num_q_heads, device)
+        key = (n_q, n_k, num_q_heads, num_kv_heads, device)
         hit = self._plans.pop(key, None)  # re-inserted last: the least recently used goes first
         if hit is None:
             if len(self._plans) >= self.max_plans:
                 self._plans.pop(next(iter(self._plans)))
-            hit = (plan_stats([0, n_q], [0, n_k], device, num_q_heads=num_q_heads),
+            hit = (plan_stats([0, n_q], [0, n_k], device, num_q_heads=num_q_heads, block_m=self.launch.block_m,
+                              block_n=self.launch.block_n, pack_heads=self.launch.pack_heads,
+                              num_kv_heads=num_kv_heads),
                    torch.arange(n_k, device=device, dtype=torch.int32))
         self._plans[key] = hit
         return hit
@@ -92,7 +97,7 @@ class StatsDispatch:
         from vlcache_sglang.kernels.attention_stats import attention_stats_batched
 
         n_q, n_k = q.shape[0], k.shape[0]
-        plan, idx = self.plan(n_q, n_k, q.shape[1], k.device)
+        plan, idx = self.plan(n_q, n_k, q.shape[1], k.device, k.shape[1])
         out = attention_stats_batched(q, q_positions.to(k.device), [0, n_q], k, idx, [0, n_k], scale, threshold,
                                       plan=plan)
         return AttentionStats(out.col, out.below[0], out.causal[0])

@@ -13,6 +13,9 @@
 #   bench  benchmarks/gpu_server_bench.py on the bundled model, only after a smoke that passed
 #          (BENCH_BUDGET s)
 #   suite  benchmarks/gpu_suite.py: compiled Triton kernel tests, executor tests, kernel figures
+#   sweeps (not in the default: suite includes them) only the suite's two launch sweeps, before
+#          FlashInfer is unpacked (SWEEPS_TIMEOUT s, default 90, into $OUT/sweeps): what
+#          python -m vlcache_sglang.tooling.adopt_kernel_sweeps turns into kernels/tuned_launches/
 # FlashInfer's JIT cache lives in out/flashinfer-ws (ignored, kept on the machine between calls).
 # Results (markdown, JSON, logs) go to $OUT (or out/gpu_suite); with PACK_TO set, all of $OUT is
 # also packed into that one file at the end, however the script ends (the device tool brings at
@@ -43,6 +46,13 @@ has_step() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+if has_step sweeps; then
+  # Triton and torch only (the GPU image has both): fits the first kit call, which otherwise only
+  # copies a part; the report is written after each sweep, so a timeout keeps the first
+  # the decode sweep first: its target (80 % of copy bandwidth) is the further off
+  timeout -k 10 "${SWEEPS_TIMEOUT:-90}" python3 benchmarks/gpu_suite.py --only decode_sweep stats_sweep \
+    --iters "${SWEEPS_ITERS:-10}" ${SWEEPS_ARGS:-} --out "$OUT/sweeps" 2>&1 | tee "$OUT/sweeps.log"
+fi
 if [ -d out/gpu-pack ]; then
   if eval "$(bash scripts/gpu_install_pack.sh out/gpu-pack)"; then
     # the executor's FlashInfer modules build while the servers import (a minute or more of nvcc each)

@@ -171,6 +171,8 @@ def add_vlcache_state(result, internal_state, state, *args, **kwargs):
         "tp_size": compressor.gather.world_size if compressor else 1,
         "tp_plans_checked": compressor.gather.plans_checked if compressor else 0,  # debug checks
         "tp_plan_mismatches": compressor.gather.plan_mismatches if compressor else 0,
+        # the Triton kernels' launch options and where they came from (a tuned file or the defaults)
+        "kernel_launches": backend.kernel_launches.describe() if hasattr(backend, "kernel_launches") else None,
         **(asdict(compressor.counters) if compressor else {}),
     }
     return result

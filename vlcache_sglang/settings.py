@@ -146,6 +146,10 @@ ENV_COMPRESSED_DECODE = "VLCACHE_COMPRESSED_DECODE"
 ENV_VIRTUAL_IDS_PER_SLOT = "VLCACHE_VIRTUAL_IDS_PER_SLOT"
 ENV_KERNELS = "VLCACHE_KERNELS"
 ENV_CELLS = "VLCACHE_CELLS"
+ENV_KERNEL_LAUNCHES = "VLCACHE_KERNEL_LAUNCHES"
+#: ``VLCACHE_KERNEL_LAUNCHES`` words (anything else is a path to a launch file,
+#: :mod:`vlcache_sglang.kernels.launch_configs`)
+KERNEL_LAUNCH_CHOICES = ("auto", "defaults")
 #: KV cell granularity of a server: ``layer`` (a slot's ``L`` rows are cells, every KV head of a
 #: layer keeps the same positions; head-granularity plans hold the union over heads) or ``head``
 #: (a slot's ``L * H`` (layer, KV head) rows are cells: per-head plans are held per head)
@@ -185,7 +189,10 @@ class ServerSettings:
     * ``compresses``: whether this server's backend compresses at all (False on CUDA with the
       stock executor), decided at launch for the HTTP process's request checks;
     * ``metrics``: ``--enable-metrics`` (Prometheus counters of compression);
-    * ``cells`` (``--vlcache-cells`` / ``VLCACHE_CELLS``): KV cell granularity, :data:`CELL_MODES`.
+    * ``cells`` (``--vlcache-cells`` / ``VLCACHE_CELLS``): KV cell granularity, :data:`CELL_MODES`;
+    * ``kernel_launches`` (``VLCACHE_KERNEL_LAUNCHES``): the Triton kernels' launch options on CUDA,
+      ``auto`` (the GPU model's tuned file in ``kernels/tuned_launches/`` if one is shipped, else the
+      defaults), ``defaults``, or a path to a launch file (checked at launch).
     """
 
     compression: CompressionSettings = field(default_factory=CompressionSettings)
@@ -197,6 +204,7 @@ class ServerSettings:
     compresses: bool = True
     metrics: bool = False
     cells: str = "layer"
+    kernel_launches: str = "auto"
     tp_size: int = 1  # the launch's --tp-size (head cells share compressed prefixes only at 1)
 
     def validate(self) -> "ServerSettings":
@@ -209,6 +217,14 @@ class ServerSettings:
                                    ("kernels", KERNEL_MODES, ENV_KERNELS)):
             if getattr(self, name) not in allowed:
                 raise SettingsError(f"{env} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.kernel_launches not in KERNEL_LAUNCH_CHOICES:
+            from vlcache_sglang.kernels.launch_configs import LaunchConfigError, load_launches
+
+            try:
+                load_launches(self.kernel_launches)  # a bad file stops the launch, not the first request
+            except LaunchConfigError as exc:
+                raise SettingsError(f"{ENV_KERNEL_LAUNCHES}: {exc} (use auto, defaults, or a file written by "
+                                    "python -m vlcache_sglang.tooling.adopt_kernel_sweeps)") from None
         v = self.virtual_ids_per_slot
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise SettingsError(f"{ENV_VIRTUAL_IDS_PER_SLOT} must be a positive number, got {v!r}")
@@ -223,6 +239,9 @@ class ServerSettings:
                           ("kernels", ENV_KERNELS), ("cells", ENV_CELLS)):
             if environ.get(env):
                 knobs[name] = environ[env].strip().lower()
+        if environ.get(ENV_KERNEL_LAUNCHES, "").strip():
+            raw = environ[ENV_KERNEL_LAUNCHES].strip()
+            knobs["kernel_launches"] = raw.lower() if raw.lower() in KERNEL_LAUNCH_CHOICES else raw
         if environ.get(ENV_VIRTUAL_IDS_PER_SLOT):
             try:
                 knobs["virtual_ids_per_slot"] = float(environ[ENV_VIRTUAL_IDS_PER_SLOT])

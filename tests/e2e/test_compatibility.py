@@ -13,12 +13,15 @@
 - the GPU machine's serving profile (``vlcache_sglang.tooling.gpu_kit.GPU_SERVER_ENV/ARGS``: SGLang's
   pure-torch fused ops, torch sampler, SDPA vision attention), rehearsed here;
 - ``VLCACHE_DEBUG_CHECKS=1``: freed-KV reads are counted (none) and plans from incomplete
-  statistics would raise.
+  statistics would raise;
+- ``VLCACHE_KERNEL_LAUNCHES=<file>``: a launch file reaches the scheduler's backend, which reports
+  it in ``/server_info`` (on the CPU the kernels are not launched; the CUDA effect is unit-tested).
 The pool and every plugin store end where they started.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import time
 
 import pytest
@@ -34,15 +37,27 @@ MAX_NEW = 24
 LONG = 160  # decode steps of the request the others' prefills are mixed with
 
 
+LAUNCHES = {"schema": 1, "stats": {"block_m": 8, "block_n": 128, "pack_heads": True},
+            "decode": {"block_n": 32, "programs_per_sm": 4.0, "num_warps": 8, "num_stages": 3}}
+
+
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
+def launch_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("launches") / "tuned.json"
+    path.write_text(json.dumps(LAUNCHES))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, launch_file):
     with running_server(tiny_model_dir, attention_backend="vlcache", max_total_tokens=6000, max_running_requests=8,
                         extra_args=["--enable-mixed-chunk", "--disable-overlap-schedule", "--disable-radix-cache",
                                     "--chunked-prefill-size", "96",
                                     "--enable-metrics",
                                     "--vlcache-budget", "0.1", "--vlcache-config", "none", *GPU_SERVER_ARGS],
                         extra_env={"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "2",
-                                   "VLCACHE_DEBUG_CHECKS": "1", **GPU_SERVER_ENV}) as handle:
+                                   "VLCACHE_DEBUG_CHECKS": "1", "VLCACHE_KERNEL_LAUNCHES": str(launch_file),
+                                   **GPU_SERVER_ENV}) as handle:
         yield handle
 
 
@@ -108,3 +123,9 @@ def test_uncompressed_requests_say_why(server):
     # a compressed request carries no reason code
     image = generate(server, PROMPT.format(q="What is written here?"), make_test_image(5), max_new=4)
     assert "vlcache_not_compressed" not in image["meta_info"]
+
+
+def test_the_backend_reports_the_kernel_launches_it_was_given(server, launch_file):
+    state = vlcache_state(server.url)
+    assert state["kernel_launches"] == {"source": str(launch_file), "stats": LAUNCHES["stats"],
+                                        "decode": LAUNCHES["decode"]}

@@ -225,11 +225,34 @@ def test_stats_dispatch_keeps_one_plan_per_layout(device):
         torch.testing.assert_close(got.col.float(), ref.col.float(), rtol=2e-5, atol=2e-5)
         assert torch.equal(got.causal.cpu(), ref.causal.cpu())
         assert (got.below.cpu() - ref.below.cpu()).abs().max() <= 2
-    assert list(fn._plans) == [(7, 29, 4, k.device), (7, 51, 4, k.device)]  # 40 least recently used
-    plan, idx = fn.plan(7, 29, 4, k.device)
-    assert fn.plan(7, 29, 4, k.device)[0] is plan and torch.equal(idx.cpu(), torch.arange(29, dtype=torch.int32))
+    assert list(fn._plans) == [(7, 29, 4, 2, k.device), (7, 51, 4, 2, k.device)]  # 40 least recently used
+    plan, idx = fn.plan(7, 29, 4, k.device, 2)
+    assert fn.plan(7, 29, 4, k.device, 2)[0] is plan and torch.equal(idx.cpu(), torch.arange(29, dtype=torch.int32))
     with pytest.raises(ValueError, match="kernel mode"):
         StatsDispatch("cuda")
+
+
+@pytest.mark.parametrize("block_m,block_n,pack_heads", [(16, 64, False), (8, 32, True), (32, 16, False)])
+def test_stats_dispatch_follows_its_launch_options(device, block_m, block_n, pack_heads):
+    """A backend's tuned statistics launch (``kernels/launch_configs.py``) reaches every plan the
+    dispatch builds, and any valid launch gives the reference's statistics (GQA: 4 query heads
+    over 2 KV heads, so ``pack_heads`` really packs)."""
+    from vlcache_sglang.kernels.dispatch import StatsDispatch
+    from vlcache_sglang.kernels.launch_configs import StatsLaunch
+    from vlcache_sglang.policy.stats import attention_stats
+
+    fn = StatsDispatch("triton", launch=StatsLaunch(block_m, block_n, pack_heads))
+    g = torch.Generator().manual_seed(block_m + block_n)
+    q = torch.randn(9, 4, 8, generator=g).to(device)
+    k = torch.randn(70, 2, 8, generator=g).to(device)
+    pos = torch.arange(61, 70, device=device)
+    got, ref = fn(q, pos, k, 0.35, 0.02), attention_stats(q, pos, k, 0.35, 0.02)
+    torch.testing.assert_close(got.col.float(), ref.col.float(), rtol=2e-5, atol=2e-5)
+    assert torch.equal(got.causal.cpu(), ref.causal.cpu())
+    assert (got.below.cpu() - ref.below.cpu()).abs().max() <= 2
+    (plan, _), = fn._plans.values()
+    assert (plan.block_m, plan.block_n, plan.pack_heads) == (block_m, block_n, pack_heads)
+    assert plan.q_blk_req.numel() == -(-9 // block_m) and plan.k_blk_req.numel() == -(-70 // block_n)
 
 
 @pytest.mark.parametrize("method", ["vlcache", "h2o"])

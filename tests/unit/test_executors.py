@@ -241,12 +241,19 @@ def test_flashinfer_module_imports_without_flashinfer_or_sglang():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)
 
 
+@pytest.mark.parametrize("launch", [None, (16, 8.0), (128, 0.5)], ids=["defaults", "block16-8perSM", "block128-half"])
 @pytest.mark.parametrize("graph_mode", [False, True])
-def test_triton_compressed_decode_path_without_flashinfer(graph_mode):
+def test_triton_compressed_decode_path_without_flashinfer(graph_mode, launch):
     """The FlashInfer executor sends steps with per-layer lists to the plan-free Triton kernel, which
     needs no FlashInfer: here it runs on the CPU (Triton's interpreter), eager and through the
-    fixed buffers of CUDA-graph mode (no graph captured), against dense attention."""
+    fixed buffers of CUDA-graph mode (no graph captured), against dense attention. A tuned decode
+    launch (``kernels/launch_configs.py``: key block, programs per SM) sizes the graph workspace's
+    splits and gives the same attention."""
     from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
+    from vlcache_sglang.kernels.launch_configs import DecodeLaunch
+    from vlcache_sglang.kernels.ragged_decode import num_splits_for
+
+    decode_launch = DecodeLaunch(*launch) if launch else None
 
     L, R, hq, hkv, d, bs = 2, 64, 4, 2, 16, 3
     dev = torch.device("cpu")
@@ -259,10 +266,13 @@ def test_triton_compressed_decode_path_without_flashinfer(graph_mode):
                            prefix_lens_cpu=[0] * bs, layer_kv=layer_kv)
     if graph_mode:
         ex = FlashInferAttentionExecutor(dev, cuda_graph=True, max_batch_size=4, max_kv_tokens=bs * R, num_layers=L,
-                                         compressed_decode="triton")
+                                         compressed_decode="triton", decode_launch=decode_launch)
         ex.plan_decode(meta, hq, hkv, d, torch.float32, torch.float32, d ** -0.5)
+        chosen = decode_launch or DecodeLaunch()
+        assert ex._graph_splits == num_splits_for(bs * R, 4, hkv, dev, **chosen.split_choice())
+        assert ex._graph_ws[0].shape[2] == ex._graph_splits
     else:
-        ex = FlashInferAttentionExecutor(dev, compressed_decode="triton")
+        ex = FlashInferAttentionExecutor(dev, compressed_decode="triton", decode_launch=decode_launch)
     for layer in range(L):
         q = torch.randn(bs, hq, d, generator=g)
         out = torch.full_like(q, float("nan"))

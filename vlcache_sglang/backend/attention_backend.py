@@ -24,6 +24,7 @@ from vlcache_sglang.backend.executors.torch_executor import TorchAttentionExecut
 from vlcache_sglang.backend.metadata import ForwardMetadata, build_ragged_kv, decode_metadata, host_ints, host_rows
 from vlcache_sglang.backend.runtime import Runtime, attach
 from vlcache_sglang.backend.tensor_parallel import StatsGather, attention_tp_group
+from vlcache_sglang.kernels.launch_configs import KernelLaunches, launches_for
 from vlcache_sglang.settings import ServerSettings, SettingsError, settings_of
 
 if TYPE_CHECKING:
@@ -38,8 +39,10 @@ class VLCacheAttnBackend(AttentionBackend):
     """Attention over per-layer ragged KV selections (CPU: torch SDPA executor)."""
 
     def __init__(self, model_runner: ModelRunner, executor: TorchAttentionExecutor | None = None,
-                 settings: ServerSettings | None = None):
+                 settings: ServerSettings | None = None, launches: KernelLaunches | None = None):
         super().__init__()
+        # the Triton kernels' launch options (per GPU model; :mod:`vlcache_sglang.kernels.launch_configs`)
+        self.kernel_launches = launches or KernelLaunches()
         self.device = model_runner.device
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.token_to_kv_pool = model_runner.token_to_kv_pool
@@ -64,6 +67,7 @@ class VLCacheAttnBackend(AttentionBackend):
                 num_kv_heads=max(1, model_config.get_num_kv_heads(tp)), debug_checks=self.debug_checks,
                 gather=StatsGather(group), virtual_ids_per_slot=self.settings.virtual_ids_per_slot,
                 metrics=self.settings.metrics, kernels=self.settings.kernels, cells=self.settings.cells,
+                stats_launch=self.kernel_launches.stats,
             )
             check_head_cells(self.settings.cells, model_config, tp, self.compressor.num_kv_heads, self.executor)
             head_dim = self.global_kv.k.shape[-1]
@@ -74,7 +78,8 @@ class VLCacheAttnBackend(AttentionBackend):
             # the process's runtime, reachable from the allocator (scheduler, radix tree, batches)
             # and the model (vision-encoder hooks)
             self.runtime = attach(Runtime(self.settings, self), allocator, getattr(model_runner, "model", None))
-            logger.info("vlcache backend: %s", self.settings.describe())
+            logger.info("vlcache backend: %s; kernel launches: %s", self.settings.describe(),
+                        self.kernel_launches.describe())
 
     # -- metadata -------------------------------------------------------------------------
     def stage_request_info(self, rids, infos) -> None:
@@ -299,6 +304,9 @@ def create_vlcache_backend(model_runner: ModelRunner) -> AttentionBackend:
     if settings is None:
         raise SettingsError("vlcache: these server args were not resolved with the vlcache plugin loaded "
                             "(no settings attached); launch with SGLANG_PLUGINS including vlcache")
+    # resolved once per backend (a file is read here, not per kernel launch); off CUDA ``auto`` is
+    # the defaults, which the CPU's interpreter and torch paths do not use, and /server_info reports
+    launches = launches_for(model_runner.device, settings.kernel_launches)
     if str(model_runner.device).startswith("cuda"):
         from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, check_cuda_graph_backend
 
@@ -307,12 +315,13 @@ def create_vlcache_backend(model_runner: ModelRunner) -> AttentionBackend:
             from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
 
             require_prefill_graphs_disabled(prefill_off)
-            executor = FlashInferAttentionExecutor(model_runner.device, compressed_decode=settings.compressed_decode)
-            return VLCacheAttnBackend(model_runner, executor=executor, settings=settings)
+            executor = FlashInferAttentionExecutor(model_runner.device, compressed_decode=settings.compressed_decode,
+                                                   decode_launch=launches.decode)
+            return VLCacheAttnBackend(model_runner, executor=executor, settings=settings, launches=launches)
         if settings.cuda_executor == "torch":
             require_graphs_disabled(prefill_off, check_cuda_graph_backend(Phase.DECODE, Backend.DISABLED))
-            return VLCacheAttnBackend(model_runner, settings=settings)
+            return VLCacheAttnBackend(model_runner, settings=settings, launches=launches)
         from vlcache_sglang.backend.flashinfer_glue import create_flashinfer_backend
 
         return create_flashinfer_backend(model_runner)
-    return VLCacheAttnBackend(model_runner, settings=settings)
+    return VLCacheAttnBackend(model_runner, settings=settings, launches=launches)

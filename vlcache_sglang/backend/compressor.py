@@ -33,6 +33,7 @@ from vlcache_sglang.backend.request_state import CompressedRow, RequestState, Re
 from vlcache_sglang.backend.tensor_parallel import StatsGather
 from vlcache_sglang.backend.virtual_kv import VirtualKV, install_free_filter
 from vlcache_sglang.kernels.dispatch import StatsDispatch
+from vlcache_sglang.kernels.launch_configs import StatsLaunch
 from vlcache_sglang.policy import PolicyError, StatsAccumulator, attention_stats, build_plan
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class Compressor:
     def __init__(self, kv: GlobalKV, req_to_token: torch.Tensor, allocator, num_q_heads: int, num_kv_heads: int,
                  debug_checks: bool = False, gather: StatsGather | None = None, *,
                  virtual_ids_per_slot: float = 4.0, metrics: bool = False, kernels: str = "auto",
-                 cells: str = "layer"):
+                 cells: str = "layer", stats_launch: StatsLaunch | None = None):
         self.kv = kv
         self.gather = gather or StatsGather()  # one plan on every tensor-parallel rank
         self.debug_checks = debug_checks  # plans from incomplete statistics raise instead of noting
@@ -90,7 +91,7 @@ class Compressor:
         self.num_q_heads, self.num_kv_heads = num_q_heads, num_kv_heads
         # the statistics function handed to the policy: the fused Triton kernel on CUDA (per
         # ``kernels``: VLCACHE_KERNELS), the policy's torch reference elsewhere
-        self.stats_fn = StatsDispatch(kernels) if kv.k.is_cuda else attention_stats
+        self.stats_fn = StatsDispatch(kernels, launch=stats_launch) if kv.k.is_cuda else attention_stats
         # cells: a slot's L layer rows, or with head cells its L * Hkv (layer, KV head) rows
         self.head_cells = cells == "head"  # one KV head per rank under TP still holds per head
         self.heads_per_unit = num_kv_heads if self.head_cells else 1

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV, to_device
+from vlcache_sglang.kernels.launch_configs import DecodeLaunch
 
 __all__ = ["FlashInferAttentionExecutor", "flashinfer_available"]
 
@@ -141,8 +142,11 @@ class FlashInferAttentionExecutor:
     def __init__(self, device: torch.device | str | None = None, *, workspace_bytes: int = _WORKSPACE_BYTES,
                  use_tensor_cores: bool | None = None, cuda_graph: bool = False,
                  max_batch_size: int | None = None, max_kv_tokens: int | None = None,
-                 num_layers: int | None = None, compressed_decode: str | None = None) -> None:
+                 num_layers: int | None = None, compressed_decode: str | None = None,
+                 decode_launch: DecodeLaunch | None = None) -> None:
         self.device = torch.device(device) if device is not None else None
+        # the plan-free decode's block, splits, warps, stages (kernels/launch_configs.py)
+        self.decode_launch = (decode_launch or DecodeLaunch()).check()
         self.compressed_decode = compressed_decode or "triton"
         if self.compressed_decode not in ("triton", "flashinfer"):
             raise ValueError(f"compressed_decode must be 'triton' or 'flashinfer', not {self.compressed_decode!r}")
@@ -252,7 +256,8 @@ class FlashInferAttentionExecutor:
             if self._graph_ws is None:
                 from vlcache_sglang.kernels.ragged_decode import num_splits_for
 
-                self._graph_splits = num_splits_for(self.max_kv_tokens, self.max_batch_size, num_kv_heads, device)
+                self._graph_splits = num_splits_for(self.max_kv_tokens, self.max_batch_size, num_kv_heads, device,
+                                                    **self.decode_launch.split_choice())
                 self._graph_ws = (
                     torch.empty(self.max_batch_size, num_q_heads, self._graph_splits, head_dim,
                                 dtype=torch.float32, device=device),
@@ -316,14 +321,16 @@ class FlashInferAttentionExecutor:
         self.plan_count, self.plan_seconds = 0, 0.0
 
     # -- internals ------------------------------------------------------------------------------
-    @staticmethod
-    def _ragged(q, out, k_cache, v_cache, indptr, indices, scaling, *, splits=None, max_len=None, workspace=None,
-                k_scale=None, v_scale=None, per_head=False):
-        from vlcache_sglang.kernels.ragged_decode import ragged_decode
+    def _ragged(self, q, out, k_cache, v_cache, indptr, indices, scaling, *, splits=None, max_len=None,
+                workspace=None, k_scale=None, v_scale=None, per_head=False):
+        from vlcache_sglang.kernels.ragged_decode import num_splits_for, ragged_decode
 
+        launch = self.decode_launch
+        if splits is None:
+            splits = num_splits_for(max_len, q.shape[0], k_cache.shape[1], q.device, **launch.split_choice())
         return ragged_decode(q, k_cache, v_cache, indptr, indices, scaling, out=out, num_splits=splits,
-                             max_len=max_len, workspace=workspace, k_scale=k_scale, v_scale=v_scale,
-                             per_head=per_head)
+                             workspace=workspace, k_scale=k_scale, v_scale=v_scale, per_head=per_head,
+                             block_n=launch.block_n, num_warps=launch.num_warps, num_stages=launch.num_stages)
 
     @staticmethod
     def _paged(k_cache: torch.Tensor, v_cache: torch.Tensor):
