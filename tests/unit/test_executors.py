@@ -269,8 +269,8 @@ def test_triton_compressed_decode_path_without_flashinfer(graph_mode, launch):
                                          compressed_decode="triton", decode_launch=decode_launch)
         ex.plan_decode(meta, hq, hkv, d, torch.float32, torch.float32, d ** -0.5)
         chosen = decode_launch or DecodeLaunch()
-        assert ex._graph_splits == num_splits_for(bs * R, 4, hkv, dev, **chosen.split_choice())
-        assert ex._graph_ws[0].shape[2] == ex._graph_splits
+        assert ex._graph_splits == num_splits_for(bs * R, bs, hkv, dev, **chosen.split_choice())
+        assert ex._graph_ws[0].shape[:3] == (bs, hq, ex._graph_splits)
     else:
         ex = FlashInferAttentionExecutor(dev, compressed_decode="triton", decode_launch=decode_launch)
     for layer in range(L):
@@ -352,3 +352,73 @@ def test_graph_mode_one_capture_serves_shared_and_per_layer_lists(device):
         ref = dense(q[1, b:b + 1].cpu(), k_glob[sl].cpu(), v_glob[sl].cpu(), d ** -0.5)
         torch.testing.assert_close(o[b:b + 1].cpu().double(), ref, rtol=tol, atol=tol)
     assert ex.plan_count == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_graph_mode_splits_follow_each_captured_batch_size(device):
+    """SGLang captures one decode graph per batch size up to ``max_bs`` (often 160 or more). A
+    split count chosen once for ``max_bs`` gives a small batch a single split per (request, KV
+    head): a batch of 8 with 4 KV heads would run 32 programs on a 132-SM GPU, each walking its
+    whole kept list. So each captured batch size gets the split count the eager path would choose
+    for it (the capacity as length), in a workspace view of one buffer sized for the largest
+    ``batch x splits``; graphs of different sizes, captured in turn, replay with their own splits."""
+    from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
+    from vlcache_sglang.kernels.launch_configs import DecodeLaunch
+    from vlcache_sglang.kernels.ragged_decode import num_splits_for
+
+    L, R, hq, hkv, d, max_bs, capacity = 2, 96, 2, 1, 16, 16, 4096
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(31)
+    k_glob, v_glob = make_pool(L * R, hkv, d, torch.float32, dev, seed=37)
+    ex = FlashInferAttentionExecutor(dev, cuda_graph=True, max_batch_size=max_bs, max_kv_tokens=capacity,
+                                     num_layers=L, compressed_decode="triton")
+    choice = DecodeLaunch().split_choice()
+    want = {bs: num_splits_for(capacity, bs, hkv, dev, **choice) for bs in range(1, max_bs + 1)}
+    assert want[1] > want[max_bs]  # the case this test is about: small batches need more splits
+
+    def per_layer(bs):
+        lists = {l: [torch.randperm(R, generator=g)[:int(n)] + l * R
+                     for n in torch.randint(1, R + 1, (bs,), generator=g)] for l in range(L)}
+        layer_kv = {l: ragged(ls, dev) for l, ls in lists.items()}
+        return lists, ForwardMetadata(is_decode=True, kv=layer_kv[0], qo_indptr_cpu=list(range(bs + 1)),
+                                      prefix_lens_cpu=[0] * bs, layer_kv=layer_kv, layer_row_stride=R)
+
+    graphs, queries = {}, {}
+    for bs in (8, 1, 3):  # "capture" each size in turn, as SGLang's runner does
+        lists, meta = per_layer(bs)
+        ex.plan_decode(meta, hq, hkv, d, torch.float32, torch.float32, d ** -0.5)
+        assert ex._graph_splits == want[bs], bs
+        assert ex._graph_ws[0].shape == (bs, hq, want[bs], d) and ex._graph_ws[0].is_contiguous()
+        q, out = torch.randn(L, bs, hq, d, generator=g).to(dev), torch.zeros(L, bs, hq, d, device=dev)
+        queries[bs] = (q, out, meta)
+
+        def step(q=q, out=out, meta=meta):
+            for l in range(L):
+                ex.decode(q[l], out[l], k_glob, v_glob, meta.kv, meta, d ** -0.5, True, layer_id=l)
+
+        if device == "cuda":
+            step()
+            torch.cuda.synchronize()
+            graphs[bs] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graphs[bs]):
+                step()
+        else:
+            graphs[bs] = step
+    flat = max(bs * s for bs, s in want.items()) * hq * d
+    assert ex._graph_ws[0].untyped_storage().nbytes() == flat * 4  # one buffer for every size
+    for bs in (1, 8, 3, 1):  # replays in another order, each with new lists
+        q, out, captured = queries[bs]
+        lists, meta = per_layer(bs)
+        ex.plan_decode(meta, hq, hkv, d, torch.float32, torch.float32, d ** -0.5)
+        out.fill_(float("nan"))
+        if device == "cuda":
+            graphs[bs].replay()
+            torch.cuda.synchronize()
+        else:
+            for l in range(L):  # the CPU has no graph: the captured calls, over the same buffers
+                ex.decode(q[l], out[l], k_glob, v_glob, meta.kv, meta, d ** -0.5, True, layer_id=l)
+        for l in range(L):
+            for b, sl in enumerate(lists[l]):
+                ref = dense(q[l, b:b + 1].cpu(), k_glob[sl].cpu(), v_glob[sl].cpu(), d ** -0.5)
+                torch.testing.assert_close(out[l, b:b + 1].cpu().double(), ref, rtol=1e-4, atol=1e-4)

@@ -9,8 +9,8 @@ with a padded view of the live batch (``num_padding`` trailing entries with requ
 
 What a captured step may not do is change its kernels or their scalar arguments. So, in graph
 mode, every layer of every step reads the *global* K/V storage (:mod:`cell_store`) through its
-own fixed index buffers, through the plan-free Triton kernel with a split count fixed from the
-capacity; a replay only rewrites buffer contents:
+own fixed index buffers, through the plan-free Triton kernel with a split count fixed per captured
+batch size (from the capacity, never the step's lengths); a replay only rewrites buffer contents:
 
 * layers of an uncompressed batch read the batch's slots shifted by ``l * rows_per_layer``
   (one broadcast for all layers);

@@ -152,8 +152,10 @@ class FlashInferAttentionExecutor:
             raise ValueError(f"compressed_decode must be 'triton' or 'flashinfer', not {self.compressed_decode!r}")
         self._graph_triton = self.compressed_decode == "triton"  # fixed: what a captured graph holds
         self._graph_meta: ForwardMetadata | None = None  # the meta of the last plan_decode
-        self._graph_splits = 1
+        self._graph_splits = 1  # the split count and workspace of the last planned graph batch
         self._graph_ws: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._graph_split_by_bs: list[int] | None = None  # per batch size (index), chosen once
+        self._graph_ws_flat: tuple[torch.Tensor, torch.Tensor] | None = None
         self.workspace_bytes = workspace_bytes
         self.use_tensor_cores = use_tensor_cores
         self.cuda_graph = False
@@ -185,6 +187,7 @@ class FlashInferAttentionExecutor:
         self.cuda_graph = True
         self.max_batch_size, self.max_kv_tokens, self.num_layers = max_batch_size, max_kv_tokens, num_layers
         self._graph_slots, self._graph_ws, self._graph_meta = [], None, None
+        self._graph_split_by_bs = self._graph_ws_flat = None
 
     def extend(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                kv: RaggedKV, meta: ForwardMetadata, scaling: float, enable_gqa: bool,
@@ -251,18 +254,10 @@ class FlashInferAttentionExecutor:
         lists = self._load_graph_lists(meta, bs)
         self._graph_bs, self._graph_calls, self._graph_meta = bs, 0, meta
         if self._graph_triton:
-            # no plan: a fixed split count (from the capacity) and a fixed workspace, chosen once,
-            # keep the captured launches valid for any lengths
-            if self._graph_ws is None:
-                from vlcache_sglang.kernels.ragged_decode import num_splits_for
-
-                self._graph_splits = num_splits_for(self.max_kv_tokens, self.max_batch_size, num_kv_heads, device,
-                                                    **self.decode_launch.split_choice())
-                self._graph_ws = (
-                    torch.empty(self.max_batch_size, num_q_heads, self._graph_splits, head_dim,
-                                dtype=torch.float32, device=device),
-                    torch.empty(self.max_batch_size, num_q_heads, self._graph_splits, dtype=torch.float32,
-                                device=device))
+            # no plan: per captured batch size a fixed split count (from the capacity) and a fixed
+            # workspace view keep its captured launches valid for any lengths
+            self._graph_splits, self._graph_ws = self._graph_workspace(bs, num_q_heads, num_kv_heads, head_dim,
+                                                                       device)
             return
         Decode, _ = self._wrapper_classes()
         tc = self._tensor_cores(num_q_heads, num_kv_heads)
@@ -280,6 +275,31 @@ class FlashInferAttentionExecutor:
                    q_data_type=q_dtype, kv_data_type=kv_dtype, sm_scale=scaling)
             self.plan_seconds += time.perf_counter() - t0
             self.plan_count += 1
+
+    def _graph_workspace(self, bs: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                         device: torch.device) -> tuple[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The split count and split workspace of the graph captured for batch size ``bs``.
+
+        SGLang captures one graph per batch size up to ``max_batch_size`` and replays the one of the
+        padded batch's size, so the split count may depend on ``bs`` (never on the step's lengths): it
+        is what the eager path would choose for ``bs`` requests at the capacity's length. One split
+        count for all sizes, chosen for ``max_batch_size`` (often 160 or more), gave small batches a
+        single split per (request, KV head) program. Every size's ``[bs, Hq, splits, D]`` view starts
+        at the same two buffers, sized once for the largest ``bs x splits`` (graphs never run at once)."""
+        if self._graph_split_by_bs is None:
+            from vlcache_sglang.kernels.ragged_decode import num_splits_for
+
+            choice = self.decode_launch.split_choice()
+            self._graph_split_by_bs = [0] + [num_splits_for(self.max_kv_tokens, b, num_kv_heads, device, **choice)
+                                             for b in range(1, self.max_batch_size + 1)]
+            rows = max(b * s for b, s in enumerate(self._graph_split_by_bs)) * num_q_heads
+            self._graph_ws_flat = (torch.empty(rows * head_dim, dtype=torch.float32, device=device),
+                                   torch.empty(rows, dtype=torch.float32, device=device))
+        splits = self._graph_split_by_bs[bs]
+        o_flat, lse_flat = self._graph_ws_flat
+        n = bs * num_q_heads * splits
+        return splits, (o_flat[: n * head_dim].view(bs, num_q_heads, splits, head_dim),
+                        lse_flat[:n].view(bs, num_q_heads, splits))
 
     def _new_graph_slots(self, device: torch.device) -> list[_Slot]:
         """One slot per layer, whose index/indptr buffers are rows of two 2-D tensors (so a step
