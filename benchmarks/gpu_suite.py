@@ -352,7 +352,10 @@ def bench_decode_sweep(args, device, copy_bw, results):
     ``--sweep-length`` tokens, batch ``--decode-batch``, ``--budget`` of the rows kept (scattered):
     key block, splits (``programs_per_sm``), warps and pipeline stages; CUDA-graph replay time and
     the kept bytes read as a fraction of the copy bandwidth (issue 21 target: >= 80 % at 32K, batch
-    8). Every configuration's output is checked against the default's, so a fast wrong one cannot win."""
+    8). Every configuration's output is checked against the default's, so a fast wrong one cannot win.
+    The split count is chosen as the server's decode graphs choose it (the path a served decode step
+    takes): for the batch size, from the graph buffers' capacity, at least the batch's full lengths
+    (``bsz x n``), not from the kept length, so no configuration is capped at 4 key blocks per split."""
     import torch
 
     from vlcache_sglang.kernels.ragged_decode import num_splits_for, ragged_decode
@@ -370,7 +373,7 @@ def bench_decode_sweep(args, device, copy_bw, results):
     reference, rows = None, []
     configs = DECODE_SWEEP if device.type == "cuda" else DECODE_SWEEP[:2]
     for block_n, pps, warps, stages in configs:
-        splits = num_splits_for(kept_n, bsz, hkv, device, block_n=block_n, programs_per_sm=pps)
+        splits = num_splits_for(bsz * n, bsz, hkv, device, block_n=block_n, programs_per_sm=pps)
         out = torch.empty_like(q)
         ws = (torch.empty(bsz, hq, splits, d, dtype=torch.float32, device=device),
               torch.empty(bsz, hq, splits, dtype=torch.float32, device=device))

@@ -164,6 +164,26 @@ def _gpu(report: dict, stats_best_over_default: float | None, decode_best_over_d
     return report
 
 
+def test_the_decode_sweep_times_the_split_count_served_decode_graphs_use(smoke_report):
+    """A served decode step replays a CUDA graph, whose split count comes from the batch size and the
+    graph buffers' capacity (at least the batch's full lengths), not from the kept length: the sweep
+    must time that count, or its winner is chosen for launches the server never makes."""
+    import torch
+
+    from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
+
+    entry = _figure(smoke_report, "decode_sweep")
+    bsz, n = entry["batch"], entry["n"]
+    rows = [r for r in entry["configs"] if "error" not in r]
+    assert rows
+    for r in rows:
+        launch = DecodeLaunch(r["block_n"], r["programs_per_sm"], r["num_warps"], r["num_stages"])
+        ex = FlashInferAttentionExecutor("cpu", cuda_graph=True, max_batch_size=4 * bsz, max_kv_tokens=bsz * n,
+                                         num_layers=1, decode_launch=launch)
+        splits, _ = ex._graph_workspace(bsz, 4, 2, 16, torch.device("cpu"))  # the smoke's 4 query, 2 KV heads
+        assert r["splits"] == splits, r
+
+
 def test_adopting_a_cpu_smoke_report_is_refused_unless_asked(smoke_report, tmp_path, capsys):
     report_path = tmp_path / "gpu_suite.json"
     report_path.write_text(json.dumps(smoke_report))
