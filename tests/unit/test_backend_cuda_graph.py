@@ -35,6 +35,7 @@ from vlcache_sglang.backend.attention_backend import VLCacheAttnBackend
 from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
 from vlcache_sglang.backend.executors.torch_executor import TorchAttentionExecutor
 from vlcache_sglang.scheduler_hooks import graph_fits_buffers as _graph_fits_buffers
+from vlcache_sglang.settings import ServerSettings
 
 L, H, HKV, D, POOL, CTX, MAX_BS = 3, 4, 2, 16, 512, 128, 4
 # the CUDA variant is listed everywhere and shows as a skip where there is no CUDA
@@ -44,18 +45,21 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 class Server:
     """SGLang's pools with the backend in graph mode, and requests to decode."""
 
-    def __init__(self, device: str, seed: int = 0):
+    def __init__(self, device: str, seed: int = 0, cells: str = "layer"):
         self.device = device
         self.g = torch.Generator().manual_seed(seed)
         self.req_pool = ReqToTokenPool(size=8, max_context_len=CTX, device=device, enable_memory_saver=False)
         self.kv_pool = MHATokenToKVPool(size=POOL, page_size=1, dtype=torch.float32, head_num=HKV, head_dim=D,
                                         layer_num=L, device=device, enable_memory_saver=False)
         self.allocator = TokenToKVPoolAllocator(POOL, torch.float32, device, self.kv_pool, need_sort=False)
-        config = SimpleNamespace(num_attention_heads=H, get_num_kv_heads=lambda tp: HKV, context_len=CTX)
+        config = SimpleNamespace(num_attention_heads=H, get_num_kv_heads=lambda tp: HKV, context_len=CTX,
+                                 get_total_num_kv_heads=lambda: HKV)
         runner = SimpleNamespace(device=device, req_to_token_pool=self.req_pool, token_to_kv_pool=self.kv_pool,
                                  token_to_kv_pool_allocator=self.allocator, model_config=config, tp_size=1,
                                  dtype=torch.float32)
-        self.backend = VLCacheAttnBackend(runner, executor=FlashInferAttentionExecutor(device))
+        self.cells = cells
+        self.backend = VLCacheAttnBackend(runner, executor=FlashInferAttentionExecutor(device),
+                                          settings=ServerSettings(cells=cells).validate())
         self.layers = [RadixAttention(H, D, 1 / math.sqrt(D), HKV, layer_id=l) for l in range(L)]
         self.lens: dict[int, int] = {}  # request row -> tokens in its KV
 
@@ -68,9 +72,10 @@ class Server:
             ids = kv.global_ids(l, slots)
             kv.k[ids] = torch.randn(n, HKV, D, generator=self.g).to(self.device)
             kv.v[ids] = torch.randn(n, HKV, D, generator=self.g).to(self.device)
-        if compress:  # each layer keeps its own subset (as a plan would), the rest is freed
-            kept = [torch.randperm(n, generator=self.g)[: max(1, n // (l + 2))].sort().values.to(self.device)
-                    for l in range(L)]
+        if compress:  # each layer (head cells: each layer's KV head) keeps its own subset, the rest is freed
+            units = L * (HKV if self.cells == "head" else 1)
+            kept = [torch.randperm(n, generator=self.g)[: max(1, n // (u % 5 + 2))].sort().values.to(self.device)
+                    for u in range(units)]
             assert self.backend.compressor.compact_row(row, f"r{row}", kept, 0, n) is not None
         self.lens[row] = n
         return row
@@ -205,11 +210,15 @@ def poison_new_slots(server: Server, slots: torch.Tensor) -> None:
         kv.v[ids] = float("nan")
 
 
+@pytest.mark.parametrize("cells", ["layer", "head"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_replays_equal_eager_decode_over_compressed_plain_and_padded_batches(device, monkeypatch):
-    s = Server(device)
+def test_replays_equal_eager_decode_over_compressed_plain_and_padded_batches(device, cells, monkeypatch):
+    """Head cells (``--vlcache-cells head``): every captured step reads one list per (request, KV
+    head), plain requests' slots expanded per head, padding one key per head."""
+    s = Server(device, cells=cells)
     backend = s.backend
     backend.init_cuda_graph_state(MAX_BS, MAX_BS)
+    assert backend.executor.graph_list_heads == (HKV if cells == "head" else 1)
     static = StaticBuffers(MAX_BS, device, backend.get_cuda_graph_seq_len_fill_value())
     graph = Recorder(monkeypatch, s) if device == "cpu" else CudaGraph(monkeypatch, s)
     cap = static.capture_batch()
@@ -243,6 +252,7 @@ def test_replays_equal_eager_decode_over_compressed_plain_and_padded_batches(dev
             out.fill_(float("nan"))
         backend.init_forward_metadata_out_graph(view)
         assert backend.forward_metadata.graph and backend.forward_metadata.batch_size == MAX_BS
+        assert all(kv.heads == backend.executor.graph_list_heads for kv in backend.forward_metadata.layer_kv.values())
         graph.replay()
         for layer in range(L):
             torch.testing.assert_close(outs[layer][: len(rows)], expected[layer], rtol=1e-4, atol=1e-4)

@@ -422,3 +422,54 @@ def test_graph_mode_splits_follow_each_captured_batch_size(device):
             for b, sl in enumerate(lists[l]):
                 ref = dense(q[l, b:b + 1].cpu(), k_glob[sl].cpu(), v_glob[sl].cpu(), d ** -0.5)
                 torch.testing.assert_close(out[l, b:b + 1].cpu().double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_graph_list_helpers_expand_plain_lists_per_head_and_pad_one_key_per_head():
+    """Head cells in graph mode: a plain request's list read per KV head is its rows as head-rows
+    ``row * H + h`` in list ``b * H + h`` (empty requests stay empty), and a padded request gets one
+    key per head, the padding row's head-row of that head."""
+    from vlcache_sglang.backend.cuda_graph import pad_lists
+    from vlcache_sglang.backend.metadata import per_head_lists
+
+    H = 3
+    plain = ragged([torch.tensor([5, 9]), torch.tensor([], dtype=torch.int64), torch.tensor([2, 7, 4])], "cpu")
+    heads = per_head_lists(plain, H)
+    assert heads.heads == H and heads.kv_indptr.tolist() == heads.kv_indptr_cpu
+    for b in range(3):
+        for h in range(H):
+            assert heads.head_slots(b, h).tolist() == [r * H + h for r in plain.slots(b).tolist()]
+    assert per_head_lists(plain, 1) is plain and per_head_lists(heads, H) is heads
+    with pytest.raises(ValueError, match="per 3 heads cannot be read per 2"):
+        per_head_lists(heads, 2)
+    padded_plain, padded_heads = pad_lists([plain, heads], [40, 100], 2)
+    assert padded_plain.kv_indptr_cpu == plain.kv_indptr_cpu + [6, 7]
+    assert padded_plain.kv_indices[-2:].tolist() == [40, 40]
+    assert padded_heads.kv_indptr_cpu[-2 * H - 1:] == list(range(heads.kv_indptr_cpu[-1], heads.kv_indptr_cpu[-1] + 2 * H + 1))
+    for b in (3, 4):  # the padded requests: one key per head, the padding row's head-row
+        for h in range(H):
+            assert padded_heads.head_slots(b, h).tolist() == [100 * H + h]
+    assert padded_heads.kv_indptr.tolist() == padded_heads.kv_indptr_cpu
+
+
+def test_graph_mode_reads_one_kind_of_list():
+    """A captured step's kernel reads per-request or per-(request, KV head) lists, fixed when graph
+    mode is enabled: lists of the other kind are refused, naming what to enable; per-head lists
+    need the plan-free Triton decode."""
+    from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
+    from vlcache_sglang.backend.metadata import per_head_lists
+
+    plain = ragged([torch.tensor([1, 2]), torch.tensor([3])], "cpu")
+    heads = per_head_lists(plain, 2)
+    meta = ForwardMetadata(is_decode=True, kv=plain, qo_indptr_cpu=[0, 1, 2], prefix_lens_cpu=[1, 0],
+                           layer_kv={0: heads}, layer_row_stride=8)
+    ex = FlashInferAttentionExecutor("cpu", cuda_graph=True, max_batch_size=2, max_kv_tokens=16, num_layers=1)
+    with pytest.raises(NotImplementedError, match="list_heads=KV heads"):
+        ex.plan_decode(meta, 4, 2, 16, torch.float32, torch.float32, 0.25)
+    ex.enable_cuda_graph(2, 16, 1, list_heads=2)
+    ex.plan_decode(meta, 4, 2, 16, torch.float32, torch.float32, 0.25)  # accepted
+    three = per_head_lists(plain, 3)
+    with pytest.raises(NotImplementedError, match="per 2 KV heads"):
+        ex.plan_decode(ForwardMetadata(is_decode=True, kv=plain, qo_indptr_cpu=[0, 1, 2], prefix_lens_cpu=[1, 0],
+                                       layer_kv={0: three}), 4, 2, 16, torch.float32, torch.float32, 0.25)
+    with pytest.raises(NotImplementedError, match="plan-free Triton decode"):
+        FlashInferAttentionExecutor("cpu", compressed_decode="flashinfer").enable_cuda_graph(2, 16, 1, list_heads=2)

@@ -207,10 +207,6 @@ class VLCacheAttnBackend(AttentionBackend):
         enable = getattr(self.executor, "enable_cuda_graph", None)
         if enable is None or self.compressor is None:
             raise NotImplementedError(f"vlcache: {type(self.executor).__name__} has no CUDA-graph mode")
-        if self.compressor.heads_per_unit > 1:
-            raise NotImplementedError("vlcache: --vlcache-cells head has no decode CUDA graphs yet (per-(layer, "
-                                      "head) lists); launch with --cuda-graph-backend-decode=disabled, or with "
-                                      "--vlcache-cells layer")
         if getattr(self.executor, "compressed_decode", "triton") != "triton":
             raise NotImplementedError(
                 "vlcache: CUDA graphs need the plan-free Triton decode (VLCACHE_COMPRESSED_DECODE=triton); "
@@ -218,8 +214,11 @@ class VLCacheAttnBackend(AttentionBackend):
         context_len = int(getattr(self.model_config, "context_len", 0) or self.req_to_token_pool.req_to_token.shape[1])
         self.graph_capacity = graph_kv_capacity(max_bs, context_len, self.global_kv.rows_per_layer)
         self.graph_max_bs = max_bs
-        enable(max_bs, self.graph_capacity, self.global_kv.num_layers)
-        logger.info("vlcache: decode CUDA graphs up to batch %d, %d keys per layer", max_bs, self.graph_capacity)
+        # head cells: every graph step reads one list per (request, KV head) of head-rows
+        heads = self.compressor.heads_per_unit
+        enable(max_bs, self.graph_capacity, self.global_kv.num_layers, list_heads=heads)
+        logger.info("vlcache: decode CUDA graphs up to batch %d, %d keys per layer%s", max_bs, self.graph_capacity,
+                    f" and KV head ({heads} heads)" if heads > 1 else "")
 
     def get_cuda_graph_seq_len_fill_value(self):
         return SEQ_LEN_FILL

@@ -16,7 +16,10 @@ batch size (from the capacity, never the step's lengths); a replay only rewrites
   (one broadcast for all layers);
 * a batch with a compressed request gets per-layer lists from the :class:`Compressor`, as in eager
   mode;
-* padded entries read one key, the pool's reserved padding slot 0.
+* padded entries read one key, the pool's reserved padding slot 0;
+* head cells: every list is one per (request, KV head) of head-rows (the kernel's ``per_head``
+  mode is what the graph holds), an uncompressed batch's slots expanded per head, padding one key
+  per head.
 
 The buffers hold ``capacity`` keys per layer: ``min(max_bs * context_len, pool rows)``. A layer's
 list is never longer than the batch's ``seq_lens_sum`` (a compressed request reads its kept
@@ -46,18 +49,25 @@ def graph_fits(capacity: int, seq_lens_sum: int | None, max_bs: int) -> bool:
 
 
 def pad_lists(lists: list[RaggedKV], rows: list[int], pad: int) -> list[RaggedKV]:
-    """Each list plus ``pad`` entries of one key each, at global row ``rows[i]``, with one
-    host-to-device copy for all of their ``indptr`` (not one per list)."""
+    """Each list plus ``pad`` entries of one key each, at global row ``rows[i]`` (a list of
+    per-head lists, head cells: ``pad`` requests of one list per KV head, head ``h`` at head-row
+    ``rows[i] * heads + h``), with one host-to-device copy for all of their ``indptr`` (not one
+    per list)."""
     if pad == 0 or not lists:
         return lists
     device = lists[0].kv_indices.device
-    indptr_cpu = [kv.kv_indptr_cpu + [kv.kv_indptr_cpu[-1] + i + 1 for i in range(pad)] for kv in lists]
-    width = len(indptr_cpu[0])  # every list of a batch has as many entries
-    host = np.concatenate([np.asarray(indptr_cpu, dtype=np.int64).reshape(-1), np.asarray(rows, dtype=np.int64)])
+    indptr_cpu, fills = [], []
+    for kv, row in zip(lists, rows):
+        added = pad * kv.heads
+        indptr_cpu.append(kv.kv_indptr_cpu + [kv.kv_indptr_cpu[-1] + i + 1 for i in range(added)])
+        fills.append(np.tile(row * kv.heads + np.arange(kv.heads, dtype=np.int64), pad))
+    widths = [len(p) for p in indptr_cpu]
+    host = np.concatenate([np.asarray(p, dtype=np.int64) for p in indptr_cpu] + fills)
     dev = to_device(host, device)
-    fill = dev[len(lists) * width:].unsqueeze(1).expand(len(lists), pad)
-    return [RaggedKV(dev[i * width:(i + 1) * width], torch.cat([kv.kv_indices, fill[i]]), indptr_cpu[i],
-                     heads=kv.heads) for i, kv in enumerate(lists)]
+    bounds = np.concatenate([[0], np.cumsum(widths + [f.size for f in fills])])
+    parts = [dev[bounds[i]:bounds[i + 1]] for i in range(2 * len(lists))]
+    return [RaggedKV(parts[i], torch.cat([kv.kv_indices, parts[len(lists) + i]]), indptr_cpu[i], heads=kv.heads)
+            for i, kv in enumerate(lists)]
 
 
 def graph_decode_metadata(backend, forward_batch, in_capture: bool) -> ForwardMetadata:

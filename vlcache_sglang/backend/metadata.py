@@ -88,6 +88,35 @@ def build_ragged_kv(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, 
     return RaggedKV(kv_indptr=indptr, kv_indices=indices, kv_indptr_cpu=indptr_cpu)
 
 
+def per_head_lists(kv: RaggedKV, heads: int) -> RaggedKV:
+    """``kv``'s per-request lists as one list per (request, KV head): list ``b * heads + h`` holds
+    request ``b``'s rows as head-rows ``row * heads + h`` (head cells' layout, every head reading
+    all of the request's slots). A fixed number of device ops and no device read: the segment
+    table (per list, its source offset minus its output offset, its head) reaches the device in
+    one copy with the lengths and is expanded by one ``repeat_interleave`` of host-known size."""
+    if heads == 1 or kv.heads != 1:
+        if kv.heads != heads and heads != 1:
+            raise ValueError(f"lists per {kv.heads} heads cannot be read per {heads} heads")
+        return kv
+    cut = np.asarray(kv.kv_indptr_cpu, dtype=np.int64)
+    lens = np.repeat(np.diff(cut), heads)  # list b * heads + h: request b's length
+    out_start = np.concatenate([[0], np.cumsum(lens)])
+    indptr_cpu = out_start.tolist()
+    total = int(out_start[-1])
+    device = kv.kv_indices.device
+    n = lens.size
+    host = np.concatenate([out_start, np.repeat(cut[:-1], heads) - out_start[:-1],
+                           np.tile(np.arange(heads, dtype=np.int64), n // heads), lens])
+    dev = to_device(host, device)
+    indptr = dev[: n + 1]
+    if total == 0:
+        return RaggedKV(indptr, torch.empty(0, dtype=torch.int64, device=device), indptr_cpu, heads=heads)
+    table = dev[n + 1: 3 * n + 1].view(2, n)
+    expanded = torch.repeat_interleave(table, dev[3 * n + 1:], dim=1, output_size=total)
+    rows = kv.kv_indices.to(torch.int64)[expanded[0] + torch.arange(total, device=device)]
+    return RaggedKV(indptr, rows * heads + expanded[1], indptr_cpu, heads=heads)
+
+
 def to_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
     """A host array on ``device`` without waiting for the device: on CUDA through pinned memory and
     a non-blocking copy (a pageable copy would drain the stream: SGLang's overlap scheduler

@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV, to_device
+from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV, per_head_lists, to_device
 from vlcache_sglang.kernels.launch_configs import DecodeLaunch
 
 __all__ = ["FlashInferAttentionExecutor", "flashinfer_available"]
@@ -100,8 +100,9 @@ def _scales(k_scale, v_scale) -> dict:
     return out
 
 
-PER_HEAD_GRAPHS = ("vlcache: per-(layer, KV head) lists (--vlcache-cells head) have no decode CUDA graphs; "
-                   "launch with --cuda-graph-backend-decode=disabled or --vlcache-cells layer")
+PER_HEAD_GRAPHS = ("vlcache: per-(layer, KV head) lists (--vlcache-cells head) need decode CUDA graphs "
+                   "enabled for them (enable_cuda_graph(..., list_heads=KV heads)): a captured step's kernel "
+                   "reads one kind of list")
 
 
 class _Slot:
@@ -135,7 +136,9 @@ class FlashInferAttentionExecutor:
 
     Per-(request, KV head) lists (head cells): FlashInfer has no per-head page table, so decode
     runs the plan-free Triton kernel's ``per_head`` mode, and an extend over such lists (a decoding
-    row mixed into an extend batch) the torch executor; decode CUDA graphs refuse them."""
+    row mixed into an extend batch) the torch executor. Decode CUDA graphs read them when enabled
+    with ``list_heads`` = the KV heads (every captured step then reads per-head lists, plain
+    requests' slots expanded per head)."""
 
     per_head_lists = True
 
@@ -156,6 +159,7 @@ class FlashInferAttentionExecutor:
         self._graph_ws: tuple[torch.Tensor, torch.Tensor] | None = None
         self._graph_split_by_bs: list[int] | None = None  # per batch size (index), chosen once
         self._graph_ws_flat: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.graph_list_heads = 1  # > 1: graph steps read per-(request, KV head) lists (head cells)
         self.workspace_bytes = workspace_bytes
         self.use_tensor_cores = use_tensor_cores
         self.cuda_graph = False
@@ -179,13 +183,19 @@ class FlashInferAttentionExecutor:
         self.plan_seconds = 0.0
 
     # -- public interface -----------------------------------------------------------------------
-    def enable_cuda_graph(self, max_batch_size: int, max_kv_tokens: int, num_layers: int) -> None:
+    def enable_cuda_graph(self, max_batch_size: int, max_kv_tokens: int, num_layers: int,
+                          list_heads: int = 1) -> None:
         """Switch on CUDA-graph mode: fixed buffers for up to ``max_batch_size`` requests reading up
-        to ``max_kv_tokens`` keys per layer (allocated on the first :meth:`plan_decode`)."""
-        if min(max_batch_size, max_kv_tokens, num_layers) < 1:
-            raise ValueError("max_batch_size, max_kv_tokens and num_layers must be positive")
+        to ``max_kv_tokens`` keys per layer (allocated on the first :meth:`plan_decode`).
+        ``list_heads`` > 1 (head cells, the rank's KV heads): every step reads one list per
+        (request, KV head) of head-rows, so each layer's buffers hold ``list_heads`` times as much."""
+        if min(max_batch_size, max_kv_tokens, num_layers, list_heads) < 1:
+            raise ValueError("max_batch_size, max_kv_tokens, num_layers and list_heads must be positive")
+        if list_heads > 1 and not self._graph_triton:
+            raise NotImplementedError("per-head lists in CUDA graphs need the plan-free Triton decode")
         self.cuda_graph = True
         self.max_batch_size, self.max_kv_tokens, self.num_layers = max_batch_size, max_kv_tokens, num_layers
+        self.graph_list_heads = list_heads
         self._graph_slots, self._graph_ws, self._graph_meta = [], None, None
         self._graph_split_by_bs = self._graph_ws_flat = None
 
@@ -208,22 +218,21 @@ class FlashInferAttentionExecutor:
                layer_id: int | None = None, k_scale: float | None = None,
                v_scale: float | None = None) -> torch.Tensor:
         """One query row per request over that request's list in ``kv``."""
-        if kv.per_head:
-            if self.cuda_graph and meta is self._graph_meta:
-                raise NotImplementedError(PER_HEAD_GRAPHS)
-            lens = kv.kv_indptr_cpu
-            return self._ragged(q, out, k_cache, v_cache, kv.kv_indptr, kv.kv_indices, scaling,
-                                max_len=max(b - a for a, b in zip(lens, lens[1:])), k_scale=k_scale,
-                                v_scale=v_scale, per_head=True)
         if self.cuda_graph and meta is self._graph_meta:
             layer = self._graph_calls if layer_id is None else layer_id
             self._graph_calls += 1
             slot = self._graph_slots[layer]
             if self._graph_triton:
-                return self._ragged(q, out, k_cache, v_cache, slot.indptr[: self._graph_bs + 1], slot.indices,
-                                    scaling, splits=self._graph_splits, workspace=self._graph_ws,
-                                    k_scale=k_scale, v_scale=v_scale)
+                heads = self.graph_list_heads
+                return self._ragged(q, out, k_cache, v_cache, slot.indptr[: self._graph_bs * heads + 1],
+                                    slot.indices, scaling, splits=self._graph_splits, workspace=self._graph_ws,
+                                    k_scale=k_scale, v_scale=v_scale, per_head=heads > 1)
             wrapper = slot.wrappers[self._graph_bs]
+        elif kv.per_head:
+            lens = kv.kv_indptr_cpu
+            return self._ragged(q, out, k_cache, v_cache, kv.kv_indptr, kv.kv_indices, scaling,
+                                max_len=max(b - a for a, b in zip(lens, lens[1:])), k_scale=k_scale,
+                                v_scale=v_scale, per_head=True)
         elif meta.layer_kv and self.compressed_decode == "triton":
             lens = kv.kv_indptr_cpu
             return self._ragged(q, out, k_cache, v_cache, kv.kv_indptr, kv.kv_indices, scaling,
@@ -242,8 +251,10 @@ class FlashInferAttentionExecutor:
         reads them."""
         if not self.cuda_graph:
             raise RuntimeError("plan_decode is for cuda_graph=True; eager executors plan on first use")
-        if any(kv.per_head for kv in meta.layer_kv.values()):
-            raise NotImplementedError(PER_HEAD_GRAPHS)
+        heads = self.graph_list_heads
+        if any(kv.heads != heads for kv in meta.layer_kv.values()):
+            raise NotImplementedError(PER_HEAD_GRAPHS if heads == 1 else
+                                      f"a graph step of per-head lists needs every layer's list per {heads} KV heads")
         bs = meta.batch_size
         if bs > self.max_batch_size:
             raise ValueError(f"batch of {bs} exceeds max_batch_size={self.max_batch_size}")
@@ -304,9 +315,9 @@ class FlashInferAttentionExecutor:
     def _new_graph_slots(self, device: torch.device) -> list[_Slot]:
         """One slot per layer, whose index/indptr buffers are rows of two 2-D tensors (so a step
         where every layer reads the same slots, shifted per layer, loads them in one operation)."""
-        L = self.num_layers
-        self._graph_indices = torch.zeros(L, self.max_kv_tokens, dtype=torch.int32, device=device)
-        self._graph_indptr = torch.zeros(L, self.max_batch_size + 1, dtype=torch.int32, device=device)
+        L, heads = self.num_layers, self.graph_list_heads
+        self._graph_indices = torch.zeros(L, self.max_kv_tokens * heads, dtype=torch.int32, device=device)
+        self._graph_indptr = torch.zeros(L, self.max_batch_size * heads + 1, dtype=torch.int32, device=device)
         slots = []
         for layer in range(L):
             slot = _Slot(device, self.max_batch_size, 0)
@@ -315,26 +326,34 @@ class FlashInferAttentionExecutor:
         return slots
 
     def _load_graph_lists(self, meta: ForwardMetadata, bs: int) -> list[tuple[list[int], int]]:
-        """Copy each layer's list into its buffers; returns per layer (host indptr, length)."""
-        stride = meta.layer_row_stride
+        """Copy each layer's list into its buffers; returns per layer (host indptr, length).
+
+        With per-head lists (``graph_list_heads`` > 1) a layer without its own list reads
+        ``meta.kv``'s slots expanded per KV head (:func:`per_head_lists`), as head-rows."""
+        stride, heads = meta.layer_row_stride, self.graph_list_heads
+        capacity, entries = self.max_kv_tokens * heads, bs * heads + 1
         out = []
         shared = [layer for layer in range(self.num_layers) if layer not in meta.layer_kv]
+        plain = per_head_lists(meta.kv, heads) if shared else meta.kv  # one expansion for every such layer
         for layer in range(self.num_layers):
-            kv = meta.layer_kv.get(layer, meta.kv)
+            kv = meta.layer_kv.get(layer, plain)
             n = kv.kv_indptr_cpu[-1]
-            if n > self.max_kv_tokens:
-                raise ValueError(f"layer {layer} reads {n} tokens, more than max_kv_tokens={self.max_kv_tokens}")
+            if n > capacity:
+                raise ValueError(f"layer {layer} reads {n} keys, more than max_kv_tokens={self.max_kv_tokens}"
+                                 + (f" x {heads} heads" if heads > 1 else ""))
             out.append((kv.kv_indptr_cpu, n))
             if layer in meta.layer_kv or stride is None:
                 slot = self._graph_slots[layer]
-                slot.indptr[: bs + 1].copy_(kv.kv_indptr, non_blocking=True)
+                slot.indptr[:entries].copy_(kv.kv_indptr, non_blocking=True)
                 slot.indices[:n].copy_(kv.kv_indices, non_blocking=True)
         if shared and stride is not None:
             # layers without their own list read meta.kv's slots in their own rows: one broadcast
-            n = meta.kv.kv_indptr_cpu[-1]
-            rows = to_device(np.asarray(shared, dtype=np.int64), meta.kv.kv_indices.device)  # no stream drain
-            self._graph_indices[rows, :n] = (meta.kv.kv_indices.unsqueeze(0) + (rows * stride).unsqueeze(1)).to(torch.int32)
-            self._graph_indptr[rows, : bs + 1] = meta.kv.kv_indptr.to(torch.int32).unsqueeze(0)
+            # (head-rows: row * heads + h, so a layer's shift is stride * heads)
+            n = plain.kv_indptr_cpu[-1]
+            rows = to_device(np.asarray(shared, dtype=np.int64), plain.kv_indices.device)  # no stream drain
+            self._graph_indices[rows, :n] = (plain.kv_indices.unsqueeze(0)
+                                             + (rows * (stride * heads)).unsqueeze(1)).to(torch.int32)
+            self._graph_indptr[rows, :entries] = plain.kv_indptr.to(torch.int32).unsqueeze(0)
         return out
 
     def reset_counters(self) -> None:
