@@ -33,8 +33,12 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert sweep["configs"] and all(c.get("correct") for c in sweep["configs"]), sweep["configs"]
     assert sweep["configs"][1]["block_n"] == 32 and sweep["best"] is not None
     assert not [r for r in report["results"] if str(r.get("skipped", "")).startswith("error")], report["results"]
+    decode = [r for r in report["results"] if r["figure"] == "decode_speedup"]
+    # the served path (the executor's graph mode, buffers for 256 requests) is timed beside the kernel
+    assert decode and all(r["served_max_bs"] == 256 and r["served_graph_kept_s"] > 0 for r in decode), decode
     md = (tmp_path / "gpu_suite.md").read_text()
     assert "| figure |" in md and "stats share" in md and "| statistics sweep (3 plans) |" in md
+    assert "served decode graph (executor, max_bs 256)" in md
 
 
 def test_gpu_suite_help():
