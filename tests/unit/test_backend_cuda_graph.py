@@ -30,6 +30,7 @@ from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.model_executor.runner.decode_cuda_graph_runner import build_replay_fb_view
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlcache_sglang.backend.attention_backend import VLCacheAttnBackend
 from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
@@ -45,12 +46,12 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 class Server:
     """SGLang's pools with the backend in graph mode, and requests to decode."""
 
-    def __init__(self, device: str, seed: int = 0, cells: str = "layer"):
+    def __init__(self, device: str, seed: int = 0, cells: str = "layer", layers: int = L):
         self.device = device
         self.g = torch.Generator().manual_seed(seed)
         self.req_pool = ReqToTokenPool(size=8, max_context_len=CTX, device=device, enable_memory_saver=False)
         self.kv_pool = MHATokenToKVPool(size=POOL, page_size=1, dtype=torch.float32, head_num=HKV, head_dim=D,
-                                        layer_num=L, device=device, enable_memory_saver=False)
+                                        layer_num=layers, device=device, enable_memory_saver=False)
         self.allocator = TokenToKVPoolAllocator(POOL, torch.float32, device, self.kv_pool, need_sort=False)
         config = SimpleNamespace(num_attention_heads=H, get_num_kv_heads=lambda tp: HKV, context_len=CTX,
                                  get_total_num_kv_heads=lambda: HKV)
@@ -60,7 +61,7 @@ class Server:
         self.cells = cells
         self.backend = VLCacheAttnBackend(runner, executor=FlashInferAttentionExecutor(device),
                                           settings=ServerSettings(cells=cells).validate())
-        self.layers = [RadixAttention(H, D, 1 / math.sqrt(D), HKV, layer_id=l) for l in range(L)]
+        self.layers = [RadixAttention(H, D, 1 / math.sqrt(D), HKV, layer_id=l) for l in range(layers)]
         self.lens: dict[int, int] = {}  # request row -> tokens in its KV
 
     def add_request(self, n: int, compress: bool) -> int:
@@ -68,12 +69,12 @@ class Server:
         slots = self.allocator.alloc(n)
         self.req_pool.req_to_token[row, :n] = slots.to(torch.int32)
         kv = self.backend.global_kv
-        for l in range(L):
+        for l in range(len(self.layers)):
             ids = kv.global_ids(l, slots)
             kv.k[ids] = torch.randn(n, HKV, D, generator=self.g).to(self.device)
             kv.v[ids] = torch.randn(n, HKV, D, generator=self.g).to(self.device)
         if compress:  # each layer (head cells: each layer's KV head) keeps its own subset, the rest is freed
-            units = L * (HKV if self.cells == "head" else 1)
+            units = len(self.layers) * (HKV if self.cells == "head" else 1)
             kept = [torch.randperm(n, generator=self.g)[: max(1, n // (u % 5 + 2))].sort().values.to(self.device)
                     for u in range(units)]
             assert self.backend.compressor.compact_row(row, f"r{row}", kept, 0, n) is not None
@@ -100,7 +101,7 @@ class StaticBuffers:
     """The decode graph runner's input buffers for one captured batch size, padded SGLang's way
     (request row 0, length = the backend's fill value, output slot 0)."""
 
-    def __init__(self, bs: int, device: str, fill: int):
+    def __init__(self, bs: int, device: str, fill: int, layers: int = L):
         self.bs, self.fill = bs, fill
         self.req_pool_indices = torch.zeros(bs, dtype=torch.int64, device=device)
         self.seq_lens = torch.full((bs,), fill, dtype=torch.int64, device=device)
@@ -111,7 +112,7 @@ class StaticBuffers:
         self.encoder_lens = None
         self.mamba_track_indices = None
         self.qkv = [(torch.zeros(bs, H * D, device=device), torch.zeros(bs, HKV, D, device=device),
-                     torch.zeros(bs, HKV, D, device=device)) for _ in range(L)]
+                     torch.zeros(bs, HKV, D, device=device)) for _ in range(layers)]
 
     def capture_batch(self):
         return SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=self.bs, req_pool_indices=self.req_pool_indices,
@@ -314,3 +315,49 @@ def test_debug_check_counts_a_forward_that_reads_a_freed_slot():
     s.allocator.free(cell)
     backend.init_forward_metadata(live)
     assert backend.freed_reads == 2
+
+
+def test_replay_preparation_takes_a_fixed_number_of_device_ops_whatever_the_layers():
+    """Before every replay the hook loads the step's lists into the graph buffers, on the replay's
+    stream: each op is a host launch and a tiny kernel the GPU runs before the graph. With a
+    compressed request in the batch every layer has its own list; loading them (and padding them)
+    one layer at a time cost three ops per layer (84 of a 28-layer step's ~100). Counted on
+    SGLang's pools with a ``TorchDispatchMode``, the lists built the way a server with the vlcache
+    tree builds them (row rewrites reported): the same count at 4 and at 16 layers."""
+    from test_layer_lists_host_work import VIEWS
+
+    class CountKernels(TorchDispatchMode):
+        """ATen ops that are not views (a view launches nothing: ``slice``, ``select``, ...)."""
+
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in VIEWS | {"select", "unsqueeze", "expand"}:
+                self.names.append(name)
+            return func(*args, **(kwargs or {}))
+
+    def kernels(layers: int, cells: str) -> int:
+        s = Server("cpu", cells=cells, layers=layers)
+        backend = s.backend
+        backend.compressor.layer_lists.rows_reported = True  # what the vlcache radix tree sets
+        backend.init_cuda_graph_state(MAX_BS, MAX_BS)
+        static = StaticBuffers(MAX_BS, "cpu", backend.get_cuda_graph_seq_len_fill_value(), layers=layers)
+        backend.init_forward_metadata_out_graph(static.capture_batch(), in_capture=True)
+        compressed, plain = s.add_request(40, compress=True), s.add_request(20, compress=False)
+        count = None
+        for _ in range(2):  # the second step is the steady state (resolutions cached)
+            live = s.decode_batch([compressed, plain])
+            inputs = [(torch.zeros(2, H * D), torch.zeros(2, HKV, D), torch.zeros(2, HKV, D)) for _ in range(layers)]
+            view = static.load(live, inputs)
+            count = CountKernels()
+            with count:
+                backend.init_forward_metadata_out_graph(view)
+            assert len(backend.forward_metadata.layer_kv) == layers  # every layer its own list, padded
+        return sorted(count.names)
+
+    for cells in ("layer", "head"):
+        few, many = kernels(4, cells), kernels(16, cells)
+        assert few == many, (cells, len(few), len(many), sorted(set(many) - set(few)) or many)

@@ -66,7 +66,13 @@ def pad_lists(lists: list[RaggedKV], rows: list[int], pad: int) -> list[RaggedKV
     dev = to_device(host, device)
     bounds = np.concatenate([[0], np.cumsum(widths + [f.size for f in fills])])
     parts = [dev[bounds[i]:bounds[i + 1]] for i in range(2 * len(lists))]
-    return [RaggedKV(parts[i], torch.cat([kv.kv_indices, parts[len(lists) + i]]), indptr_cpu[i], heads=kv.heads)
+    # every padded list in one cat (a list's entries, then its padding): views of one tensor, so
+    # the padding costs one device op for the step, not one per layer
+    pieces = [t for i, kv in enumerate(lists) for t in (kv.kv_indices.to(torch.int64), parts[len(lists) + i])]
+    flat = torch.cat(pieces)
+    ends = np.cumsum([t.numel() for t in pieces])
+    starts = np.concatenate([[0], ends[1::2][:-1]])  # list i starts where list i - 1's padding ended
+    return [RaggedKV(parts[i], flat[starts[i]:ends[2 * i + 1]], indptr_cpu[i], heads=kv.heads)
             for i, kv in enumerate(lists)]
 
 

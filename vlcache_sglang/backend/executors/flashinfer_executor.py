@@ -326,26 +326,34 @@ class FlashInferAttentionExecutor:
         return slots
 
     def _load_graph_lists(self, meta: ForwardMetadata, bs: int) -> list[tuple[list[int], int]]:
-        """Copy each layer's list into its buffers; returns per layer (host indptr, length).
+        """Load every layer's list into its buffers; returns per layer (host indptr, length).
 
-        With per-head lists (``graph_list_heads`` > 1) a layer without its own list reads
-        ``meta.kv``'s slots expanded per KV head (:func:`per_head_lists`), as head-rows."""
+        A fixed number of device ops whatever the number of layers (this runs before every replay,
+        on the replay's stream): the layers with their own list are concatenated once and scattered
+        into their buffer rows by one ``index_copy_`` (destinations expanded on the device from a
+        per-layer table), their ``indptr`` rows written by one indexed assignment from one host
+        copy; the layers without (an uncompressed batch's, with ``layer_row_stride``) read
+        ``meta.kv``'s slots shifted per layer, in one broadcast. With per-head lists
+        (``graph_list_heads`` > 1) those layers read ``meta.kv`` expanded per KV head
+        (:func:`per_head_lists`), as head-rows."""
         stride, heads = meta.layer_row_stride, self.graph_list_heads
         capacity, entries = self.max_kv_tokens * heads, bs * heads + 1
-        out = []
-        shared = [layer for layer in range(self.num_layers) if layer not in meta.layer_kv]
+        L = self.num_layers
+        shared = [layer for layer in range(L) if layer not in meta.layer_kv]
         plain = per_head_lists(meta.kv, heads) if shared else meta.kv  # one expansion for every such layer
-        for layer in range(self.num_layers):
-            kv = meta.layer_kv.get(layer, plain)
+        lists = [meta.layer_kv.get(layer, plain) for layer in range(L)]
+        out = []
+        for layer, kv in enumerate(lists):
             n = kv.kv_indptr_cpu[-1]
             if n > capacity:
                 raise ValueError(f"layer {layer} reads {n} keys, more than max_kv_tokens={self.max_kv_tokens}"
                                  + (f" x {heads} heads" if heads > 1 else ""))
+            if len(kv.kv_indptr_cpu) != entries:
+                raise ValueError(f"layer {layer}'s list has {len(kv.kv_indptr_cpu) - 1} entries, the batch {entries - 1}")
             out.append((kv.kv_indptr_cpu, n))
-            if layer in meta.layer_kv or stride is None:
-                slot = self._graph_slots[layer]
-                slot.indptr[:entries].copy_(kv.kv_indptr, non_blocking=True)
-                slot.indices[:n].copy_(kv.kv_indices, non_blocking=True)
+        direct = [layer for layer in range(L) if layer in meta.layer_kv or stride is None]
+        if direct:
+            self._scatter_lists(direct, [lists[layer] for layer in direct], capacity, entries)
         if shared and stride is not None:
             # layers without their own list read meta.kv's slots in their own rows: one broadcast
             # (head-rows: row * heads + h, so a layer's shift is stride * heads)
@@ -355,6 +363,29 @@ class FlashInferAttentionExecutor:
                                              + (rows * (stride * heads)).unsqueeze(1)).to(torch.int32)
             self._graph_indptr[rows, :entries] = plain.kv_indptr.to(torch.int32).unsqueeze(0)
         return out
+
+    def _scatter_lists(self, layers: list[int], lists: list[RaggedKV], capacity: int, entries: int) -> None:
+        """Write ``lists[i]`` into layer ``layers[i]``'s buffer rows: one ``cat`` of their indices,
+        one host-to-device copy (layer ids, per-layer destination shift and length, every layer's
+        host ``indptr``), one ``repeat_interleave`` and one ``index_copy_``, one indexed ``indptr``
+        write."""
+        counts = np.asarray([kv.kv_indptr_cpu[-1] for kv in lists], dtype=np.int64)
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        ids = np.asarray(layers, dtype=np.int64)
+        d = ids.size
+        host = np.concatenate([ids, ids * capacity - first, counts,
+                               np.asarray([kv.kv_indptr_cpu for kv in lists], dtype=np.int64).reshape(-1)])
+        device = self._graph_indices.device
+        dev = to_device(host, device)
+        rows = dev[:d]
+        self._graph_indptr[rows, :entries] = dev[3 * d:].view(d, entries).to(torch.int32)
+        total = int(counts.sum())
+        if total == 0:
+            return
+        source = torch.cat([kv.kv_indices for kv in lists]) if d > 1 else lists[0].kv_indices
+        dest = torch.repeat_interleave(dev[d:2 * d], dev[2 * d:3 * d], output_size=total)
+        dest += torch.arange(total, device=device)
+        self._graph_indices.view(-1).index_copy_(0, dest, source.to(torch.int32))
 
     def reset_counters(self) -> None:
         self.plan_count, self.plan_seconds = 0, 0.0
