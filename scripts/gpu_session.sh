@@ -16,6 +16,10 @@
 #   sweeps (not in the default: suite includes them) only the suite's two launch sweeps, before
 #          FlashInfer is unpacked (SWEEPS_TIMEOUT s, default 90, into $OUT/sweeps): what
 #          python -m vlcache_sglang.tooling.adopt_kernel_sweeps turns into kernels/tuned_launches/
+#   graphs (not in the default: suite includes them) the decode-graph tests over SGLang's real
+#          pools (tests/unit/test_backend_cuda_graph.py, the executor's graph-mode tests), after the
+#          kit is installed, so SGLang imports and the CUDA variants capture real CUDA graphs
+#          (GRAPHS_TIMEOUT s, default 90; $OUT/graph_tests.log and .xml)
 # FlashInfer's JIT cache lives in out/flashinfer-ws (ignored, kept on the machine between calls).
 # Results (markdown, JSON, logs) go to $OUT (or out/gpu_suite); with PACK_TO set, all of $OUT is
 # also packed into that one file at the end, however the script ends (the device tool brings at
@@ -67,6 +71,7 @@ fi
 # The whole-server kit (scripts/build_gpu_server_kit.sh): its parts arrive over earlier calls into
 # out/gpu-server-kit (ignored, kept on the machine); once all are here it is installed into
 # out/gpu-site, and a whole SGLang server runs first (benchmarks/gpu_server_smoke.py).
+kit_ready=0
 if [ -f out/gpu-server-kit/MANIFEST.json ]; then
   if [ ! -f out/gpu-site/.installed ]; then
     if PYTHONPATH="$ROOT" python3 -m vlcache_sglang.tooling.gpu_kit status --kit out/gpu-server-kit; then
@@ -77,29 +82,39 @@ if [ -f out/gpu-server-kit/MANIFEST.json ]; then
   if [ -f out/gpu-site/.installed ]; then
     # the sgl_kernel placeholder goes last: SGLang imports sgl_kernel unconditionally on CUDA
     export PYTHONPATH="$ROOT/out/gpu-site:$ROOT${PYTHONPATH:+:$PYTHONPATH}:$ROOT/vlcache_sglang/cpu_runtime/sgl_kernel_placeholder"
-    smoke_rc=skipped
-    if has_step smoke; then
-      SERVER_TIMEOUT="${SERVER_TIMEOUT:-420}"
-      # phases that would not finish before the backstop are skipped (60 s kept for the last one's end)
-      timeout -k 20 "$SERVER_TIMEOUT" python3 benchmarks/gpu_server_smoke.py --out "$OUT" \
-        --deadline "$((SERVER_TIMEOUT - 60))" ${SMOKE_ARGS:-} 2>&1 | tee "$OUT/server_smoke.log"
-      smoke_rc=${PIPESTATUS[0]}
-    fi
-    # serving speed on Qwen2-VL-7B's shapes, stock FlashInfer against vlcache (issue 21 item 3);
-    # it keeps within SPEED_BUDGET seconds by itself, server starts included
-    if has_step speed; then
-      SPEED_BUDGET="${SPEED_BUDGET:-300}"
-      timeout -k 20 "$((SPEED_BUDGET + 40))" python3 benchmarks/gpu_server_speed.py --out "$OUT" \
-        --time-budget "$SPEED_BUDGET" ${SPEED_ARGS:-} 2>&1 | tee "$OUT/server_speed_run.log"
-    fi
-    # serving figures on the bundled model (benchmarks/gpu_server_bench.py), only after a smoke that passed
-    if has_step bench && [ "$smoke_rc" = 0 ] && [ "${SKIP_BENCH:-0}" != 1 ]; then
-      BENCH_BUDGET="${BENCH_BUDGET:-180}"
-      timeout -k 20 "${BENCH_TIMEOUT:-$((BENCH_BUDGET + 40))}" python3 benchmarks/gpu_server_bench.py --out "$OUT" \
-        --time-budget "$BENCH_BUDGET" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/server_bench_run.log"
-    elif has_step bench; then
-      echo "server benchmark skipped (smoke exit status $smoke_rc, SKIP_BENCH=${SKIP_BENCH:-0})" | tee "$OUT/server_bench_run.log"
-    fi
+    kit_ready=1
+  fi
+fi
+if has_step graphs; then
+  # the kit's profile (gpu_kit.GPU_SERVER_ENV) so SGLang's modules import without sgl-kernel
+  SGLANG_FORCE_FUSED_OP_BACKEND=torch SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" \
+    timeout -k 10 "${GRAPHS_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider -rs \
+    --junitxml="$OUT/graph_tests.xml" tests/unit/test_backend_cuda_graph.py tests/unit/test_executors.py -k graph \
+    2>&1 | tee "$OUT/graph_tests.log"
+fi
+if [ "$kit_ready" = 1 ]; then
+  smoke_rc=skipped
+  if has_step smoke; then
+    SERVER_TIMEOUT="${SERVER_TIMEOUT:-420}"
+    # phases that would not finish before the backstop are skipped (60 s kept for the last one's end)
+    timeout -k 20 "$SERVER_TIMEOUT" python3 benchmarks/gpu_server_smoke.py --out "$OUT" \
+      --deadline "$((SERVER_TIMEOUT - 60))" ${SMOKE_ARGS:-} 2>&1 | tee "$OUT/server_smoke.log"
+    smoke_rc=${PIPESTATUS[0]}
+  fi
+  # serving speed on Qwen2-VL-7B's shapes, stock FlashInfer against vlcache (issue 21 item 3);
+  # it keeps within SPEED_BUDGET seconds by itself, server starts included
+  if has_step speed; then
+    SPEED_BUDGET="${SPEED_BUDGET:-300}"
+    timeout -k 20 "$((SPEED_BUDGET + 40))" python3 benchmarks/gpu_server_speed.py --out "$OUT" \
+      --time-budget "$SPEED_BUDGET" ${SPEED_ARGS:-} 2>&1 | tee "$OUT/server_speed_run.log"
+  fi
+  # serving figures on the bundled model (benchmarks/gpu_server_bench.py), only after a smoke that passed
+  if has_step bench && [ "$smoke_rc" = 0 ] && [ "${SKIP_BENCH:-0}" != 1 ]; then
+    BENCH_BUDGET="${BENCH_BUDGET:-180}"
+    timeout -k 20 "${BENCH_TIMEOUT:-$((BENCH_BUDGET + 40))}" python3 benchmarks/gpu_server_bench.py --out "$OUT" \
+      --time-budget "$BENCH_BUDGET" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/server_bench_run.log"
+  elif has_step bench; then
+    echo "server benchmark skipped (smoke exit status $smoke_rc, SKIP_BENCH=${SKIP_BENCH:-0})" | tee "$OUT/server_bench_run.log"
   fi
 fi
 { [ "${SKIP_SUITE:-0}" = 1 ] || ! has_step suite; } && exit 0
