@@ -357,7 +357,7 @@ def test_graph_mode_one_capture_serves_shared_and_per_layer_lists(device):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_graph_mode_splits_follow_each_captured_batch_size(device):
-    """SGLang captures one decode graph per batch size up to ``max_bs`` (often 160 or more). A
+    """SGLang captures one decode graph per batch size up to ``max_bs`` (256 on an 80-160 GB GPU). A
     split count chosen once for ``max_bs`` gives a small batch a single split per (request, KV
     head): a batch of 8 with 4 KV heads would run 32 programs on a 132-SM GPU, each walking its
     whole kept list. So each captured batch size gets the split count the eager path would choose

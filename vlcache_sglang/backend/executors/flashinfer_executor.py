@@ -294,7 +294,7 @@ class FlashInferAttentionExecutor:
         SGLang captures one graph per batch size up to ``max_batch_size`` and replays the one of the
         padded batch's size, so the split count may depend on ``bs`` (never on the step's lengths): it
         is what the eager path would choose for ``bs`` requests at the capacity's length. One split
-        count for all sizes, chosen for ``max_batch_size`` (often 160 or more), gave small batches a
+        count for all sizes, chosen for ``max_batch_size`` (256 on an 80-160 GB GPU), gave small batches a
         single split per (request, KV head) program. Every size's ``[bs, Hq, splits, D]`` view starts
         at the same two buffers, sized once for the largest ``bs x splits`` (graphs never run at once)."""
         if self._graph_split_by_bs is None:
