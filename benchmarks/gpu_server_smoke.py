@@ -14,6 +14,12 @@ and FlashInfer JIT builds overlap; they are asked one after the other):
    sharing (a radix hit, the same plan and tokens) and two questions with ``compressed`` sharing,
    and finally the pool and every store of the plugin back at their values after a flush.
 
+Every comparison is exact. Where one fails, ``divergences`` says where the greedy tokens first
+differ and how far apart each server run's two most likely tokens were there (in nats, from the
+request's own ``top_logprobs``): different attention kernels in bfloat16 may break a near-tie the
+other way (a gap of a few hundredths in both runs), which a wrong plan or a wrong key list does not
+look like (a wide gap, often at the first token). The verdict stays the exact one.
+
 Phases (run in this order, each skipped when the ``--deadline`` would not leave it enough time):
 
 * ``fp32-torch``: float32, stock ``torch_native`` against ``VLCACHE_CUDA_EXECUTOR=torch`` (the SDPA
@@ -81,10 +87,31 @@ def ask(url: str, image_b64: str, budget: float | None, max_new: int = 12, quest
     if budget is not None:
         params["custom_params"] = {"vlcache": {"budget": budget, "return_plan": True,
                                                **({"sharing": sharing} if sharing else {})}}
+    # the two most likely tokens at every step, for the divergence diagnosis (greedy tokens unchanged)
     r = requests.post(f"{url}/generate", json={"text": prompt(question), "image_data": image_b64,
-                                               "sampling_params": params}, timeout=600)
+                                               "sampling_params": params, "return_logprob": True,
+                                               "top_logprobs_num": 2}, timeout=600)
     r.raise_for_status()
     return r.json()
+
+
+def top2(response: dict) -> list[list[tuple[float, int]]]:
+    """Per generated token, the server's two most likely ``(logprob, token id)``."""
+    return [[(float(lp), int(tok)) for lp, tok, *_ in pos[:2]]
+            for pos in response["meta_info"].get("output_top_logprobs") or []]
+
+
+def divergence(a: list[int], b: list[int], a_top: list | None = None, b_top: list | None = None) -> dict | None:
+    """None when ``a == b``; else the first index where they differ and, per run with its
+    :func:`top2`, the gap in nats between its two most likely tokens there (a near-tie when small)."""
+    if a == b:
+        return None
+    i = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    out: dict = {"index": i, "a": a[i] if i < len(a) else None, "b": b[i] if i < len(b) else None}
+    for side, top in (("a", a_top), ("b", b_top)):
+        if top is not None and i < len(top) and len(top[i]) == 2:
+            out[f"gap_nats_{side}"] = round(top[i][0][0] - top[i][1][0], 5)
+    return out
 
 
 def stop_servers_on_sigterm() -> None:
@@ -151,27 +178,33 @@ def vlcache_checks(url: str, images: list[str]) -> dict:
     start = settled_state(url)
     full, low = ask(url, images[0], 1.0), ask(url, images[0], 0.1)
     res = {"tokens_budget_1": full["output_ids"], "tokens_budget_01": low["output_ids"],
+           "top_budget_1": top2(full), "top_budget_01": top2(low),
            "kept_ratio": low["meta_info"].get("vlcache_kept_ratio"),
            "kept": low["meta_info"].get("vlcache_kept_positions"), "prompt_tokens": low["meta_info"]["prompt_tokens"]}
     # one batch that mixes compressed and uncompressed requests (decode graphs replay it when on)
     cases = [(img, b) for img in images for b in (1.0, 0.1)]
     flush_cache(url)
-    alone = [ask(url, img, b, max_new=16)["output_ids"] for img, b in cases]
+    alone = [ask(url, img, b, max_new=16) for img, b in cases]
     flush_cache(url)
     with cf.ThreadPoolExecutor(len(cases)) as pool:
-        together = [f.result()["output_ids"] for f in [pool.submit(ask, url, img, b, 16) for img, b in cases]]
-    res["mixed_batch_equals_alone"] = together == alone
+        together = [f.result() for f in [pool.submit(ask, url, img, b, 16) for img, b in cases]]
+    res["mixed_batch_equals_alone"] = [r["output_ids"] for r in together] == [r["output_ids"] for r in alone]
+    diverged = {f"mixed_batch_{i}": divergence(x["output_ids"], y["output_ids"], top2(x), top2(y))
+                for i, (x, y) in enumerate(zip(alone, together))}
     # prefix sharing: the same request again hits the radix tree, same plan, same tokens
     again = ask(url, images[0], 0.1, sharing="prefix")
     res["prefix_hit_cached_tokens"] = again["meta_info"].get("cached_tokens")
     res["prefix_sharing_equal"] = (again["output_ids"] == low["output_ids"]
                                    and again["meta_info"].get("vlcache_kept_positions") == res["kept"])
+    diverged["prefix_sharing"] = divergence(low["output_ids"], again["output_ids"], top2(low), top2(again))
     # compressed sharing: the first question is unshared (equal to budget 0.1 above), the second
     # reads its compressed image
     flush_cache(url)
     first = ask(url, images[0], 0.1, sharing="compressed")
     second = ask(url, images[0], 0.1, sharing="compressed", question=OTHER_QUESTION)
     res["compressed_sharing_first_equal"] = first["output_ids"] == low["output_ids"]
+    diverged["compressed_sharing_first"] = divergence(low["output_ids"], first["output_ids"], top2(low), top2(first))
+    res["divergences"] = {k: d for k, d in diverged.items() if d is not None}
     res["compressed_sharing_second_cached_tokens"] = second["meta_info"].get("cached_tokens")
     flush_cache(url)
     end = settled_state(url)
@@ -220,20 +253,26 @@ def run_phase(name: str, spec: dict, model: Path, out: Path, stock_backend: str 
     phase["together"] = together
     phase["stock"], phase["vlcache"] = serve_all([
         (launch_spec(model, stock, out, f"stock_{name}", dtype_args + stock_args),
-         lambda url: {"tokens": ask(url, images[0], None)["output_ids"]}),
+         lambda url: (lambda r: {"tokens": r["output_ids"], "top": top2(r)})(ask(url, images[0], None))),
         (launch_spec(model, "vlcache", out, f"vlcache_{name}", dtype_args + spec["args"], env=spec["env"]),
          lambda url: vlcache_checks(url, images)),
     ], together)
     v, s = phase["vlcache"], phase["stock"]
+    divergences = dict(v.get("divergences") or {})
     if v.get("ok") and s.get("ok"):
         phase["budget_1_equals_stock"] = v["tokens_budget_1"] == s["tokens"]
+        divergences["budget_1_vs_stock"] = divergence(s["tokens"], v["tokens_budget_1"], s.get("top"),
+                                                      v.get("top_budget_1"))
     if v.get("ok") and v.get("kept"):
         try:
             expected = hf_reference(model, image, v["kept"], spec["dtype"])
             phase["hf_plan_tokens"] = expected
             phase["budget_01_equals_hf_plan"] = expected == v["tokens_budget_01"]
+            divergences["budget_01_vs_hf_plan"] = divergence(expected, v["tokens_budget_01"], None,
+                                                             v.get("top_budget_01"))
         except Exception:
             phase["hf_reference_error"] = traceback.format_exc()[-3000:]
+    phase["divergences"] = {k: d for k, d in divergences.items() if d is not None}
     checks = ("budget_1_equals_stock", "budget_01_equals_hf_plan")
     phase["passed"] = bool(all(phase.get(k) for k in checks) and v.get("mixed_batch_equals_alone")
                            and v.get("prefix_sharing_equal") and v.get("compressed_sharing_first_equal")
@@ -278,7 +317,7 @@ def main() -> int:
         path.write_text(json.dumps(report, indent=1))
         ph = report["phases"][name]
         print(f"[{name}]", json.dumps({k: ph.get(k) for k in ("budget_1_equals_stock", "budget_01_equals_hf_plan",
-                                                             "passed", "wall_s")}),
+                                                             "passed", "wall_s", "divergences")}),
               "stock ok:", ph["stock"].get("ok"), "vlcache ok:", ph["vlcache"].get("ok"), flush=True)
         v = ph["vlcache"]
         if v.get("ok"):

@@ -90,3 +90,21 @@ def test_gpu_session_speed_command_line_parses(tmp_path, monkeypatch):
     report = (tmp_path / "server_speed.json").read_text()
     assert "stock did not start" in report and "vlcache did not start" in report
     assert script.index("gpu_server_smoke.py") < script.index("gpu_server_speed.py") < script.index("gpu_suite.py")
+
+
+def test_the_smokes_divergence_diagnosis_locates_a_tie_break():
+    """benchmarks/gpu_server_smoke.py keeps every comparison exact; where one fails it reports the
+    first differing token and each run's top-2 gap there, read from SGLang's ``output_top_logprobs``
+    (``(logprob, token id, text)`` per candidate)."""
+    import gpu_server_smoke as smoke
+
+    response = {"meta_info": {"output_top_logprobs": [[[-0.01, 5, None], [-4.2, 7, None]],
+                                                       [[-0.69, 8, None], [-0.70, 9, None]]]}}
+    top = smoke.top2(response)
+    assert top == [[(-0.01, 5), (-4.2, 7)], [(-0.69, 8), (-0.70, 9)]]
+    assert smoke.divergence([5, 8], [5, 8], top, top) is None
+    other = [[(-0.01, 5), (-4.2, 7)], [(-0.695, 9), (-0.70, 8)]]
+    assert smoke.divergence([5, 8], [5, 9], top, other) == {"index": 1, "a": 8, "b": 9, "gap_nats_a": 0.01,
+                                                            "gap_nats_b": 0.005}
+    assert smoke.divergence([5, 8], [5, 8, 2]) == {"index": 2, "a": None, "b": 2}  # one run stopped early
+    assert smoke.divergence([3], [5], None, top) == {"index": 0, "a": 3, "b": 5, "gap_nats_b": 4.19}
