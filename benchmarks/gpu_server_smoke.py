@@ -101,6 +101,12 @@ def top2(response: dict) -> list[list[tuple[float, int]]]:
             for pos in response["meta_info"].get("output_top_logprobs") or []]
 
 
+def stock_tokens(url: str, image_b64: str) -> dict:
+    """The stock server's greedy tokens of the question and their :func:`top2`."""
+    r = ask(url, image_b64, None)
+    return {"tokens": r["output_ids"], "top": top2(r)}
+
+
 def divergence(a: list[int], b: list[int], a_top: list | None = None, b_top: list | None = None) -> dict | None:
     """None when ``a == b``; else the first index where they differ and, per run with its
     :func:`top2`, the gap in nats between its two most likely tokens there (a near-tie when small)."""
@@ -253,7 +259,7 @@ def run_phase(name: str, spec: dict, model: Path, out: Path, stock_backend: str 
     phase["together"] = together
     phase["stock"], phase["vlcache"] = serve_all([
         (launch_spec(model, stock, out, f"stock_{name}", dtype_args + stock_args),
-         lambda url: (lambda r: {"tokens": r["output_ids"], "top": top2(r)})(ask(url, images[0], None))),
+         lambda url: stock_tokens(url, images[0])),
         (launch_spec(model, "vlcache", out, f"vlcache_{name}", dtype_args + spec["args"], env=spec["env"]),
          lambda url: vlcache_checks(url, images)),
     ], together)

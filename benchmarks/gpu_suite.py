@@ -273,8 +273,6 @@ def _served_graph_time(args, device, q, out, k, v, kv, meta, scale, dtype) -> fl
     buffers for ``--served-max-bs`` requests (SGLang 0.5.23 captures up to 256 on an 80-160 GB GPU),
     its split count chosen for this batch size, the plan-free Triton kernel; CUDA-graph replay time
     (off CUDA, ``--cpu-smoke``: the same launches timed eagerly on the interpreter, plumbing only)."""
-    import dataclasses
-
     from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
 
     bsz, hq, d = q.shape

@@ -30,7 +30,6 @@ from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.model_executor.runner.decode_cuda_graph_runner import build_replay_fb_view
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlcache_sglang.backend.attention_backend import VLCacheAttnBackend
 from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
@@ -324,20 +323,9 @@ def test_replay_preparation_takes_a_fixed_number_of_device_ops_whatever_the_laye
     one layer at a time cost three ops per layer (84 of a 28-layer step's ~100). Counted on
     SGLang's pools with a ``TorchDispatchMode``, the lists built the way a server with the vlcache
     tree builds them (row rewrites reported): the same count at 4 and at 16 layers."""
-    from test_layer_lists_host_work import VIEWS
+    from test_layer_lists_host_work import VIEWS, CountOps
 
-    class CountKernels(TorchDispatchMode):
-        """ATen ops that are not views (a view launches nothing: ``slice``, ``select``, ...)."""
-
-        def __init__(self):
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            if name not in VIEWS | {"select", "unsqueeze", "expand"}:
-                self.names.append(name)
-            return func(*args, **(kwargs or {}))
+    views = VIEWS | {"select", "unsqueeze", "expand"}  # a view launches nothing
 
     def kernels(layers: int, cells: str) -> int:
         s = Server("cpu", cells=cells, layers=layers)
@@ -352,11 +340,11 @@ def test_replay_preparation_takes_a_fixed_number_of_device_ops_whatever_the_laye
             live = s.decode_batch([compressed, plain])
             inputs = [(torch.zeros(2, H * D), torch.zeros(2, HKV, D), torch.zeros(2, HKV, D)) for _ in range(layers)]
             view = static.load(live, inputs)
-            count = CountKernels()
+            count = CountOps(views)
             with count:
                 backend.init_forward_metadata_out_graph(view)
             assert len(backend.forward_metadata.layer_kv) == layers  # every layer its own list, padded
-        return sorted(count.names)
+        return sorted(count.kernels)
 
     for cells in ("layer", "head"):
         few, many = kernels(4, cells), kernels(16, cells)

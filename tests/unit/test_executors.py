@@ -384,14 +384,14 @@ def test_graph_mode_splits_follow_each_captured_batch_size(device):
         return lists, ForwardMetadata(is_decode=True, kv=layer_kv[0], qo_indptr_cpu=list(range(bs + 1)),
                                       prefix_lens_cpu=[0] * bs, layer_kv=layer_kv, layer_row_stride=R)
 
-    graphs, queries = {}, {}
+    graphs, queries = {}, {}  # per batch size: its CUDA graph (CUDA only), its queries and outputs
     for bs in (8, 1, 3):  # "capture" each size in turn, as SGLang's runner does
         lists, meta = per_layer(bs)
         ex.plan_decode(meta, hq, hkv, d, torch.float32, torch.float32, d ** -0.5)
         assert ex._graph_splits == want[bs], bs
         assert ex._graph_ws[0].shape == (bs, hq, want[bs], d) and ex._graph_ws[0].is_contiguous()
         q, out = torch.randn(L, bs, hq, d, generator=g).to(dev), torch.zeros(L, bs, hq, d, device=dev)
-        queries[bs] = (q, out, meta)
+        queries[bs] = (q, out)
 
         def step(q=q, out=out, meta=meta):
             for l in range(L):
@@ -403,12 +403,10 @@ def test_graph_mode_splits_follow_each_captured_batch_size(device):
             graphs[bs] = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graphs[bs]):
                 step()
-        else:
-            graphs[bs] = step
     flat = max(bs * s for bs, s in want.items()) * hq * d
     assert ex._graph_ws[0].untyped_storage().nbytes() == flat * 4  # one buffer for every size
     for bs in (1, 8, 3, 1):  # replays in another order, each with new lists
-        q, out, captured = queries[bs]
+        q, out = queries[bs]
         lists, meta = per_layer(bs)
         ex.plan_decode(meta, hq, hkv, d, torch.float32, torch.float32, d ** -0.5)
         out.fill_(float("nan"))

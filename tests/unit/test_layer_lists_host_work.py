@@ -26,15 +26,22 @@ VIEWS = {"slice", "alias", "view", "as_strided"}
 
 
 class CountOps(TorchDispatchMode):
-    """ATen ops dispatched (``views``: of them, views: no kernel, a little host time each)."""
+    """ATen ops dispatched (``views``: of them, views: no kernel, a little host time each);
+    ``kernels`` names the others, in order (``view_ops`` says which ops count as views)."""
 
-    def __init__(self):
+    def __init__(self, view_ops: set[str] = VIEWS):
         super().__init__()
+        self.view_ops = view_ops
         self.ops = self.views = 0
+        self.kernels: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
         self.ops += 1
-        self.views += func.overloadpacket.__name__ in VIEWS
+        if name in self.view_ops:
+            self.views += 1
+        else:
+            self.kernels.append(name)
         return func(*args, **(kwargs or {}))
 
 

@@ -68,11 +68,9 @@ def pad_lists(lists: list[RaggedKV], rows: list[int], pad: int) -> list[RaggedKV
     parts = [dev[bounds[i]:bounds[i + 1]] for i in range(2 * len(lists))]
     # every padded list in one cat (a list's entries, then its padding): views of one tensor, so
     # the padding costs one device op for the step, not one per layer
-    pieces = [t for i, kv in enumerate(lists) for t in (kv.kv_indices.to(torch.int64), parts[len(lists) + i])]
-    flat = torch.cat(pieces)
-    ends = np.cumsum([t.numel() for t in pieces])
-    starts = np.concatenate([[0], ends[1::2][:-1]])  # list i starts where list i - 1's padding ended
-    return [RaggedKV(parts[i], flat[starts[i]:ends[2 * i + 1]], indptr_cpu[i], heads=kv.heads)
+    flat = torch.cat([t for i, kv in enumerate(lists) for t in (kv.kv_indices, parts[len(lists) + i])])
+    starts = np.concatenate([[0], np.cumsum([kv.kv_indices.numel() + f.size for kv, f in zip(lists, fills)])])
+    return [RaggedKV(parts[i], flat[starts[i]:starts[i + 1]], indptr_cpu[i], heads=kv.heads)
             for i, kv in enumerate(lists)]
 
 
