@@ -374,9 +374,12 @@ def bench_decode(args, device, lengths, copy_bw, results):
         del k, v
 
 
-#: (block_n, programs per SM, num_warps, num_stages) the decode sweep times; the first is the default
-DECODE_SWEEP = [(64, 2, None, None)] + [(bn, pps, w, st) for bn in (32, 64, 128) for pps in (2, 4, 8)
-                                         for w, st in ((4, 2), (4, 3), (8, 3))]
+#: (block_n, programs per SM, num_warps, num_stages, fused_merge) the decode sweep times; the first
+#: is the default; the fused merge (one launch) at 4 warps, 3 stages over the same blocks and splits
+DECODE_SWEEP = ([(64, 2, None, None, False)]
+                + [(bn, pps, w, st, False) for bn in (32, 64, 128) for pps in (2, 4, 8)
+                   for w, st in ((4, 2), (4, 3), (8, 3))]
+                + [(bn, pps, 4, 3, True) for bn in (32, 64, 128) for pps in (2, 4, 8)])
 
 
 def bench_decode_sweep(args, device, copy_bw, results):
@@ -403,19 +406,21 @@ def bench_decode_sweep(args, device, copy_bw, results):
     q = torch.randn(bsz, hq, d, dtype=dtype, device=device)
     read = bsz * kept_n * hkv * d * k.element_size() * 2
     reference, rows = None, []
-    configs = DECODE_SWEEP if device.type == "cuda" else DECODE_SWEEP[:2]
-    for block_n, pps, warps, stages in configs:
+    configs = DECODE_SWEEP if device.type == "cuda" else DECODE_SWEEP[:2] + DECODE_SWEEP[-1:]
+    for block_n, pps, warps, stages, fused in configs:
         splits = num_splits_for(bsz * n, bsz, hkv, device, block_n=block_n, programs_per_sm=pps)
         out = torch.empty_like(q)
         ws = (torch.empty(bsz, hq, splits, d, dtype=torch.float32, device=device),
               torch.empty(bsz, hq, splits, dtype=torch.float32, device=device))
+        counters = torch.zeros(bsz * hkv, dtype=torch.int32, device=device)
 
         def call():
             ragged_decode(q, k, v, kv.kv_indptr, kv.kv_indices, d ** -0.5, out=out, num_splits=splits,
-                          block_n=block_n, workspace=ws, num_warps=warps, num_stages=stages)
+                          block_n=block_n, workspace=ws, num_warps=warps, num_stages=stages,
+                          fused_merge=fused, counters=counters)
 
         row = {"block_n": block_n, "programs_per_sm": pps, "num_warps": warps, "num_stages": stages,
-               "splits": splits}
+               "fused_merge": fused, "splits": splits}
         try:
             t = graph_time(call, device, args.iters) if device.type == "cuda" else timeit(call, device, iters=2)
         except Exception as exc:  # noqa: BLE001 - a configuration the compiler refuses is a result too
@@ -424,12 +429,18 @@ def bench_decode_sweep(args, device, copy_bw, results):
         if reference is None:
             reference = out.clone()
         err = float((out.float() - reference.float()).abs().max())
+        # the fused merge's counters must be back at zero after every replay, or the next one is wrong
+        counted = int(counters.abs().sum()) if fused else 0
         rows.append({**row, "s": t, "GBps": read / t / 1e9, "frac_of_copy": read / t / copy_bw,
-                     "max_abs_diff": err, "correct": err < 2e-2})
+                     "max_abs_diff": err, **({"counters_left": counted} if fused else {}),
+                     "correct": err < 2e-2 and counted == 0})
     good = [r for r in rows if r.get("correct")]
     best = min(good, key=lambda r: r["s"]) if good else None
+    by_merge = {f"best_{name}": min((r for r in good if r["fused_merge"] == fused), key=lambda r: r["s"], default=None)
+                for name, fused in (("two_launch", False), ("fused", True))}
     entry = {"figure": "decode_sweep", "n": n, "batch": bsz, "budget": args.budget, "kept_per_request": kept_n,
              "copy_bw_GBps": copy_bw / 1e9, "configs": rows, "default": rows[0] if rows else None, "best": best,
+             **by_merge,
              "target": "kept read >= 80 % of copy bandwidth", "pass": bool(best and best["frac_of_copy"] >= 0.8)}
     results.append(entry)
     print(json.dumps({k: entry[k] for k in ("figure", "n", "batch", "default", "best", "pass")}, default=str), flush=True)
@@ -649,9 +660,11 @@ def markdown(report: dict) -> str:
             def cfg(c):
                 return (f"block {c['block_n']}, {c['programs_per_sm']}/SM ({c['splits']} splits), warps "
                         f"{c['num_warps'] or 'default'}, stages {c['num_stages'] or 'default'}: {_fmt(1e6 * c['s'], 'us')}, "
-                        f"{100 * c['frac_of_copy']:.0f} % of copy") if c and "s" in c else "-"
+                        f"{100 * c['frac_of_copy']:.0f} % of copy" + (", fused merge" if c.get("fused_merge") else "")
+                        ) if c and "s" in c else "-"
             lines.append(f"| kept-list decode sweep ({len(r['configs'])} configs) | n={r['n']}, batch={r['batch']}, "
-                         f"{r['kept_per_request']} kept | {_fmt(1e6 * b['s'], 'us') if b else '-'} | best {cfg(b)}; default {cfg(d0)} | "
+                         f"{r['kept_per_request']} kept | {_fmt(1e6 * b['s'], 'us') if b else '-'} | best {cfg(b)}; default {cfg(d0)}; "
+                         f"best two-launch {cfg(r.get('best_two_launch'))}; best fused {cfg(r.get('best_fused'))} | "
                          f"{target} | {ok} |")
         elif f == "stats_sweep":
             b, d0 = r.get("best"), r.get("default")

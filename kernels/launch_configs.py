@@ -7,7 +7,8 @@ the serving path whose launch options the GPU suite sweeps (issue 21 item 4):
 * the statistics (:func:`~vlcache_sglang.kernels.attention_stats.plan_stats`: query block, key
   block, one program per query head or per KV head): :class:`StatsLaunch`;
 * the plan-free kept-list decode (:func:`~vlcache_sglang.kernels.ragged_decode.ragged_decode`: key
-  block, split count as programs per SM, warps, pipeline stages): :class:`DecodeLaunch`.
+  block, split count as programs per SM, warps, pipeline stages, one launch or two):
+  :class:`DecodeLaunch`.
 
 ``kernels/tuned_launches/<device name>.json`` (the name as ``torch.cuda.get_device_name`` reports
 it, every character outside ``[A-Za-z0-9._-]`` replaced by ``_``) holds a device's winners; it is
@@ -63,22 +64,26 @@ class StatsLaunch:
 class DecodeLaunch:
     """``ragged_decode`` options: ``block_n`` keys per step, splits filling ``programs_per_sm``
     programs per SM (:func:`~vlcache_sglang.kernels.ragged_decode.choose_num_splits`), pass 1's
-    ``num_warps`` / ``num_stages`` (Triton's defaults when None)."""
+    ``num_warps`` / ``num_stages`` (Triton's defaults when None), and ``fused_merge``: the splits
+    merged by the last of them in the same launch instead of a second launch (off until a GPU
+    sweep, whose stress test must have passed, adopts it)."""
 
     block_n: int = 64
     programs_per_sm: float = 2.0
     num_warps: int | None = None
     num_stages: int | None = None
+    fused_merge: bool = False
 
     def check(self) -> "DecodeLaunch":
         pps = self.programs_per_sm
         ok = (_pow2(self.block_n, 16, 512) and isinstance(pps, (int, float)) and not isinstance(pps, bool)
               and 0 < pps <= 64 and (self.num_warps is None or _pow2(self.num_warps, 1, 32))
-              and (self.num_stages is None or (isinstance(self.num_stages, int) and 1 <= self.num_stages <= 8)))
+              and (self.num_stages is None or (isinstance(self.num_stages, int) and 1 <= self.num_stages <= 8))
+              and isinstance(self.fused_merge, bool))
         if not ok:
             raise LaunchConfigError(f"decode launch {asdict(self)}: block_n must be a power of two in 16..512, "
                                     "programs_per_sm in (0, 64], num_warps a power of two up to 32 or null, "
-                                    "num_stages 1..8 or null")
+                                    "num_stages 1..8 or null, fused_merge a boolean")
         return self
 
     def split_choice(self) -> dict[str, float]:

@@ -18,8 +18,9 @@
 #          python -m vlcache_sglang.tooling.adopt_kernel_sweeps turns into kernels/tuned_launches/
 #   graphs (not in the default: suite includes them) the decode-graph tests over SGLang's real
 #          pools (tests/unit/test_backend_cuda_graph.py, the executor's graph-mode tests), after the
-#          kit is installed, so SGLang imports and the CUDA variants capture real CUDA graphs
-#          (GRAPHS_TIMEOUT s, default 90; $OUT/graph_tests.log and .xml)
+#          kit is installed, so SGLang imports and the CUDA variants capture real CUDA graphs,
+#          and the fused-merge decode's stress test under concurrent programs (GRAPHS_TIMEOUT s,
+#          default 90; $OUT/graph_tests.log and .xml)
 # FlashInfer's JIT cache lives in out/flashinfer-ws (ignored, kept on the machine between calls).
 # Results (markdown, JSON, logs) go to $OUT (or out/gpu_suite); with PACK_TO set, all of $OUT is
 # also packed into that one file at the end, however the script ends (the device tool brings at
@@ -89,7 +90,8 @@ if has_step graphs; then
   # the kit's profile (gpu_kit.GPU_SERVER_ENV) so SGLang's modules import without sgl-kernel
   SGLANG_FORCE_FUSED_OP_BACKEND=torch SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" \
     timeout -k 10 "${GRAPHS_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider -rs \
-    --junitxml="$OUT/graph_tests.xml" tests/unit/test_backend_cuda_graph.py tests/unit/test_executors.py -k graph \
+    --junitxml="$OUT/graph_tests.xml" tests/unit/test_backend_cuda_graph.py tests/unit/test_executors.py \
+    tests/kernels/test_kernel_ragged_decode.py -k "graph or concurrent_programs" \
     2>&1 | tee "$OUT/graph_tests.log"
 fi
 if [ "$kit_ready" = 1 ]; then

@@ -38,7 +38,8 @@ LONG = 160  # decode steps of the request the others' prefills are mixed with
 
 
 LAUNCHES = {"schema": 1, "stats": {"block_m": 8, "block_n": 128, "pack_heads": True},
-            "decode": {"block_n": 32, "programs_per_sm": 4.0, "num_warps": 8, "num_stages": 3}}
+            "decode": {"block_n": 32, "programs_per_sm": 4.0, "num_warps": 8, "num_stages": 3,
+                       "fused_merge": True}}
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,9 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     # every configuration ran and agreed with the default one (the sweep's guard against a fast wrong one)
     assert sweep["configs"] and all(c.get("correct") for c in sweep["configs"]), sweep["configs"]
     assert sweep["configs"][1]["block_n"] == 32 and sweep["best"] is not None
+    fused = [c for c in sweep["configs"] if c["fused_merge"]]  # the one-launch merge is timed and checked
+    assert len(fused) == 1 and fused[0]["counters_left"] == 0 and not sweep["configs"][0]["fused_merge"]
+    assert sweep["best_fused"] == fused[0] and not sweep["best_two_launch"]["fused_merge"]
     assert not [r for r in report["results"] if str(r.get("skipped", "")).startswith("error")], report["results"]
     decode = [r for r in report["results"] if r["figure"] == "decode_speedup"]
     # the served path (the executor's graph mode, buffers for 256 requests) is timed beside the kernel
@@ -39,6 +42,7 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     md = (tmp_path / "gpu_suite.md").read_text()
     assert "| figure |" in md and "stats share" in md and "| statistics sweep (3 plans) |" in md
     assert "served decode graph (executor, max_bs 256)" in md
+    assert "best fused block 128" in md and "fused merge" in md
 
 
 def test_gpu_suite_help():

@@ -55,11 +55,13 @@ CASES = [  # lens, hq, hkv, d
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("splits", [None, 1, 3, 40])
-def test_matches_oracle(case, dtype, splits, device):
+@pytest.mark.parametrize("fused", [False, True], ids=["two-launch", "fused-merge"])
+def test_matches_oracle(case, dtype, splits, fused, device):
     lens, hq, hkv, d = CASES[case]
     q, k, v, indptr, idx, indptr_cpu = batch(lens, hq, hkv, d, dtype, device, seed=case)
     out = torch.full_like(q, float("nan"))
-    ragged_decode(q, k, v, indptr, idx, d ** -0.5, out=out, num_splits=splits, max_len=max(lens), block_n=16)
+    ragged_decode(q, k, v, indptr, idx, d ** -0.5, out=out, num_splits=splits, max_len=max(lens), block_n=16,
+                  fused_merge=fused)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.cpu().double(), oracle(q, k, v, indptr_cpu, idx, d ** -0.5), rtol=tol, atol=tol)
 
@@ -177,7 +179,8 @@ PER_HEAD_CASES = [  # lens[b][h], hq, hkv, d
 @pytest.mark.parametrize("case", range(len(PER_HEAD_CASES)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("splits", [None, 1, 3])
-def test_per_head_lists_match_references(case, dtype, splits, device):
+@pytest.mark.parametrize("fused", [False, True], ids=["two-launch", "fused-merge"])
+def test_per_head_lists_match_references(case, dtype, splits, fused, device):
     lens, hq, hkv, d = PER_HEAD_CASES[case]
     rows = 120
     g = torch.Generator().manual_seed(case)
@@ -187,7 +190,8 @@ def test_per_head_lists_match_references(case, dtype, splits, device):
     idx, indptr_cpu = head_lists(lens, hkv, rows, seed=case + 10)
     indptr = torch.tensor(indptr_cpu, device=device)
     out = torch.full_like(q, float("nan"))
-    ragged_decode(q, k, v, indptr, idx.to(device), d ** -0.5, out=out, num_splits=splits, block_n=16, per_head=True)
+    ragged_decode(q, k, v, indptr, idx.to(device), d ** -0.5, out=out, num_splits=splits, block_n=16, per_head=True,
+                  fused_merge=fused)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     want = oracle_per_head(q, k, v, indptr_cpu, idx, d ** -0.5)
     torch.testing.assert_close(out.cpu().double(), want, rtol=tol, atol=tol)
@@ -226,16 +230,96 @@ def test_per_head_strided_pool_and_workspace(device):
                                rtol=1e-4, atol=1e-4)
 
 
-def test_empty_lists_give_zero_per_request(device):
-    """Per-request lists too: an empty list is a zero output, never NaN (pass 2's weight sum is 0)."""
+@pytest.mark.parametrize("fused", [False, True], ids=["two-launch", "fused-merge"])
+def test_empty_lists_give_zero_per_request(fused, device):
+    """Per-request lists too: an empty list is a zero output, never NaN (the merge's weight sum is 0)."""
     q, k, v, _, _, _ = batch([4], 4, 2, 16, torch.float32, device)
     idx = torch.arange(6, device=device)
     indptr_cpu = [0, 0, 6, 6]
     q = torch.randn(3, 4, 16).to(device)
     out = torch.full_like(q, float("nan"))
-    ragged_decode(q, k, v, torch.tensor(indptr_cpu, device=device), idx, 0.25, out=out, num_splits=2)
+    ragged_decode(q, k, v, torch.tensor(indptr_cpu, device=device), idx, 0.25, out=out, num_splits=2,
+                  fused_merge=fused)
     assert torch.equal(out[0].cpu(), torch.zeros(4, 16)) and torch.equal(out[2].cpu(), torch.zeros(4, 16))
     want = oracle(q[1:2], k, v, [0, 6], idx, 0.25)
     torch.testing.assert_close(out[1:2].cpu().double(), want, rtol=1e-4, atol=1e-4)
     ref = ragged_decode_torch(q.cpu(), k.cpu(), v.cpu(), indptr_cpu, idx.cpu(), 0.25)
     assert torch.equal(ref[0], torch.zeros(4, 16))
+
+
+def test_fused_merge_leaves_its_counters_zero_for_the_next_launch(device):
+    """One counter buffer kept across launches (as the executor keeps it across layers and graph
+    replays): each launch finds it zero and leaves it zero, and its outputs stay right; a buffer
+    that is too small or not int32 is refused."""
+    counters = torch.zeros(3 * 2, dtype=torch.int32, device=device)
+    for seed, lens in enumerate(([1, 7, 130], [64, 0, 3], [90, 90, 90])):
+        q, k, v, indptr, idx, indptr_cpu = batch(lens, 4, 2, 16, torch.float32, device, seed=seed)
+        out = torch.full_like(q, float("nan"))
+        ragged_decode(q, k, v, indptr, idx, 0.25, out=out, num_splits=4, block_n=16, fused_merge=True,
+                      counters=counters)
+        assert torch.equal(counters.cpu(), torch.zeros(6, dtype=torch.int32))
+        torch.testing.assert_close(out.cpu().double(), oracle(q, k, v, indptr_cpu, idx, 0.25), rtol=1e-4, atol=1e-4)
+    for bad in (torch.zeros(5, dtype=torch.int32), torch.zeros(6, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="counters must be int32 with at least 6"):
+            ragged_decode(q, k, v, indptr, idx, 0.25, num_splits=4, fused_merge=True, counters=bad.to(device))
+
+
+def _fresh_lists(g, bsz, cap, short):
+    """Random lengths (zeros included) packed in a ``bsz * cap`` index buffer; host indptr."""
+    hi = 256 if short else cap
+    lens = torch.randint(0, hi + 1, (bsz,), generator=g)
+    lens[torch.randint(0, bsz, (max(1, bsz // 8),), generator=g)] = 0
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+    return indptr
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="a race needs GPU programs running at once (the interpreter runs them in turn)")
+@pytest.mark.parametrize("short", [False, True], ids=["long-lists", "short-lists"])
+def test_fused_merge_under_concurrent_programs_cuda(short):
+    """The fused merge's memory ordering on a real GPU: 64 requests x 4 KV heads x 16 splits, new
+    queries, lengths and rows before each of 60 CUDA-graph replays (so a merge reading another
+    replay's or an unwritten partial gives a wrong answer, not a stale right one), each replay
+    against the two-launch kernel run eagerly on the same inputs; counters zero at the end.
+    Short lists: most splits empty, so programs finish nearly together (the racy case)."""
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(7)
+    bsz, hq, hkv, d, cap, splits = 64, 28, 4, 128, 2048, 16
+    rows = bsz * cap
+    k = torch.randn(rows, hkv, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(rows, hkv, d, device=dev, dtype=torch.bfloat16)
+    q = torch.empty(bsz, hq, d, device=dev, dtype=torch.bfloat16)
+    indptr = torch.zeros(bsz + 1, dtype=torch.int32, device=dev)
+    idx = torch.zeros(rows, dtype=torch.int32, device=dev)
+    out = torch.empty_like(q)
+    ws = (torch.empty(bsz, hq, splits, d, dtype=torch.float32, device=dev),
+          torch.empty(bsz, hq, splits, dtype=torch.float32, device=dev))
+    counters = torch.zeros(bsz * hkv, dtype=torch.int32, device=dev)
+
+    def fill():
+        q.copy_(torch.randn(bsz, hq, d, generator=g).to(torch.bfloat16))
+        host = _fresh_lists(g, bsz, cap, short)
+        indptr.copy_(host.to(torch.int32))
+        idx[: int(host[-1])].copy_(torch.randint(0, rows, (int(host[-1]),), generator=g, dtype=torch.int32))
+
+    def fused():
+        ragged_decode(q, k, v, indptr, idx, d ** -0.5, out=out, num_splits=splits, workspace=ws,
+                      fused_merge=True, counters=counters)
+
+    fill()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fused()  # warm-up (compiles) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused()
+    worst = 0.0
+    for _ in range(60):
+        fill()
+        graph.replay()
+        want = ragged_decode(q, k, v, indptr, idx, d ** -0.5, num_splits=splits)
+        worst = max(worst, float((out.float() - want.float()).abs().max()))
+    torch.cuda.synchronize()
+    assert worst < 2e-2, f"fused merge differs from the two-launch kernel by {worst}"
+    assert int(counters.abs().sum()) == 0

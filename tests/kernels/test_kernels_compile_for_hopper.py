@@ -33,7 +33,36 @@ def test_every_launch_compiles_for_sm90():
     assert {r["case"] for r in rows} == set(CASES)
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"_stats_pass1", "_stats_pass2", "_decode_pass1", "_decode_pass2", "_copy_rows"}
-    assert len(rows) == 2 * len(CASES) and all(r["cubin_bytes"] > 0 for r in rows)
+    fused = {case for case in CASES if "fused merge" in case}
+    assert fused and len(rows) == 2 * len(CASES) - len(fused) and all(r["cubin_bytes"] > 0 for r in rows)
+    assert all(r["kernel"] == "_decode_pass1" and r["ordering"].startswith("barrier")
+               for r in rows if r["case"] in fused)  # one launch, its memory ordering in the PTX
+
+
+def test_the_fused_merge_ordering_check_can_fail():
+    """The PTX check refuses a relaxed atomic, a merge load through L1, and a store after the
+    barrier (on the real kernel's PTX, edited)."""
+    proc = run("""
+import torch
+from vlcache_sglang.tooling import kernel_compile_check as c
+with c.captured_launches() as calls:
+    c.decode_case(torch.bfloat16, torch.bfloat16, False, 4, 3, True)
+fn, args, kwargs = calls[0]
+ptx = c.compile_launch(fn, args, kwargs).asm["ptx"]
+print("real:", c.fused_merge_ordering(ptx))
+print("relaxed:", c.fused_merge_ordering(ptx.replace(".acq_rel", ".relaxed")))
+print("l1:", c.fused_merge_ordering(ptx.replace("ld.global.cg", "ld.global")))
+lines = ptx.splitlines()
+atom = next(i for i, l in enumerate(lines) if "atom." in l)
+bars = [i for i in range(atom) if "bar.sync" in lines[i]]
+print("unfenced:", c.fused_merge_ordering(chr(10).join(l for i, l in enumerate(lines) if i not in bars)))
+""")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
+    assert out["real"] == "None"
+    assert "not gpu-scope acq_rel" in out["relaxed"]
+    assert "may hit L1" in out["l1"]
+    assert "no CTA barrier" in out["unfenced"]
 
 
 def test_a_launch_the_compiler_refuses_fails_the_check():

@@ -241,7 +241,8 @@ def test_flashinfer_module_imports_without_flashinfer_or_sglang():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)
 
 
-@pytest.mark.parametrize("launch", [None, (16, 8.0), (128, 0.5)], ids=["defaults", "block16-8perSM", "block128-half"])
+@pytest.mark.parametrize("launch", [None, (16, 8.0), (128, 0.5), (64, 2.0, None, None, True)],
+                         ids=["defaults", "block16-8perSM", "block128-half", "fused-merge"])
 @pytest.mark.parametrize("graph_mode", [False, True])
 def test_triton_compressed_decode_path_without_flashinfer(graph_mode, launch):
     """The FlashInfer executor sends steps with per-layer lists to the plan-free Triton kernel, which
@@ -271,6 +272,8 @@ def test_triton_compressed_decode_path_without_flashinfer(graph_mode, launch):
         chosen = decode_launch or DecodeLaunch()
         assert ex._graph_splits == num_splits_for(bs * R, bs, hkv, dev, **chosen.split_choice())
         assert ex._graph_ws[0].shape[:3] == (bs, hq, ex._graph_splits)
+        # the fused merge's counters exist before any launch (a capture must not allocate them)
+        assert ("graph" in ex._counters) == chosen.fused_merge
     else:
         ex = FlashInferAttentionExecutor(dev, compressed_decode="triton", decode_launch=decode_launch)
     for layer in range(L):
@@ -281,24 +284,28 @@ def test_triton_compressed_decode_path_without_flashinfer(graph_mode, launch):
             ref = dense(q[b:b + 1], k_glob[sl], v_glob[sl], d ** -0.5)
             torch.testing.assert_close(out[b:b + 1].double(), ref, rtol=1e-4, atol=1e-4)
     assert ex.plan_count == 0
+    assert all(int(c.abs().sum()) == 0 for c in ex._counters.values())  # left ready for the next step
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_graph_mode_one_capture_serves_shared_and_per_layer_lists(device):
+@pytest.mark.parametrize("fused", [False, True], ids=["two-launch", "fused-merge"])
+def test_graph_mode_one_capture_serves_shared_and_per_layer_lists(device, fused):
     """The kernel a graph holds is fixed at construction: one capture (here of a step where every
     layer reads the batch's shared slots, shifted by ``layer * layer_row_stride``) replays steps with
     per-layer lists and steps with shared slots alike. On CUDA a real graph is captured and
     replayed; on the CPU (Triton's interpreter) the captured step is re-run over the same buffers.
-    A ``decode`` with a meta that was not planned runs eagerly."""
+    A ``decode`` with a meta that was not planned runs eagerly. The fused merge (one launch per
+    layer, counters kept across replays) serves the same steps."""
     from vlcache_sglang.backend.executors.flashinfer_executor import FlashInferAttentionExecutor
+    from vlcache_sglang.kernels.launch_configs import DecodeLaunch
 
     L, R, hq, hkv, d, bs = 3, 64, 4, 2, 16, 3
     dev = torch.device(device)
     tol = 1e-4
     g = torch.Generator().manual_seed(21)
     k_glob, v_glob = make_pool(L * R, hkv, d, torch.float32, dev, seed=23)
-    ex = FlashInferAttentionExecutor(dev, compressed_decode="triton")
+    ex = FlashInferAttentionExecutor(dev, compressed_decode="triton", decode_launch=DecodeLaunch(fused_merge=fused))
     ex.enable_cuda_graph(4, bs * R, L)
     q = torch.randn(L, bs, hq, d, generator=g).to(dev)
     out = torch.zeros_like(q)
@@ -352,6 +359,7 @@ def test_graph_mode_one_capture_serves_shared_and_per_layer_lists(device):
         ref = dense(q[1, b:b + 1].cpu(), k_glob[sl].cpu(), v_glob[sl].cpu(), d ** -0.5)
         torch.testing.assert_close(o[b:b + 1].cpu().double(), ref, rtol=tol, atol=tol)
     assert ex.plan_count == 0
+    assert all(int(c.abs().sum()) == 0 for c in ex._counters.values()) and (fused == bool(ex._counters))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

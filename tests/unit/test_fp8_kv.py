@@ -184,9 +184,11 @@ def test_compressed_fp8_decode_is_within_fp8_tolerance_of_dense_attention(kv_dty
 
 @pytest.mark.parametrize("kv_dtype", FP8)
 @pytest.mark.parametrize("scales", [(None, None), (0.5, 2.0)])
-def test_triton_ragged_decode_dequantizes_fp8_with_the_layer_scales(kv_dtype, scales):
+@pytest.mark.parametrize("fused", [False, True], ids=["two-launch", "fused-merge"])
+def test_triton_ragged_decode_dequantizes_fp8_with_the_layer_scales(kv_dtype, scales, fused):
     """The plan-free kernel on fp8 views (Triton interpreter on CPU) equals the torch reference,
-    and with scales the dequantized values (stored x scale) are what it attends over."""
+    and with scales the dequantized values (stored x scale) are what it attends over (``v_scale``
+    applied by whichever merge runs)."""
     k_scale, v_scale = scales
     g = torch.Generator().manual_seed(5)
     rows, lens = 200, [1, 37, 130]
@@ -203,7 +205,8 @@ def test_triton_ragged_decode_dequantizes_fp8_with_the_layer_scales(kv_dtype, sc
         indptr.append(indptr[-1] + n)
     q = torch.randn(len(lens), H, D, generator=g).to(MODEL_DTYPE)
     scale = 1 / math.sqrt(D)
-    out = ragged_decode(q, k_cache, v_cache, torch.tensor(indptr), perm, scale, k_scale=k_scale, v_scale=v_scale)
+    out = ragged_decode(q, k_cache, v_cache, torch.tensor(indptr), perm, scale, k_scale=k_scale, v_scale=v_scale,
+                        num_splits=3, fused_merge=fused)
     ref = ragged_decode_torch(q, k_cache, v_cache, indptr, perm, scale, k_scale=k_scale, v_scale=v_scale)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
     for b in range(len(lens)):

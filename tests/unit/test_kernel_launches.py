@@ -23,12 +23,14 @@ from vlcache_sglang.tooling.adopt_kernel_sweeps import main as adopt_main
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = {"schema": 1, "stats": {"block_m": 8, "block_n": 128, "pack_heads": True},
-        "decode": {"block_n": 32, "programs_per_sm": 4, "num_warps": 8, "num_stages": 3}}
+        "decode": {"block_n": 32, "programs_per_sm": 4, "num_warps": 8, "num_stages": 3, "fused_merge": True}}
 
 
 def test_a_launch_file_round_trips_and_missing_sections_are_the_defaults(tmp_path):
     got = parse_launches(GOOD, "x.json")
-    assert got.stats == StatsLaunch(8, 128, True) and got.decode == DecodeLaunch(32, 4, 8, 3)
+    assert got.stats == StatsLaunch(8, 128, True) and got.decode == DecodeLaunch(32, 4, 8, 3, True)
+    # a file written before fused_merge existed (schema 1 too) means the two-launch kernel
+    assert parse_launches({"schema": 1, "decode": {"block_n": 32}}, "old.json").decode.fused_merge is False
     assert got.describe() == {"source": "x.json", "stats": GOOD["stats"], "decode": GOOD["decode"]}
     only_stats = parse_launches({"schema": 1, "stats": GOOD["stats"], "measured": {"any": "provenance"}}, "y")
     assert only_stats.decode == DecodeLaunch() and KernelLaunches().source == "defaults"
@@ -51,6 +53,7 @@ def test_a_launch_file_round_trips_and_missing_sections_are_the_defaults(tmp_pat
     ({"schema": 1, "decode": {"num_warps": 3}}, "num_warps a power of two"),
     ({"schema": 1, "decode": {"num_stages": 0}}, "num_stages 1..8"),
     ({"schema": 1, "decode": {"block_n": True}}, "block_n must be a power of two"),
+    ({"schema": 1, "decode": {"fused_merge": 1}}, "fused_merge a boolean"),
 ])
 def test_a_bad_launch_file_is_refused_naming_the_file_and_the_option(data, match):
     with pytest.raises(LaunchConfigError, match=match) as err:
@@ -82,7 +85,7 @@ def test_auto_reads_the_gpu_models_file_else_the_defaults(tmp_path):
     assert launches_for_device_name(None, "auto", tmp_path) == KernelLaunches()
     # off CUDA there is no GPU model: auto gives the defaults; an explicit file is still read
     assert launches_for("cpu", "auto", tmp_path) == KernelLaunches()
-    assert launches_for("cpu", str(tmp_path / "NVIDIA_H200.json")).decode == DecodeLaunch(32, 4, 8, 3)
+    assert launches_for("cpu", str(tmp_path / "NVIDIA_H200.json")).decode == DecodeLaunch(32, 4, 8, 3, True)
     (tmp_path / "NVIDIA_H200.json").write_text(json.dumps({"schema": 1, "decode": {"num_warps": 5}}))
     with pytest.raises(LaunchConfigError, match="num_warps"):  # a shipped file that is wrong stops the backend
         launches_for_device_name("NVIDIA H200", "auto", tmp_path)
@@ -119,8 +122,8 @@ def test_the_suites_first_sweep_rows_are_the_defaults():
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     assert dict(zip(("block_m", "block_n", "pack_heads"), gpu_suite.STATS_SWEEP[0])) == asdict(StatsLaunch())
-    assert dict(zip(("block_n", "programs_per_sm", "num_warps", "num_stages"), gpu_suite.DECODE_SWEEP[0])) \
-        == asdict(DecodeLaunch())
+    assert dict(zip(("block_n", "programs_per_sm", "num_warps", "num_stages", "fused_merge"),
+                    gpu_suite.DECODE_SWEEP[0])) == asdict(DecodeLaunch())
     assert gpu_suite.BENCH_STEPS == ("stats", "stats_sweep", "decode", "decode_sweep", "planning", "kv_move")
 
 
@@ -177,7 +180,7 @@ def test_the_decode_sweep_times_the_split_count_served_decode_graphs_use(smoke_r
     rows = [r for r in entry["configs"] if "error" not in r]
     assert rows
     for r in rows:
-        launch = DecodeLaunch(r["block_n"], r["programs_per_sm"], r["num_warps"], r["num_stages"])
+        launch = DecodeLaunch(r["block_n"], r["programs_per_sm"], r["num_warps"], r["num_stages"], r["fused_merge"])
         ex = FlashInferAttentionExecutor("cpu", cuda_graph=True, max_batch_size=4 * bsz, max_kv_tokens=bsz * n,
                                          num_layers=1, decode_launch=launch)
         splits, _ = ex._graph_workspace(bsz, 4, 2, 16, torch.device("cpu"))  # the smoke's 4 query, 2 KV heads

@@ -98,8 +98,9 @@ def stats_case(dtype: torch.dtype, k_dtype: torch.dtype, pack_heads: bool = Fals
 
 
 def decode_case(dtype: torch.dtype, cache_dtype: torch.dtype, per_head: bool, warps: int | None = None,
-                stages: int | None = None) -> None:
-    """A kept-list decode step of 3 requests (per KV head with ``per_head``), 7B heads."""
+                stages: int | None = None, fused: bool = False) -> None:
+    """A kept-list decode step of 3 requests (per KV head with ``per_head``), 7B heads (``fused``:
+    the one-launch merge)."""
     from vlcache_sglang.kernels.ragged_decode import ragged_decode
 
     g = torch.Generator().manual_seed(1)
@@ -112,7 +113,8 @@ def decode_case(dtype: torch.dtype, cache_dtype: torch.dtype, per_head: bool, wa
     rows = torch.randint(0, 4000 * (hkv if per_head else 1), (int(lens.sum()),), generator=g, dtype=torch.int32)
     fp8 = cache_dtype.itemsize == 1
     ragged_decode(q, k, v, indptr, rows, 128 ** -0.5, num_splits=8, per_head=per_head,
-                  k_scale=0.5 if fp8 else None, v_scale=2.0 if fp8 else None, num_warps=warps, num_stages=stages)
+                  k_scale=0.5 if fp8 else None, v_scale=2.0 if fp8 else None, num_warps=warps, num_stages=stages,
+                  fused_merge=fused)
 
 
 def move_case(dtype: torch.dtype) -> None:
@@ -139,13 +141,37 @@ CASES: dict[str, Callable[[], None]] = {
     "decode fp32": lambda: decode_case(torch.float32, torch.float32, False),
     "decode fp8 e4m3 cache": lambda: decode_case(bf16, fp8e4, False),
     "decode fp8 e5m2 cache per head, 4 warps 2 stages": lambda: decode_case(bf16, fp8e5, True, 4, 2),
+    "decode bf16, fused merge, 4 warps 3 stages (the sweep's)": lambda: decode_case(bf16, bf16, False, 4, 3, True),
+    "decode fp8 e4m3 cache per head, fused merge": lambda: decode_case(bf16, fp8e4, True, fused=True),
     "move bf16": lambda: move_case(bf16),
     "move uint8": lambda: move_case(torch.uint8),
 }
 
 
+def fused_merge_ordering(ptx: str) -> str | None:
+    """What is wrong with a fused-merge decode kernel's PTX, or None: every global store of a
+    split's partial result comes before a CTA barrier, then one gpu-scope acq_rel atomic (the
+    split count), then the merge's loads of the partials, all L2-only (``ld.global.cg``). This is
+    the memory ordering the interpreter cannot exercise (it runs programs one after another)."""
+    lines = ptx.splitlines()
+    atoms = [i for i, line in enumerate(lines) if "atom." in line]
+    if len(atoms) != 1:
+        return f"expected one atomic, found {len(atoms)}"
+    atom = lines[atoms[0]]
+    if not ("acq_rel" in atom and ".gpu" in atom):
+        return f"the split count's atomic is not gpu-scope acq_rel: {atom.strip()}"
+    stores = [i for i in range(atoms[0]) if "st.global" in lines[i]]
+    if not stores or not any("bar.sync" in lines[i] for i in range(stores[-1], atoms[0])):
+        return "no CTA barrier between the partials' stores and the atomic"
+    after = [lines[i] for i in range(atoms[0], len(lines)) if "ld.global" in lines[i]]
+    if not after or not all(".cg" in line for line in after):
+        return "the merge's loads of the partials are missing or may hit L1 (not .cg)"
+    return None
+
+
 def check(arch: int = 90, cases: dict[str, Callable[[], None]] = CASES) -> list[dict]:
-    """One row per captured launch: case, kernel, seconds, cubin bytes or the compiler's error."""
+    """One row per captured launch: case, kernel, seconds, cubin bytes or the compiler's error
+    (a fused-merge decode whose PTX breaks :func:`fused_merge_ordering` is an error too)."""
     rows = []
     for case, call in cases.items():
         with captured_launches() as calls:
@@ -154,7 +180,13 @@ def check(arch: int = 90, cases: dict[str, Callable[[], None]] = CASES) -> list[
             t = time.perf_counter()
             row = {"case": case, "kernel": fn.__name__}
             try:
-                row["cubin_bytes"] = len(compile_launch(fn, args, kwargs, arch).asm["cubin"])
+                compiled = compile_launch(fn, args, kwargs, arch)
+                row["cubin_bytes"] = len(compiled.asm["cubin"])
+                if kwargs.get("FUSED_MERGE"):
+                    problem = fused_merge_ordering(compiled.asm["ptx"])
+                    row["ordering"] = problem or "barrier, acq_rel gpu atomic, L2-only merge loads"
+                    if problem:
+                        row["error"] = f"fused merge ordering: {problem}"
             except Exception as exc:  # noqa: BLE001 - the compiler's error is the result
                 row["error"] = f"{type(exc).__name__}: {exc}"[-1500:]
             row["seconds"] = round(time.perf_counter() - t, 2)

@@ -159,6 +159,9 @@ class FlashInferAttentionExecutor:
         self._graph_ws: tuple[torch.Tensor, torch.Tensor] | None = None
         self._graph_split_by_bs: list[int] | None = None  # per batch size (index), chosen once
         self._graph_ws_flat: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the fused merge's per-(request, KV head) counters, zero between launches (the kernel
+        # leaves them so): one buffer for eager steps, one for the graphs (sized once)
+        self._counters: dict[str, torch.Tensor] = {}
         self.graph_list_heads = 1  # > 1: graph steps read per-(request, KV head) lists (head cells)
         self.workspace_bytes = workspace_bytes
         self.use_tensor_cores = use_tensor_cores
@@ -198,6 +201,7 @@ class FlashInferAttentionExecutor:
         self.graph_list_heads = list_heads
         self._graph_slots, self._graph_ws, self._graph_meta = [], None, None
         self._graph_split_by_bs = self._graph_ws_flat = None
+        self._counters.pop("graph", None)
 
     def extend(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                kv: RaggedKV, meta: ForwardMetadata, scaling: float, enable_gqa: bool,
@@ -226,7 +230,7 @@ class FlashInferAttentionExecutor:
                 heads = self.graph_list_heads
                 return self._ragged(q, out, k_cache, v_cache, slot.indptr[: self._graph_bs * heads + 1],
                                     slot.indices, scaling, splits=self._graph_splits, workspace=self._graph_ws,
-                                    k_scale=k_scale, v_scale=v_scale, per_head=heads > 1)
+                                    k_scale=k_scale, v_scale=v_scale, per_head=heads > 1, graph=True)
             wrapper = slot.wrappers[self._graph_bs]
         elif kv.per_head:
             lens = kv.kv_indptr_cpu
@@ -269,6 +273,8 @@ class FlashInferAttentionExecutor:
             # workspace view keep its captured launches valid for any lengths
             self._graph_splits, self._graph_ws = self._graph_workspace(bs, num_q_heads, num_kv_heads, head_dim,
                                                                        device)
+            if self.decode_launch.fused_merge:  # here, outside any capture; every size's graph shares it
+                self._fused_counters("graph", self.max_batch_size * num_kv_heads, device)
             return
         Decode, _ = self._wrapper_classes()
         tc = self._tensor_cores(num_q_heads, num_kv_heads)
@@ -392,15 +398,27 @@ class FlashInferAttentionExecutor:
 
     # -- internals ------------------------------------------------------------------------------
     def _ragged(self, q, out, k_cache, v_cache, indptr, indices, scaling, *, splits=None, max_len=None,
-                workspace=None, k_scale=None, v_scale=None, per_head=False):
+                workspace=None, k_scale=None, v_scale=None, per_head=False, graph=False):
         from vlcache_sglang.kernels.ragged_decode import num_splits_for, ragged_decode
 
         launch = self.decode_launch
         if splits is None:
             splits = num_splits_for(max_len, q.shape[0], k_cache.shape[1], q.device, **launch.split_choice())
+        counters = None
+        if launch.fused_merge:  # graph: the largest captured batch's, allocated before any capture
+            rows = (self.max_batch_size if graph else q.shape[0]) * k_cache.shape[1]
+            counters = self._fused_counters("graph" if graph else "eager", rows, q.device)
         return ragged_decode(q, k_cache, v_cache, indptr, indices, scaling, out=out, num_splits=splits,
                              workspace=workspace, k_scale=k_scale, v_scale=v_scale, per_head=per_head,
-                             block_n=launch.block_n, num_warps=launch.num_warps, num_stages=launch.num_stages)
+                             block_n=launch.block_n, num_warps=launch.num_warps, num_stages=launch.num_stages,
+                             fused_merge=launch.fused_merge, counters=counters)
+
+    def _fused_counters(self, kind: str, rows: int, device: torch.device) -> torch.Tensor:
+        """A zeroed int32 counter buffer of at least ``rows`` entries, kept (the kernel leaves it zero)."""
+        have = self._counters.get(kind)
+        if have is None or have.numel() < rows or have.device != device:
+            have = self._counters[kind] = torch.zeros(max(rows, 64), dtype=torch.int32, device=device)
+        return have
 
     @staticmethod
     def _paged(k_cache: torch.Tensor, v_cache: torch.Tensor):
