@@ -412,7 +412,7 @@ def bench_decode_sweep(args, device, copy_bw, results):
         out = torch.empty_like(q)
         ws = (torch.empty(bsz, hq, splits, d, dtype=torch.float32, device=device),
               torch.empty(bsz, hq, splits, dtype=torch.float32, device=device))
-        counters = torch.zeros(bsz * hkv, dtype=torch.int32, device=device)
+        counters = torch.zeros(bsz * hkv, dtype=torch.int32, device=device) if fused else None
 
         def call():
             ragged_decode(q, k, v, kv.kv_indptr, kv.kv_indices, d ** -0.5, out=out, num_splits=splits,

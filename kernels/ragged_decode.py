@@ -126,7 +126,8 @@ def _decode_pass1(Q, K, V, KV_IDX, KV_PTR, O_PART, LSE_PART,
         # CUTLASS's split-K semaphore pattern (barrier, then a release by one thread; the acquiring
         # program's loads after it, L2-only). No program waits on another, so no schedule deadlocks.
         tl.debug_barrier()
-        done = tl.atomic_add(COUNTER + b * num_kv_heads + kvh, 1, sem="acq_rel", scope="gpu")
+        count = COUNTER + b * num_kv_heads + kvh
+        done = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
         if done == num_splits - 1:
             m_run = tl.full([BLOCK_H], -1.0e30, tl.float32)
             w_run = tl.full([BLOCK_H], 0.0, tl.float32)
@@ -147,7 +148,7 @@ def _decode_pass1(Q, K, V, KV_IDX, KV_PTR, O_PART, LSE_PART,
             merged = o_run / tl.where(w_run > 0.0, w_run, 1.0)[:, None] * v_scale
             tl.store(OUT + b * stride_outb + heads[:, None] * stride_outh + offs_d[None, :],
                      merged.to(OUT.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
-            tl.store(COUNTER + b * num_kv_heads + kvh, 0)  # ready for the next launch (or replay)
+            tl.store(count, 0)  # ready for the next launch (or replay)
 
 
 def _decode_pass2(O_PART, LSE_PART, OUT, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
@@ -210,7 +211,7 @@ def ragged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     (found by an atomic count in ``counters``, int32, at least ``B * Hkv`` entries, all zero on
     entry and left zero by the kernel, so a buffer kept across launches and CUDA-graph replays
     needs no reset; None allocates one). Off by default until a GPU stress test has passed
-    (``tests/kernels/test_ragged_decode.py``): the interpreter runs programs one after another,
+    (``tests/kernels/test_kernel_ragged_decode.py``): the interpreter runs programs one after another,
     so it checks the merge's arithmetic, not its memory ordering.
     """
     bsz, hq, d = q.shape

@@ -40,8 +40,8 @@ def test_every_launch_compiles_for_sm90():
 
 
 def test_the_fused_merge_ordering_check_can_fail():
-    """The PTX check refuses a relaxed atomic, a merge load through L1, and a store after the
-    barrier (on the real kernel's PTX, edited)."""
+    """The PTX check refuses a relaxed atomic, a merge load through L1, and no barrier between the
+    partials' stores and the atomic (on the real kernel's PTX, edited)."""
     proc = run("""
 import torch
 from vlcache_sglang.tooling import kernel_compile_check as c

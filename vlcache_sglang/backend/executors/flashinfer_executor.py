@@ -405,9 +405,9 @@ class FlashInferAttentionExecutor:
         if splits is None:
             splits = num_splits_for(max_len, q.shape[0], k_cache.shape[1], q.device, **launch.split_choice())
         counters = None
-        if launch.fused_merge:  # graph: the largest captured batch's, allocated before any capture
-            rows = (self.max_batch_size if graph else q.shape[0]) * k_cache.shape[1]
-            counters = self._fused_counters("graph" if graph else "eager", rows, q.device)
+        if launch.fused_merge:  # graph: plan_decode's (largest captured batch), allocated before any capture
+            counters = (self._counters["graph"] if graph
+                        else self._fused_counters("eager", q.shape[0] * k_cache.shape[1], q.device))
         return ragged_decode(q, k_cache, v_cache, indptr, indices, scaling, out=out, num_splits=splits,
                              workspace=workspace, k_scale=k_scale, v_scale=v_scale, per_head=per_head,
                              block_n=launch.block_n, num_warps=launch.num_warps, num_stages=launch.num_stages,
