@@ -273,7 +273,7 @@ def test_triton_compressed_decode_path_without_flashinfer(graph_mode, launch):
         assert ex._graph_splits == num_splits_for(bs * R, bs, hkv, dev, **chosen.split_choice())
         assert ex._graph_ws[0].shape[:3] == (bs, hq, ex._graph_splits)
         # the fused merge's counters exist before any launch (a capture must not allocate them)
-        assert ("graph" in ex._counters) == chosen.fused_merge
+        assert (ex.graph_buffers.counters is not None) == chosen.fused_merge
     else:
         ex = FlashInferAttentionExecutor(dev, compressed_decode="triton", decode_launch=decode_launch)
     for layer in range(L):
@@ -284,7 +284,7 @@ def test_triton_compressed_decode_path_without_flashinfer(graph_mode, launch):
             ref = dense(q[b:b + 1], k_glob[sl], v_glob[sl], d ** -0.5)
             torch.testing.assert_close(out[b:b + 1].double(), ref, rtol=1e-4, atol=1e-4)
     assert ex.plan_count == 0
-    assert all(int(c.abs().sum()) == 0 for c in ex._counters.values())  # left ready for the next step
+    assert all(int(c.abs().sum()) == 0 for c in ex.merge_counters)  # left ready for the next step
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -359,7 +359,7 @@ def test_graph_mode_one_capture_serves_shared_and_per_layer_lists(device, fused)
         ref = dense(q[1, b:b + 1].cpu(), k_glob[sl].cpu(), v_glob[sl].cpu(), d ** -0.5)
         torch.testing.assert_close(o[b:b + 1].cpu().double(), ref, rtol=tol, atol=tol)
     assert ex.plan_count == 0
-    assert all(int(c.abs().sum()) == 0 for c in ex._counters.values()) and (fused == bool(ex._counters))
+    assert all(int(c.abs().sum()) == 0 for c in ex.merge_counters) and (fused == bool(ex.merge_counters))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

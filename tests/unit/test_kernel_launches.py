@@ -183,7 +183,7 @@ def test_the_decode_sweep_times_the_split_count_served_decode_graphs_use(smoke_r
         launch = DecodeLaunch(r["block_n"], r["programs_per_sm"], r["num_warps"], r["num_stages"], r["fused_merge"])
         ex = FlashInferAttentionExecutor("cpu", cuda_graph=True, max_batch_size=4 * bsz, max_kv_tokens=bsz * n,
                                          num_layers=1, decode_launch=launch)
-        splits, _ = ex._graph_workspace(bsz, 4, 2, 16, torch.device("cpu"))  # the smoke's 4 query, 2 KV heads
+        splits, _ = ex.graph_buffers.split_workspace(bsz, 4, 2, 16, torch.device("cpu"))  # the smoke's 4 query, 2 KV heads
         assert r["splits"] == splits, r
 
 

@@ -21,7 +21,7 @@ num_layers=...)`` (or :meth:`enable_cuda_graph` later) keeps fixed per-layer buf
 with that same ``meta`` inside it does no planning, no allocation and no host synchronisation
 (a ``decode`` with any other ``meta`` runs eagerly, so one executor serves both). In that mode layer
 ``l`` reads ``meta.layer_kv[l]`` (or ``meta.kv`` shifted by ``l * meta.layer_row_stride``) through
-its own buffers, so pass ``layer_id=`` to ``decode`` (otherwise the i-th call after
+its own rows of the :class:`~vlcache_sglang.backend.executors.graph_buffers.GraphDecodeBuffers`, so pass ``layer_id=`` to ``decode`` (otherwise the i-th call after
 :meth:`plan_decode` is taken as layer i), and give every layer the same ``k_cache`` tensor in
 capture and replay (the global K/V storage with global row ids). Which kernel the graph holds is
 fixed at construction, never per step (a captured graph replays what it captured): the plan-free
@@ -51,10 +51,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
-from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV, per_head_lists, to_device
+from vlcache_sglang.backend.executors.graph_buffers import GraphDecodeBuffers
+from vlcache_sglang.backend.metadata import ForwardMetadata, RaggedKV
 from vlcache_sglang.kernels.launch_configs import DecodeLaunch
 
 __all__ = ["FlashInferAttentionExecutor", "flashinfer_available"]
@@ -157,11 +157,9 @@ class FlashInferAttentionExecutor:
         self._graph_meta: ForwardMetadata | None = None  # the meta of the last plan_decode
         self._graph_splits = 1  # the split count and workspace of the last planned graph batch
         self._graph_ws: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._graph_split_by_bs: list[int] | None = None  # per batch size (index), chosen once
-        self._graph_ws_flat: tuple[torch.Tensor, torch.Tensor] | None = None
-        # the fused merge's per-(request, KV head) counters, zero between launches (the kernel
-        # leaves them so): one buffer for eager steps, one for the graphs (sized once)
-        self._counters: dict[str, torch.Tensor] = {}
+        self.graph_buffers: GraphDecodeBuffers | None = None  # cuda_graph mode's fixed buffers
+        # eager steps' fused-merge counters, zero between launches (the kernel leaves them so)
+        self._eager_counters: torch.Tensor | None = None
         self.graph_list_heads = 1  # > 1: graph steps read per-(request, KV head) lists (head cells)
         self.workspace_bytes = workspace_bytes
         self.use_tensor_cores = use_tensor_cores
@@ -192,16 +190,13 @@ class FlashInferAttentionExecutor:
         to ``max_kv_tokens`` keys per layer (allocated on the first :meth:`plan_decode`).
         ``list_heads`` > 1 (head cells, the rank's KV heads): every step reads one list per
         (request, KV head) of head-rows, so each layer's buffers hold ``list_heads`` times as much."""
-        if min(max_batch_size, max_kv_tokens, num_layers, list_heads) < 1:
-            raise ValueError("max_batch_size, max_kv_tokens, num_layers and list_heads must be positive")
+        buffers = GraphDecodeBuffers(max_batch_size, max_kv_tokens, num_layers, list_heads, self.decode_launch)
         if list_heads > 1 and not self._graph_triton:
             raise NotImplementedError("per-head lists in CUDA graphs need the plan-free Triton decode")
         self.cuda_graph = True
         self.max_batch_size, self.max_kv_tokens, self.num_layers = max_batch_size, max_kv_tokens, num_layers
-        self.graph_list_heads = list_heads
+        self.graph_list_heads, self.graph_buffers = list_heads, buffers
         self._graph_slots, self._graph_ws, self._graph_meta = [], None, None
-        self._graph_split_by_bs = self._graph_ws_flat = None
-        self._counters.pop("graph", None)
 
     def extend(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                kv: RaggedKV, meta: ForwardMetadata, scaling: float, enable_gqa: bool,
@@ -264,17 +259,17 @@ class FlashInferAttentionExecutor:
             raise ValueError(f"batch of {bs} exceeds max_batch_size={self.max_batch_size}")
         device = meta.kv.kv_indices.device
         self.device = self.device or device
+        buffers = self.graph_buffers
+        buffers.allocate(device, num_kv_heads)  # here, outside any capture; every size's graph shares them
         if not self._graph_slots:
             self._graph_slots = self._new_graph_slots(device)
-        lists = self._load_graph_lists(meta, bs)
+        lists = buffers.load(meta, bs)
         self._graph_bs, self._graph_calls, self._graph_meta = bs, 0, meta
         if self._graph_triton:
             # no plan: per captured batch size a fixed split count (from the capacity) and a fixed
             # workspace view keep its captured launches valid for any lengths
-            self._graph_splits, self._graph_ws = self._graph_workspace(bs, num_q_heads, num_kv_heads, head_dim,
-                                                                       device)
-            if self.decode_launch.fused_merge:  # here, outside any capture; every size's graph shares it
-                self._fused_counters("graph", self.max_batch_size * num_kv_heads, device)
+            self._graph_splits, self._graph_ws = buffers.split_workspace(bs, num_q_heads, num_kv_heads, head_dim,
+                                                                         device)
             return
         Decode, _ = self._wrapper_classes()
         tc = self._tensor_cores(num_q_heads, num_kv_heads)
@@ -293,105 +288,14 @@ class FlashInferAttentionExecutor:
             self.plan_seconds += time.perf_counter() - t0
             self.plan_count += 1
 
-    def _graph_workspace(self, bs: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                         device: torch.device) -> tuple[int, tuple[torch.Tensor, torch.Tensor]]:
-        """The split count and split workspace of the graph captured for batch size ``bs``.
-
-        SGLang captures one graph per batch size up to ``max_batch_size`` and replays the one of the
-        padded batch's size, so the split count may depend on ``bs`` (never on the step's lengths): it
-        is what the eager path would choose for ``bs`` requests at the capacity's length. One split
-        count for all sizes, chosen for ``max_batch_size`` (256 on an 80-160 GB GPU), gave small batches a
-        single split per (request, KV head) program. Every size's ``[bs, Hq, splits, D]`` view starts
-        at the same two buffers, sized once for the largest ``bs x splits`` (graphs never run at once)."""
-        if self._graph_split_by_bs is None:
-            from vlcache_sglang.kernels.ragged_decode import num_splits_for
-
-            choice = self.decode_launch.split_choice()
-            self._graph_split_by_bs = [0] + [num_splits_for(self.max_kv_tokens, b, num_kv_heads, device, **choice)
-                                             for b in range(1, self.max_batch_size + 1)]
-            rows = max(b * s for b, s in enumerate(self._graph_split_by_bs)) * num_q_heads
-            self._graph_ws_flat = (torch.empty(rows * head_dim, dtype=torch.float32, device=device),
-                                   torch.empty(rows, dtype=torch.float32, device=device))
-        splits = self._graph_split_by_bs[bs]
-        o_flat, lse_flat = self._graph_ws_flat
-        n = bs * num_q_heads * splits
-        return splits, (o_flat[: n * head_dim].view(bs, num_q_heads, splits, head_dim),
-                        lse_flat[:n].view(bs, num_q_heads, splits))
-
     def _new_graph_slots(self, device: torch.device) -> list[_Slot]:
-        """One slot per layer, whose index/indptr buffers are rows of two 2-D tensors (so a step
-        where every layer reads the same slots, shifted per layer, loads them in one operation)."""
-        L, heads = self.num_layers, self.graph_list_heads
-        self._graph_indices = torch.zeros(L, self.max_kv_tokens * heads, dtype=torch.int32, device=device)
-        self._graph_indptr = torch.zeros(L, self.max_batch_size * heads + 1, dtype=torch.int32, device=device)
+        """One slot per layer, whose index/indptr buffers are the layer's rows of the graph buffers."""
         slots = []
-        for layer in range(L):
+        for layer in range(self.num_layers):
             slot = _Slot(device, self.max_batch_size, 0)
-            slot.indices, slot.indptr = self._graph_indices[layer], self._graph_indptr[layer]
+            slot.indices, slot.indptr = self.graph_buffers.layer_rows(layer)
             slots.append(slot)
         return slots
-
-    def _load_graph_lists(self, meta: ForwardMetadata, bs: int) -> list[tuple[list[int], int]]:
-        """Load every layer's list into its buffers; returns per layer (host indptr, length).
-
-        A fixed number of device ops whatever the number of layers (this runs before every replay,
-        on the replay's stream): the layers with their own list are concatenated once and scattered
-        into their buffer rows by one ``index_copy_`` (destinations expanded on the device from a
-        per-layer table), their ``indptr`` rows written by one indexed assignment from one host
-        copy; the layers without (an uncompressed batch's, with ``layer_row_stride``) read
-        ``meta.kv``'s slots shifted per layer, in one broadcast. With per-head lists
-        (``graph_list_heads`` > 1) those layers read ``meta.kv`` expanded per KV head
-        (:func:`per_head_lists`), as head-rows."""
-        stride, heads = meta.layer_row_stride, self.graph_list_heads
-        capacity, entries = self.max_kv_tokens * heads, bs * heads + 1
-        L = self.num_layers
-        shared = [layer for layer in range(L) if layer not in meta.layer_kv]
-        plain = per_head_lists(meta.kv, heads) if shared else meta.kv  # one expansion for every such layer
-        lists = [meta.layer_kv.get(layer, plain) for layer in range(L)]
-        out = []
-        for layer, kv in enumerate(lists):
-            n = kv.kv_indptr_cpu[-1]
-            if n > capacity:
-                raise ValueError(f"layer {layer} reads {n} keys, more than max_kv_tokens={self.max_kv_tokens}"
-                                 + (f" x {heads} heads" if heads > 1 else ""))
-            if len(kv.kv_indptr_cpu) != entries:
-                raise ValueError(f"layer {layer}'s list has {len(kv.kv_indptr_cpu) - 1} entries, the batch {entries - 1}")
-            out.append((kv.kv_indptr_cpu, n))
-        direct = [layer for layer in range(L) if layer in meta.layer_kv or stride is None]
-        if direct:
-            self._scatter_lists(direct, [lists[layer] for layer in direct], capacity, entries)
-        if shared and stride is not None:
-            # layers without their own list read meta.kv's slots in their own rows: one broadcast
-            # (head-rows: row * heads + h, so a layer's shift is stride * heads)
-            n = plain.kv_indptr_cpu[-1]
-            rows = to_device(np.asarray(shared, dtype=np.int64), plain.kv_indices.device)  # no stream drain
-            self._graph_indices[rows, :n] = (plain.kv_indices.unsqueeze(0)
-                                             + (rows * (stride * heads)).unsqueeze(1)).to(torch.int32)
-            self._graph_indptr[rows, :entries] = plain.kv_indptr.to(torch.int32).unsqueeze(0)
-        return out
-
-    def _scatter_lists(self, layers: list[int], lists: list[RaggedKV], capacity: int, entries: int) -> None:
-        """Write ``lists[i]`` into layer ``layers[i]``'s buffer rows: one ``cat`` of their indices,
-        one host-to-device copy (layer ids, per-layer destination shift and length, every layer's
-        host ``indptr``), one ``repeat_interleave`` and one ``index_copy_``, one indexed ``indptr``
-        write."""
-        counts = np.asarray([kv.kv_indptr_cpu[-1] for kv in lists], dtype=np.int64)
-        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        ids = np.asarray(layers, dtype=np.int64)
-        d = ids.size
-        host = np.concatenate([ids, ids * capacity - first, counts,
-                               np.asarray([kv.kv_indptr_cpu for kv in lists], dtype=np.int64).reshape(-1)])
-        device = self._graph_indices.device
-        dev = to_device(host, device)
-        rows = dev[:d]
-        self._graph_indptr[rows, :entries] = dev[3 * d:].view(d, entries).to(torch.int32)
-        total = int(counts.sum())
-        if total == 0:
-            return
-        source = torch.cat([kv.kv_indices for kv in lists]) if d > 1 else lists[0].kv_indices
-        dest = torch.repeat_interleave(dev[d:2 * d], dev[2 * d:3 * d], output_size=total)
-        dest += torch.arange(total, device=device)
-        self._graph_indices.view(-1).index_copy_(0, dest, source.to(torch.int32))
 
     def reset_counters(self) -> None:
         self.plan_count, self.plan_seconds = 0, 0.0
@@ -406,19 +310,25 @@ class FlashInferAttentionExecutor:
             splits = num_splits_for(max_len, q.shape[0], k_cache.shape[1], q.device, **launch.split_choice())
         counters = None
         if launch.fused_merge:  # graph: plan_decode's (largest captured batch), allocated before any capture
-            counters = (self._counters["graph"] if graph
-                        else self._fused_counters("eager", q.shape[0] * k_cache.shape[1], q.device))
+            counters = (self.graph_buffers.counters if graph
+                        else self._fused_counters(q.shape[0] * k_cache.shape[1], q.device))
         return ragged_decode(q, k_cache, v_cache, indptr, indices, scaling, out=out, num_splits=splits,
                              workspace=workspace, k_scale=k_scale, v_scale=v_scale, per_head=per_head,
                              block_n=launch.block_n, num_warps=launch.num_warps, num_stages=launch.num_stages,
                              fused_merge=launch.fused_merge, counters=counters)
 
-    def _fused_counters(self, kind: str, rows: int, device: torch.device) -> torch.Tensor:
-        """A zeroed int32 counter buffer of at least ``rows`` entries, kept (the kernel leaves it zero)."""
-        have = self._counters.get(kind)
+    def _fused_counters(self, rows: int, device: torch.device) -> torch.Tensor:
+        """Eager steps' zeroed int32 counters, at least ``rows`` of them, kept (the kernel leaves them zero)."""
+        have = self._eager_counters
         if have is None or have.numel() < rows or have.device != device:
-            have = self._counters[kind] = torch.zeros(max(rows, 64), dtype=torch.int32, device=device)
+            have = self._eager_counters = torch.zeros(max(rows, 64), dtype=torch.int32, device=device)
         return have
+
+    @property
+    def merge_counters(self) -> list[torch.Tensor]:
+        """Every fused-merge counter buffer allocated so far (eager, graph): all zero between steps."""
+        graph = self.graph_buffers.counters if self.graph_buffers is not None else None
+        return [c for c in (self._eager_counters, graph) if c is not None]
 
     @staticmethod
     def _paged(k_cache: torch.Tensor, v_cache: torch.Tensor):
