@@ -67,6 +67,23 @@ def refusals(server_args: Any, settings: ServerSettings) -> list[Refusal]:
     if _get(server_args, "enable_hierarchical_cache"):
         out.append(Refusal("--enable-hierarchical-cache", "HiCache's host copies do not know about compacted cells",
                            "drop the flag (the vlcache radix cache shares compressed prefixes on the device)"))
+    # SGLang's registry refuses these too, but only in the scheduler after the model has loaded,
+    # pointing at its own issue tracker; the vlcache tree extends RadixCache, not UnifiedRadixCache
+    if _get(server_args, "enable_streaming_session"):
+        out.append(Refusal("--enable-streaming-session",
+                           "streaming sessions keep each turn's KV in SGLang's UnifiedRadixCache, which the "
+                           "vlcache radix cache (compressed prefixes, virtual ids) does not extend",
+                           "drop the flag and open sessions without `streaming`: a later turn reuses the "
+                           "earlier turns' prefix through the radix tree"))
+    if _get(server_args, "enable_session_radix_cache"):
+        out.append(Refusal("--enable-session-radix-cache",
+                           "session radix caching lives in SGLang's UnifiedRadixCache, which the vlcache radix "
+                           "cache does not extend",
+                           "drop the flag (sessions still reuse their prefix through the vlcache radix tree)"))
+    if str(_get(server_args, "radix_eviction_policy", "lru") or "lru").lower() == "tlru":
+        out.append(Refusal("--radix-eviction-policy tlru",
+                           "T-LRU's per-node tail bookkeeping exists only in SGLang's UnifiedRadixCache",
+                           "use --radix-eviction-policy lru (the default), lfu, slru or priority"))
     if _get(server_args, "enable_hisparse"):
         out.append(Refusal("--enable-hisparse", "HiSparse is another KV sparsification; it cannot stack with vlcache",
                            "choose one: drop --enable-hisparse or serve with another --attention-backend"))

@@ -53,6 +53,9 @@ REFUSED = [
     (["--prefill-attention-backend", "torch_native"], "--prefill-attention-backend torch_native",
      "drop --prefill-attention-backend"),
     (["--decode-attention-backend", "triton"], "--decode-attention-backend triton", "drop --decode-attention-backend"),
+    (["--enable-streaming-session"], "--enable-streaming-session", "open sessions without `streaming`"),
+    (["--enable-session-radix-cache"], "--enable-session-radix-cache", "drop the flag"),
+    (["--radix-eviction-policy", "tlru"], "--radix-eviction-policy tlru", "use --radix-eviction-policy lru"),
 ]
 
 

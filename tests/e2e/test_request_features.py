@@ -1,0 +1,180 @@
+"""SGLang's per-request features on compressed requests, in one real server (tiny random Qwen2-VL,
+CPU, ``--enable-return-hidden-states``), each request at budget 0.1:
+
+- parallel sampling (``n`` > 1): SGLang prefills the prompt once and forks it; every copy is
+  compressed on its own and, greedy, gives the ``n = 1`` tokens;
+- the OpenAI chat API with ``n`` = 2 and ``logprobs``: each choice compressed, greedy-equal to
+  ``n`` = 1, one logprob per completion token;
+- logprobs: the prompt's logprobs (computed in the prefill, before compaction) equal an uncompressed
+  run's; the output's are those of the tokens the compressed request chose;
+- hidden states: the prompt's equal the uncompressed run's, one more per generated token;
+- constrained decoding (regex, JSON schema) and stop strings act on the compressed request's tokens;
+- a batch (``text`` and ``image_data`` lists) with a budget per item: each item's tokens are its own
+  request's sent alone;
+- sessions (``/open_session``): a second turn over a compressed first turn is served, compressed
+  again over the whole conversation, and closing the session leaves every store at its start.
+
+Streaming sessions and session radix caching are refused at launch
+(``tests/unit/test_compatibility.py``).
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import requests
+
+from tests.conftest import make_test_image, png_base64
+from vlcache_sglang.tooling.serving import flush_cache, running_server, vlcache_state
+
+pytestmark = pytest.mark.server
+PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+          "What is the value of the key in this picture?<|im_end|>\n<|im_start|>assistant\n")
+SIZE = (224, 224)  # 64 image tokens: a 86-token prompt
+STORES = ("compressed_requests_live", "pending_statistics", "resolved_rows_live", "request_states_live",
+          "row_flags_live", "virtual_ids_live", "cell_slots_live")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    with running_server(tiny_model_dir, attention_backend="vlcache",
+                        extra_args=["--enable-return-hidden-states"]) as handle:
+        yield handle
+
+
+def sampling(budget: float | None = 0.1, **extra) -> dict:
+    params = {"max_new_tokens": 8, "temperature": 0, **extra}
+    if budget is not None:
+        params["custom_params"] = {"vlcache": {"budget": budget}}
+    return params
+
+
+def request(seed: int, budget: float | None = 0.1, **extra) -> dict:
+    return {"text": PROMPT, "image_data": png_base64(make_test_image(seed, SIZE)), "sampling_params": sampling(budget, **extra)}
+
+
+def post(server, body: dict, path: str = "/generate"):
+    r = requests.post(f"{server.url}{path}", json=body, timeout=600)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def compressed(out: dict) -> bool:
+    ratio = out["meta_info"].get("vlcache_kept_ratio")
+    return bool(ratio) and ratio[0] < 0.5
+
+
+def test_parallel_sampling_compresses_every_copy(server):
+    alone = post(server, request(1))
+    assert compressed(alone)
+    copies = post(server, request(1, n=3))
+    assert len(copies) == 3
+    for copy in copies:
+        assert compressed(copy), copy["meta_info"]
+        assert copy["output_ids"] == alone["output_ids"]
+
+
+def test_openai_chat_with_n_and_logprobs(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+    image = f"data:image/png;base64,{png_base64(make_test_image(11, SIZE))}"
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                             {"type": "text", "text": "What is the key?"}]}]
+
+    def ask(**kw):
+        return client.chat.completions.create(
+            model="default", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2,
+            extra_body={"custom_params": {"vlcache": {"budget": 0.1}}, "return_meta_info": True}, **kw)
+
+    one, two = ask(), ask(n=2)
+    assert len(two.choices) == 2
+    for choice in one.choices + two.choices:
+        meta = choice.model_extra["meta_info"]
+        assert meta["vlcache_kept_ratio"][0] < 0.5, meta
+        assert choice.message.content == one.choices[0].message.content
+        tokens = choice.logprobs.content
+        assert len(tokens) == meta["completion_tokens"]
+        assert all(t.top_logprobs[0].logprob == pytest.approx(t.logprob) for t in tokens)  # greedy
+
+
+def test_logprobs_of_a_compressed_request(server):
+    extra = {"return_logprob": True, "top_logprobs_num": 2, "logprob_start_len": 0}
+    full = post(server, {**request(2, budget=1.0), **extra})
+    flush_cache(server.url)  # no cached prefix: both compute every prompt logprob in their prefill
+    kept = post(server, {**request(2), **extra})
+    assert compressed(kept) and not compressed(full)
+    prompt = [(lp, tok) for lp, tok, _ in kept["meta_info"]["input_token_logprobs"]]
+    assert prompt == [(lp, tok) for lp, tok, _ in full["meta_info"]["input_token_logprobs"]]
+    chosen = kept["meta_info"]["output_token_logprobs"]
+    assert [tok for _, tok, _ in chosen] == kept["output_ids"]
+    for (lp, tok, _), top in zip(chosen, kept["meta_info"]["output_top_logprobs"]):
+        assert top[0][1] == tok and top[0][0] == pytest.approx(lp)  # greedy: each is its step's top-1
+
+
+def test_hidden_states_of_a_compressed_request(server):
+    full = post(server, {**request(3, budget=1.0), "return_hidden_states": True})
+    flush_cache(server.url)
+    kept = post(server, {**request(3), "return_hidden_states": True})
+    assert compressed(kept)
+    states, reference = kept["meta_info"]["hidden_states"], full["meta_info"]["hidden_states"]
+    prompt = kept["meta_info"]["prompt_tokens"]
+    assert len(states) == len(kept["output_ids"]) and len(states[0]) == prompt  # the prefill's, then one per token
+    assert states[0] == reference[0]
+
+
+def test_constrained_decoding_and_stop_strings(server):
+    digits = post(server, request(4, regex="[0-9]{3}"))
+    assert compressed(digits) and re.fullmatch("[0-9]{3}", digits["text"]), digits["text"]
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    obj = post(server, request(5, json_schema=json.dumps(schema), max_new_tokens=32))
+    assert compressed(obj) and obj["text"].lstrip().startswith("{")
+    if obj["meta_info"]["finish_reason"]["type"] == "stop":
+        assert isinstance(json.loads(obj["text"])["a"], int)
+    free = post(server, request(6, max_new_tokens=16))
+    stop = free["text"][3:5]  # a string the compressed request generates on its own
+    cut = post(server, request(6, max_new_tokens=16, stop=[stop]))
+    assert compressed(cut) and cut["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert free["text"].startswith(cut["text"]) and stop not in cut["text"]
+
+
+def test_a_batch_with_a_budget_per_item(server):
+    seeds, budgets = (7, 8, 9), (0.1, 0.5, 1.0)
+    alone = [post(server, request(s, budget=b)) for s, b in zip(seeds, budgets)]
+    batch = post(server, {"text": [PROMPT] * 3, "image_data": [png_base64(make_test_image(s, SIZE)) for s in seeds],
+                          "sampling_params": [sampling(b) for b in budgets]})
+    assert [o["output_ids"] for o in batch] == [o["output_ids"] for o in alone]
+    # an uncompressed answer finished in one output batch with compressed ones carries each of
+    # their request-level keys as [] (SGLang pads customized_info per batch); alone, none
+    assert [o["meta_info"].get("vlcache_kept_ratio") or None for o in batch] == \
+        [o["meta_info"].get("vlcache_kept_ratio") for o in alone]
+    assert compressed(batch[0]) and not compressed(batch[2])
+
+
+def test_a_session_turn_over_a_compressed_turn(server):
+    r = requests.post(f"{server.url}/open_session", json={"capacity_of_str_len": 8000}, timeout=60)
+    assert r.status_code == 200, r.text
+    session = r.json()
+    first = post(server, {**request(10), "session_params": {"id": session}})
+    assert compressed(first)
+    second = post(server, {"text": "<|im_start|>user\nAnd the other key?<|im_end|>\n<|im_start|>assistant\n",
+                           "sampling_params": sampling(), "session_params": {"id": session, "rid": first["meta_info"]["id"]}})
+    meta = second["meta_info"]
+    # the whole conversation (turn 1's prompt and answer, then this turn) is this turn's prompt
+    assert meta["prompt_tokens"] > first["meta_info"]["prompt_tokens"] + len(first["output_ids"])
+    assert compressed(second) and meta["vlcache_planned_tokens"] == [meta["prompt_tokens"]]
+    assert requests.post(f"{server.url}/close_session", json={"session_id": session}, timeout=60).status_code == 200
+
+
+def test_every_store_is_back_at_its_start(server):
+    flush_cache(server.url)
+    deadline = time.monotonic() + 30
+    while True:
+        state = vlcache_state(server.url)
+        if all(state[k] == 0 for k in STORES) and state["available_kv_tokens"] == state["max_total_num_tokens"]:
+            break
+        assert time.monotonic() < deadline, {k: state[k] for k in STORES + ("available_kv_tokens",)}
+        time.sleep(0.5)
+    assert state["requests_compressed"] >= 12 and state["freed_reads"] == 0
