@@ -29,6 +29,7 @@ import pytest
 import requests
 
 from tests.conftest import make_test_image, png_base64
+from tests.e2e.recompute import assert_recomputed_like_reference
 from vlcache_sglang.tooling.serving import running_server, vlcache_state
 
 pytestmark = pytest.mark.server
@@ -124,10 +125,6 @@ RETRACT_NEW = 300  # 6 x 300 generated tokens cannot fit a 1,500-token pool
 
 
 def test_decode_out_of_memory_retracts_and_the_retracted_request_recomputes(server, hf):
-    import torch
-
-    from vlcache_sglang.research.hf_reference import greedy_disagreements, greedy_with_plan
-
     assert_at_start(settle(server))
     offset = log_offset(server)
     bodies = [payload(700 + i, max_new=RETRACT_NEW, fixed=True, return_plan=True) for i in range(RETRACT_N)]
@@ -144,31 +141,15 @@ def test_decode_out_of_memory_retracts_and_the_retracted_request_recomputes(serv
     assert_at_start(settle(server))
 
     # the documented recompute: prompt + the k tokens generated before the (last) retraction are
-    # prefilled again and planned together; the rest is the reference decode under that plan
-    model, processor = hf
-    body, out = retracted[0]
-    m = out["meta_info"]["prompt_tokens"]
-    planned = out["meta_info"]["vlcache_planned_tokens"][0]
-    k = planned - m
-    assert 0 < k < RETRACT_NEW, (planned, m)
-    kept = [torch.tensor(x) for x in out["meta_info"]["vlcache_kept_positions"][0]]
-    assert all(int(x.max()) < planned for x in kept)
-    seed = 700 + bodies.index(body)
-    inputs = dict(processor(text=[PROMPT], images=[make_test_image(seed, (112, 112))], return_tensors="pt"))
-    assert inputs["input_ids"].shape[1] == m
-    generated = torch.tensor([out["output_ids"][:k]])
-    inputs["input_ids"] = torch.cat([inputs["input_ids"], generated], dim=1)
-    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    # prefilled again and planned together; the rest is the reference decode under that plan.
     # min_new_tokens == max_new_tokens: SGLang masks every stop token for the whole answer
     # (penaltylib/min_new_tokens.py: the request's eos ids and the tokenizer's), so must the reference
+    model, processor = hf
+    body, out = retracted[0]
     stops = sorted(set(model.generation_config.eos_token_id) | {processor.tokenizer.eos_token_id})
-    expected = greedy_with_plan(model, inputs, kept, RETRACT_NEW - k, (), suppressed_tokens=stops)
-    if out["output_ids"][k:] != expected:  # say where and by how much the reference disagrees
-        flips = greedy_disagreements(model, inputs, kept, out["output_ids"][k:], suppressed_tokens=stops)
-        pytest.fail(f"retracted request {out['meta_info']['id']} ({out['meta_info']['num_retractions']} "
-                    f"retractions; server log {server.log_path}; k={k}, planned {planned}) differs from the "
-                    f"reference of its plan; teacher-forced (step, reference token, logit margin) where the reference picks "
-                    f"another token: {flips}")
+    seed = 700 + bodies.index(body)
+    assert_recomputed_like_reference(hf, out, PROMPT, make_test_image(seed, (112, 112)), RETRACT_NEW,
+                                     suppressed_tokens=stops, where=f"; server log {server.log_path}")
 
 
 # -- item 5: aborts at each stage ------------------------------------------------------------
