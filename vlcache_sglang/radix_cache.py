@@ -132,7 +132,8 @@ class VLCacheRadixCache(RadixCache):
         return self.protected_size_ - self.virtual_protected_ + vkv.cached_cell_slots()[1]
 
     def evict(self, params: EvictParams) -> EvictResult:
-        """Stock LRU eviction of leaves, counted in slots actually freed."""
+        """SGLang's eviction of leaves, in the order of the configured ``--radix-eviction-policy``'s
+        strategy (lru, lfu, slru, priority; tlru is refused at launch), counted in slots actually freed."""
         if self.disable:
             return EvictResult()
         vkv = self._vkv()

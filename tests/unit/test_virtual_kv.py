@@ -181,10 +181,13 @@ def test_size_counters_equal_a_full_recount_through_a_random_workload_with_evict
     assert seen == {"evictable", "protected"}
 
 
-def test_tree_sizes_stay_exact_through_a_random_workload_on_sglangs_radix_tree(pool):
+@pytest.mark.parametrize("eviction_policy", ["lru", "lfu", "slru", "priority"])  # tlru: refused at launch
+def test_tree_sizes_stay_exact_through_a_random_workload_on_sglangs_radix_tree(pool, eviction_policy):
     """The same on the vlcache radix tree (SGLang's RadixCache underneath): compacted requests
     inserted (with shared prefixes deduplicated as checkpoint does), matched and locked, unlocked,
-    evicted; the O(1) totals equal a recount after every step and the idle check holds at the end."""
+    evicted; the O(1) totals equal a recount after every step and the idle check holds at the end,
+    under each ``--radix-eviction-policy`` the tree serves (its eviction orders leaves by SGLang's
+    own strategy object)."""
     from array import array
     from types import SimpleNamespace
 
@@ -202,7 +205,9 @@ def test_tree_sizes_stay_exact_through_a_random_workload_on_sglangs_radix_tree(p
                               tree=None)
     try:
         tree = VLCacheRadixCache(CacheInitParams(disable=False, req_to_token_pool=req_pool,
-                                                 token_to_kv_pool_allocator=allocator, page_size=1), runtime)
+                                                 token_to_kv_pool_allocator=allocator, page_size=1,
+                                                 eviction_policy=eviction_policy), runtime)
+        assert type(tree.eviction_strategy).__name__.lower().startswith(eviction_policy)
         assert runtime.compressor.layer_lists.rows_reported  # the tree reports its row rewrites
         g = torch.Generator().manual_seed(11)
         locked = []
