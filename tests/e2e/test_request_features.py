@@ -1,5 +1,6 @@
 """SGLang's per-request features on compressed requests, in one real server (tiny random Qwen2-VL,
-CPU, ``--enable-return-hidden-states``), each request at budget 0.1:
+CPU, ``--enable-return-hidden-states``, two tokenizer processes, four decode steps per scheduling
+round, cached-token reports), each request at budget 0.1:
 
 - parallel sampling (``n`` > 1): SGLang prefills the prompt once and forks it; every copy is
   compressed on its own and, greedy, gives the ``n = 1`` tokens;
@@ -43,11 +44,16 @@ STORES = ("compressed_requests_live", "pending_statistics", "resolved_rows_live"
           "row_flags_live", "virtual_ids_live", "cell_slots_live")
 
 
+# flags users set that change how requests reach the backend (more tokenizer processes, several
+# decode steps per scheduling round, cached-token reports); every case below runs under them
+SCHEDULING_FLAGS = ["--tokenizer-worker-num", "2", "--num-continuous-decode-steps", "4", "--enable-cache-report"]
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     with running_server(tiny_model_dir, attention_backend="vlcache", max_running_requests=2,
                         extra_args=["--enable-return-hidden-states", "--enable-priority-scheduling",
-                                    "--default-priority-value", "0"]) as handle:
+                                    "--default-priority-value", "0", *SCHEDULING_FLAGS]) as handle:
         yield handle
 
 
