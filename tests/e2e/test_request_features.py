@@ -6,6 +6,8 @@ round, cached-token reports), each request at budget 0.1:
   compressed on its own and, greedy, gives the ``n = 1`` tokens;
 - the OpenAI chat API with ``n`` = 2 and ``logprobs``: each choice compressed, greedy-equal to
   ``n`` = 1, one logprob per completion token;
+- streaming (``"stream": true``): the last chunk is the unstreamed answer, and every chunk
+  carries the compression report (it exists before the first token);
 - logprobs: the prompt's logprobs (computed in the prefill, before compaction) equal an uncompressed
   run's; the output's are those of the tokens the compressed request chose;
 - hidden states: the prompt's equal the uncompressed run's, one more per generated token;
@@ -120,6 +122,26 @@ def test_openai_chat_with_n_and_logprobs(server):
         tokens = choice.logprobs.content
         assert len(tokens) == meta["completion_tokens"]
         assert all(t.top_logprobs[0].logprob == pytest.approx(t.logprob) for t in tokens)  # greedy
+
+
+def streamed(server, body: dict) -> list[dict]:
+    chunks = []
+    with requests.post(f"{server.url}/generate", json={**body, "stream": True}, stream=True, timeout=600) as r:
+        assert r.status_code == 200, r.text
+        for line in r.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                chunks.append(json.loads(line[len(b"data: "):]))
+    return chunks
+
+
+def test_a_streamed_compressed_answer(server):
+    whole = post(server, request(12, max_new_tokens=16))
+    chunks = streamed(server, request(12, max_new_tokens=16))
+    assert len(chunks) > 1
+    last = chunks[-1]
+    assert last["output_ids"] == whole["output_ids"] and last["text"] == whole["text"]
+    assert all(compressed(c) for c in chunks), [c["meta_info"] for c in chunks]  # from the first token on
+    assert last["meta_info"]["vlcache_kept_ratio"] == whole["meta_info"]["vlcache_kept_ratio"]
 
 
 def test_logprobs_of_a_compressed_request(server):
