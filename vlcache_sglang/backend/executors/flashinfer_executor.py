@@ -21,9 +21,11 @@ num_layers=...)`` (or :meth:`enable_cuda_graph` later) keeps fixed per-layer buf
 with that same ``meta`` inside it does no planning, no allocation and no host synchronisation
 (a ``decode`` with any other ``meta`` runs eagerly, so one executor serves both). In that mode layer
 ``l`` reads ``meta.layer_kv[l]`` (or ``meta.kv`` shifted by ``l * meta.layer_row_stride``) through
-its own rows of the :class:`~vlcache_sglang.backend.executors.graph_buffers.GraphDecodeBuffers`, so pass ``layer_id=`` to ``decode`` (otherwise the i-th call after
-:meth:`plan_decode` is taken as layer i), and give every layer the same ``k_cache`` tensor in
-capture and replay (the global K/V storage with global row ids). Which kernel the graph holds is
+its own rows of the executor's
+:class:`~vlcache_sglang.backend.executors.graph_buffers.GraphDecodeBuffers`, so pass ``layer_id=``
+to ``decode`` (otherwise the i-th call after :meth:`plan_decode` is taken as layer i), and give
+every layer the same ``k_cache`` tensor in capture and replay (the global K/V storage with global
+row ids). Which kernel the graph holds is
 fixed at construction, never per step (a captured graph replays what it captured): the plan-free
 Triton kernel with ``compressed_decode="triton"``, FlashInfer wrappers planned per layer and per
 replay otherwise.
