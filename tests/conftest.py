@@ -19,6 +19,17 @@ def tiny_model_dir() -> Path:
     return build_tiny_random(CACHE / "fixtures" / "tiny-qwen2vl-random-v1")
 
 
+@pytest.fixture(scope="module")
+def hf(tiny_model_dir):
+    """The same fixture in Hugging Face transformers (float32, eval), with its processor: the
+    reference the server modules compare against (loaded once per module that asks for it)."""
+    import torch
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(tiny_model_dir)
+
+
 def make_test_image(seed: int, size: tuple[int, int] = (112, 112)):
     """A deterministic RGB image with structure (blocks of colour), as a PIL image."""
     import numpy as np

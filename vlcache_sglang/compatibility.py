@@ -73,13 +73,13 @@ def refusals(server_args: Any, settings: ServerSettings) -> list[Refusal]:
         out.append(Refusal("--enable-streaming-session",
                            "streaming sessions keep each turn's KV in SGLang's UnifiedRadixCache, which the "
                            "vlcache radix cache (compressed prefixes, virtual ids) does not extend",
-                           "drop the flag and open sessions without `streaming`: a later turn reuses the "
-                           "earlier turns' prefix through the radix tree"))
+                           "drop the flag and open sessions without `streaming` (served: each turn is "
+                           "prefilled and planned over the whole conversation)"))
     if _get(server_args, "enable_session_radix_cache"):
         out.append(Refusal("--enable-session-radix-cache",
                            "session radix caching lives in SGLang's UnifiedRadixCache, which the vlcache radix "
                            "cache does not extend",
-                           "drop the flag (sessions still reuse their prefix through the vlcache radix tree)"))
+                           "drop the flag (sessions without it are served)"))
     if str(_get(server_args, "radix_eviction_policy", "lru") or "lru").lower() == "tlru":
         out.append(Refusal("--radix-eviction-policy tlru",
                            "T-LRU's per-node tail bookkeeping exists only in SGLang's UnifiedRadixCache",

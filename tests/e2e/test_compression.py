@@ -48,15 +48,6 @@ def pool_state(server) -> dict:
     return vlcache_state(server.url)
 
 
-@pytest.fixture(scope="module")
-def hf(tiny_model_dir):
-    import torch
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(tiny_model_dir)
-
-
 CASES = [("vlcache", 0.3, 21), ("vlcache", 0.1, 22), ("snapkv", 0.2, 23), ("pyramidkv", 0.2, 24),
          ("h2o", 0.2, 25), ("streamingllm", 0.2, 26), ("random", 0.3, 27)]
 

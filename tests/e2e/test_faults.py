@@ -52,15 +52,6 @@ def server(tiny_model_dir):
         yield handle
 
 
-@pytest.fixture(scope="module")
-def hf(tiny_model_dir):
-    import torch
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(tiny_model_dir)
-
-
 def payload(seed, size=(112, 112), max_new=10, rid=None, fixed=False, **vlcache):
     body = {"text": PROMPT, "image_data": png_base64(make_test_image(seed, size)),
             "sampling_params": {"max_new_tokens": max_new, "temperature": 0,

@@ -50,15 +50,6 @@ def server(tiny_model_dir):
         yield handle
 
 
-@pytest.fixture(scope="module")
-def hf(tiny_model_dir):
-    import torch
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(tiny_model_dir)
-
-
 def generate(server, image, q: str = QUESTION, max_new: int = MAX_NEW, sampling: dict | None = None,
              **vlcache) -> dict:
     return generate_text(server, PROMPT.format(q=q), image, max_new=max_new, sampling=sampling, **vlcache)

@@ -36,14 +36,11 @@ import requests
 
 from tests.conftest import make_test_image, png_base64
 from tests.e2e.recompute import assert_recomputed_like_reference
+from tests.e2e.test_faults import PROMPT, ZERO
 from vlcache_sglang.tooling.serving import flush_cache, running_server, vlcache_state
 
 pytestmark = pytest.mark.server
-PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
-          "What is the value of the key in this picture?<|im_end|>\n<|im_start|>assistant\n")
 SIZE = (224, 224)  # 64 image tokens: a 86-token prompt
-STORES = ("compressed_requests_live", "pending_statistics", "resolved_rows_live", "request_states_live",
-          "row_flags_live", "virtual_ids_live", "cell_slots_live")
 
 
 # flags users set that change how requests reach the backend (more tokenizer processes, several
@@ -57,15 +54,6 @@ def server(tiny_model_dir):
                         extra_args=["--enable-return-hidden-states", "--enable-priority-scheduling",
                                     "--default-priority-value", "0", *SCHEDULING_FLAGS]) as handle:
         yield handle
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_model_dir):
-    import torch
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(tiny_model_dir)
 
 
 def sampling(budget: float | None = 0.1, return_plan: bool = False, **extra) -> dict:
@@ -242,8 +230,9 @@ def test_every_store_is_back_at_its_start(server):
     deadline = time.monotonic() + 30
     while True:
         state = vlcache_state(server.url)
-        if all(state[k] == 0 for k in STORES) and state["available_kv_tokens"] == state["max_total_num_tokens"]:
+        stores = {k: state[k] for k in ZERO}
+        if stores == ZERO and state["available_kv_tokens"] == state["max_total_num_tokens"]:
             break
-        assert time.monotonic() < deadline, {k: state[k] for k in STORES + ("available_kv_tokens",)}
+        assert time.monotonic() < deadline, (stores, state["available_kv_tokens"])
         time.sleep(0.5)
     assert state["requests_compressed"] > 0 and state["freed_reads"] == 0

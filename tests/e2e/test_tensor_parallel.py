@@ -37,15 +37,6 @@ def server(tiny_model_dir):
         yield handle
 
 
-@pytest.fixture(scope="module")
-def hf(tiny_model_dir):
-    import torch
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(tiny_model_dir)
-
-
 def reference(hf, text, image, kept):
     import torch
 

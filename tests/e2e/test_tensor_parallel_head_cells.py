@@ -21,7 +21,7 @@ import requests
 
 from tests.conftest import make_test_image
 from tests.e2e.test_compression import mixed_soak
-from tests.e2e.test_head_cells_server import PER_HEAD, ZERO, generate, hf, reference, settled  # noqa: F401
+from tests.e2e.test_head_cells_server import PER_HEAD, ZERO, generate, reference, settled
 from vlcache_sglang.tooling.serving import running_server, vlcache_state
 
 pytestmark = pytest.mark.server
@@ -40,7 +40,7 @@ def server(tiny_model_dir):
 # has L = 2, one head per rank) leaves the request whole (uneven_heads_across_ranks). A floor of
 # 0.7 bounds the heads' imbalance below 2x, so these plans are served compressed.
 @pytest.mark.parametrize("head_budget,seed", [("uniform", 51), ("adaptive", 52)])
-def test_per_head_plans_at_two_ranks_follow_the_reference(server, hf, head_budget, seed):  # noqa: F811
+def test_per_head_plans_at_two_ranks_follow_the_reference(server, hf, head_budget, seed):
     before = settled(server)  # an empty tree: no position is protected
     assert before["tp_size"] == 2
     image = make_test_image(seed, (336, 280))

@@ -44,10 +44,6 @@ class GraphDecodeBuffers:
         self.split_by_bs: list[int] | None = None  # per batch size (index), chosen once
         self._workspace_flat: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    @property
-    def allocated(self) -> bool:
-        return self.indices is not None
-
     def allocate(self, device: torch.device, num_kv_heads: int) -> None:
         """The index rows, and the fused merge's counters when the launch merges in one kernel."""
         if self.indices is None:
