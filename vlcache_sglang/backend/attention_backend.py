@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
-from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
 
 from vlcache_sglang.backend.cell_store import FP8_DTYPES, rehome_pool_buffers
 from vlcache_sglang.backend.compressor import Compressor, HeadLists
@@ -33,6 +33,19 @@ if TYPE_CHECKING:
     from sglang.srt.model_executor.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
+
+
+def check_pool_class(pool) -> None:
+    """Compaction moves per-slot K/V rows of SGLang's plain MHA/GQA pool; any other pool (MLA,
+    hybrid sliding-window or linear attention, the page-major layout, block-scaled fp4/mxfp8)
+    would be read or moved wrongly, so the backend stops naming it instead."""
+    if type(pool) is not MHATokenToKVPool:
+        raise ValueError(
+            f"--attention-backend vlcache serves models whose KV pool is SGLang's MHATokenToKVPool "
+            f"(multi-head or grouped-query attention, one K and V row per token and layer); this "
+            f"launch built {type(pool).__name__}. Serve this model with another --attention-backend, or "
+            f"drop the flag that chose this pool (--enable-page-major-kv-layout, --kv-cache-dtype "
+            f"mxfp8/nvfp4/fp4_mx_block16)")
 
 
 class VLCacheAttnBackend(AttentionBackend):
@@ -58,6 +71,7 @@ class VLCacheAttnBackend(AttentionBackend):
         self.graph_capacity: int | None = None  # keys per layer of the CUDA-graph buffers (init_cuda_graph_state)
         model_config = self.model_config = getattr(model_runner, "model_config", None)
         if allocator is not None and model_config is not None:
+            check_pool_class(self.token_to_kv_pool)
             self.global_kv = rehome_pool_buffers(self.token_to_kv_pool)
             group = attention_tp_group()  # SGLang's attention TP group (None with one rank)
             tp = int(group.world_size) if group is not None else 1
