@@ -30,6 +30,25 @@ def hf(tiny_model_dir):
     return model, AutoProcessor.from_pretrained(tiny_model_dir)
 
 
+@pytest.fixture(scope="module")
+def parse_server_args(tiny_model_dir):
+    """``make(*flags)``: SGLang's real ``ServerArgs`` for a vlcache launch of the tiny fixture on the
+    CPU with these flags, as the launcher parses them (not resolved)."""
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs, add_attention_backend_choices
+
+    add_attention_backend_choices(["vlcache"])  # what the plugin's register() adds (no hooks here)
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+
+    def make(*flags: str):
+        return ServerArgs.from_cli_args(parser.parse_args(
+            ["--model-path", str(tiny_model_dir), "--attention-backend", "vlcache", "--device", "cpu", *flags]))
+
+    return make
+
+
 def make_test_image(seed: int, size: tuple[int, int] = (112, 112)):
     """A deterministic RGB image with structure (blocks of colour), as a PIL image."""
     import numpy as np

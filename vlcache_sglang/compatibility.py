@@ -12,6 +12,8 @@ from typing import Any
 
 from vlcache_sglang.settings import COMPRESSING_CUDA_EXECUTORS, ENV_CUDA_EXECUTOR, ServerSettings
 
+#: ``--kv-cache-dtype`` values whose pool keeps one scale per block of tokens.
+BLOCK_SCALED_KV_DTYPES = ("mxfp8", "nvfp4", "fp4_mx_block16")
 #: Opt-in for the per-layer executor on CUDA (not yet passed in a whole SGLang server on a GPU).
 CUDA_OPT_IN = f"{ENV_CUDA_EXECUTOR}=flashinfer --cuda-graph-backend-prefill=disabled"
 #: Opt-in for the SDPA executor on CUDA (passed a whole-server run on an H200 in float32).
@@ -32,7 +34,70 @@ class Refusal:
 
 
 def _get(server_args: Any, name: str, default: Any = None) -> Any:
-    return getattr(server_args, name, default)
+    """The value SGLang's resolution settled on (it turns some features on itself: ``--attn-dp-size``
+    for ``--dwdp-size``, a platform's page size), else the field as given."""
+    try:
+        from sglang.srt.arg_groups.overrides import resolution_result
+    except ImportError:  # the policy-only install: plain attributes
+        return getattr(server_args, name, default)
+    if not hasattr(type(server_args), "__struct_fields__"):
+        return getattr(server_args, name, default)
+    value = resolution_result(server_args, name, default)
+    return getattr(server_args, name, default) if value is None else value
+
+
+def _both(server_args: Any, name: str, default: Any = None) -> tuple[Any, Any]:
+    """The resolved value and the value as typed: a refusal fires whether the user typed the
+    feature or SGLang's resolution turned it on."""
+    return _get(server_args, name, default), getattr(server_args, name, default)
+
+
+def _other_than(server_args: Any, name: str, *served: Any) -> Any:
+    """The first of :func:`_both` that is set and not one of ``served`` (else ``None``)."""
+    return next((v for v in _both(server_args, name) if v not in (None, "", *served)), None)
+
+
+#: Features that run their own copy, transfer, layout or kernel over the KV cache, or change which
+#: tokens a request's rows hold, none of which knows about compacted cells or virtual ids:
+#: (field, the flag as typed, why, what to do instead). Refused when the field is truthy.
+UNSERVED_SWITCHES: tuple[tuple[str, str, str, str], ...] = (
+    ("enable_lmcache", "--enable-lmcache", "LMCache offloads and reloads KV pages by slot, and its tree is "
+     "replaced by the vlcache radix cache", "drop the flag (the vlcache radix cache shares prefixes on the device)"),
+    ("enable_flexkv", "--enable-flexkv", "FlexKV offloads and reloads KV by slot, and its tree is replaced by the "
+     "vlcache radix cache", "drop the flag"),
+    ("hicache_storage_backend", "--hicache-storage-backend", "HiCache storage writes and prefetches KV by slot "
+     "through tree methods the vlcache radix cache does not have", "drop the flag"),
+    ("enable_unified_cache_external_linker", "--enable-unified-cache-external-linker",
+     "the external L3 linker belongs to SGLang's UnifiedRadixCache", "drop the flag"),
+    ("enable_pdmux", "--enable-pdmux", "PD multiplexing builds several attention backends over one pool and "
+     "splits prefills by layer range", "drop the flag"),
+    ("enable_two_batch_overlap", "--enable-two-batch-overlap", "two-batch overlap splits each batch into "
+     "sub-batches, each with its own attention backend", "drop the flag"),
+    ("enable_mis", "--enable-mis", "multi-item scoring needs FlashInfer's custom masks", "serve scoring with "
+     "--attention-backend flashinfer"),
+    ("enable_deterministic_inference", "--enable-deterministic-inference", "the vlcache kernels are not "
+     "batch-invariant", "drop the flag, or serve deterministic inference with --attention-backend flashinfer/triton/fa3"),
+    ("rl_on_policy_target", "--rl-on-policy-target", "on-policy RL needs batch-invariant (deterministic) "
+     "attention, which vlcache is not", "drop the flag, or use --attention-backend flashinfer/triton/fa3"),
+    ("enable_nvidia_megakernel", "--enable-nvidia-megakernel", "the megakernel replaces the decode forward and "
+     "reads the KV pool itself, past vlcache's per-layer lists", "drop the flag"),
+    ("enable_amd_monokernel", "--enable-amd-monokernel", "the monokernel replaces the decode forward and reads "
+     "the KV pool itself, past vlcache's per-layer lists", "drop the flag"),
+    ("moe_dense_tp_size", "--moe-dense-tp-size", "it turns on attention-TP gathering, which pads batches with rows "
+     "that belong to no request", "drop the flag"),
+    ("language_only", "--language-only", "in encoder disaggregation the image spans arrive from the encoder "
+     "server, a path not validated with compression", "serve the vision encoder in the same server (drop the flag)"),
+    ("enable_memory_saver", "--enable-memory-saver", "releasing and resuming the KV pool has not been validated "
+     "with compacted cells and the backend's device tables", "drop the flag"),
+    ("allow_auto_truncate", "--allow-auto-truncate", "truncation cuts a prompt's tokens without moving its image "
+     "offsets, which locate the statistics window", "drop the flag (over-long prompts are then rejected with a 400)"),
+    ("strip_thinking_cache", "--strip-thinking-cache", "it releases a compressed request's KV in two parts, a path "
+     "not validated with compression", "drop the flag"),
+    ("is_embedding", "--is-embedding", "an embedding request keeps no KV after its prefill, so compression only "
+     "costs", "serve embeddings with another --attention-backend"),
+    ("enable_prefill_cp", "--enable-prefill-cp", "prefill context parallelism gives each rank a slice of the "
+     "prompt; the vlcache backend would plan and keep from that slice only", "drop the flag"),
+)
 
 
 def refusals(server_args: Any, settings: ServerSettings) -> list[Refusal]:
@@ -56,8 +121,9 @@ def refusals(server_args: Any, settings: ServerSettings) -> list[Refusal]:
     if _get(server_args, "enable_lora") or _get(server_args, "lora_paths"):
         out.append(Refusal("--enable-lora / --lora-paths", "LoRA adapters are not supported with compression yet",
                            "serve the adapter with another --attention-backend, or merge it into the weights"))
-    if int(_get(server_args, "dp_size", 1) or 1) > 1 or _get(server_args, "enable_dp_attention"):
-        out.append(Refusal("--dp-size / --enable-dp-attention",
+    if max(int(v or 1) for v in (*_both(server_args, "dp_size", 1), *_both(server_args, "attn_dp_size", 1))) > 1 \
+            or any(_both(server_args, "enable_dp_attention")):
+        out.append(Refusal("--dp-size / --attn-dp-size / --enable-dp-attention",
                            "data-parallel attention is not supported with compression",
                            "run one server per GPU behind SGLang's router (sglang_router) instead"))
     if str(_get(server_args, "disaggregation_mode", "null") or "null") != "null":
@@ -96,6 +162,39 @@ def refusals(server_args: Any, settings: ServerSettings) -> list[Refusal]:
             out.append(Refusal(f"--{phase}-attention-backend {other}",
                                f"{phase} would run {other}, which neither gathers statistics nor reads compacted cells",
                                f"drop --{phase}-attention-backend (vlcache serves both phases)"))
+    for phase_flag, field in (("--dcp-size", "dcp_size"), ("--attn-cp-size", "attn_cp_size")):
+        if (size := max(int(v or 1) for v in _both(server_args, field, 1))) > 1:
+            out.append(Refusal(f"{phase_flag} {size}",
+                               "context parallelism spreads one request's KV over ranks (widened slot ids), "
+                               "which compaction and virtual ids do not know", f"use {phase_flag} 1"))
+    if backend := _other_than(server_args, "radix_cache_backend", "vlcache"):
+        out.append(Refusal(f"--radix-cache-backend {backend}",
+                           "only the vlcache radix cache can hold compressed KV (virtual ids); another tree "
+                           "would index, offload or evict slots it does not understand",
+                           "drop --radix-cache-backend (vlcache is chosen), or --disable-radix-cache"))
+    if dtype := next((v for v in _both(server_args, "kv_cache_dtype") if v in BLOCK_SCALED_KV_DTYPES), None):
+        out.append(Refusal(f"--kv-cache-dtype {dtype}",
+                           "block-scaled KV keeps a scale per block of tokens, so moving single slots would "
+                           "separate values from their scales", "use --kv-cache-dtype auto, fp8_e4m3 or fp8_e5m2"))
+    if canary := _other_than(server_args, "kv_canary", "none"):
+        out.append(Refusal(f"--kv-canary {canary}",
+                           "the canary re-reads every cached position through req_to_token, where compressed "
+                           "positions are virtual ids", "use --kv-canary none (VLCACHE_DEBUG_CHECKS=1 checks "
+                           "the plugin's reads)"))
+    if a2a := _other_than(server_args, "moe_a2a_backend", "none"):
+        out.append(Refusal(f"--moe-a2a-backend {a2a}",
+                           "expert all-to-all turns on attention-TP gathering, which pads batches with rows that "
+                           "belong to no request", "use --moe-a2a-backend none"))
+    if "breakable" in _both(server_args, "cuda_graph_backend_decode"):
+        out.append(Refusal("--cuda-graph-backend-decode breakable",
+                           "breakable decode graphs replay segments the vlcache graph buffers were not built for",
+                           "use --cuda-graph-backend-decode full (the default) or disabled"))
+    if "transformers" in _both(server_args, "model_impl"):
+        out.append(Refusal("--model-impl transformers", "the vlcache hooks on the vision encoder and the model "
+                           "are SGLang's implementations'", "use --model-impl auto or sglang"))
+    for field, flag, why, instead in UNSERVED_SWITCHES:
+        if any(_both(server_args, field)):
+            out.append(Refusal(flag, why, instead))
     if str(_get(server_args, "device", "") or "").startswith("cuda") and settings.compression.compresses \
             and settings.cuda_executor not in COMPRESSING_CUDA_EXECUTORS:
         out.append(Refusal(

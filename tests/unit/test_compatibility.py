@@ -3,8 +3,6 @@ backend cannot serve is named, with what to do instead; supported flags pass. On
 launch through the stock launcher is in tests/e2e/test_launch_errors.py."""
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
 from vlcache_sglang import compatibility
@@ -24,19 +22,8 @@ pytest.importorskip("sglang")
 
 
 @pytest.fixture(scope="module")
-def parse(tiny_model_dir):
-    from sglang.srt.server_args import ServerArgs, add_attention_backend_choices
-
-    add_attention_backend_choices(["vlcache"])  # what the plugin's register() adds (no hooks here)
-    parser = argparse.ArgumentParser()
-    ServerArgs.add_cli_args(parser)
-
-    def make(*flags: str) -> "ServerArgs":
-        args = parser.parse_args(["--model-path", str(tiny_model_dir), "--attention-backend", "vlcache",
-                                  "--device", "cpu", *flags])
-        return ServerArgs.from_cli_args(args)
-
-    return make
+def parse(parse_server_args):
+    return parse_server_args
 
 
 COMPRESS = CompressionSettings(budget=0.1)
@@ -56,6 +43,24 @@ REFUSED = [
     (["--enable-streaming-session"], "--enable-streaming-session", "open sessions without `streaming`"),
     (["--enable-session-radix-cache"], "--enable-session-radix-cache", "drop the flag"),
     (["--radix-eviction-policy", "tlru"], "--radix-eviction-policy tlru", "use --radix-eviction-policy lru"),
+    (["--attn-dp-size", "2"], "--dp-size / --attn-dp-size", "sglang_router"),
+    (["--dcp-size", "2"], "--dcp-size 2", "use --dcp-size 1"),
+    (["--attn-cp-size", "2"], "--attn-cp-size 2", "use --attn-cp-size 1"),
+    (["--enable-prefill-cp"], "--enable-prefill-cp", "drop the flag"),
+    (["--radix-cache-backend", "flexkv"], "--radix-cache-backend flexkv", "--disable-radix-cache"),
+    (["--kv-cache-dtype", "mxfp8"], "--kv-cache-dtype mxfp8", "fp8_e4m3"),
+    (["--kv-canary", "log"], "--kv-canary log", "VLCACHE_DEBUG_CHECKS=1"),
+    (["--moe-a2a-backend", "deepep"], "--moe-a2a-backend deepep", "use --moe-a2a-backend none"),
+    (["--moe-dense-tp-size", "1"], "--moe-dense-tp-size", "drop the flag"),
+    (["--cuda-graph-backend-decode", "breakable"], "--cuda-graph-backend-decode breakable", "full (the default)"),
+    (["--model-impl", "transformers"], "--model-impl transformers", "use --model-impl auto"),
+    (["--hicache-storage-backend", "file"], "--hicache-storage-backend", "drop the flag"),
+    *[([flag], flag, "") for flag in ("--enable-lmcache", "--enable-flexkv", "--enable-unified-cache-external-linker",
+                                      "--enable-pdmux", "--enable-two-batch-overlap", "--enable-mis",
+                                      "--enable-deterministic-inference", "--enable-nvidia-megakernel",
+                                      "--enable-amd-monokernel", "--language-only", "--enable-memory-saver",
+                                      "--allow-auto-truncate", "--strip-thinking-cache", "--is-embedding")],
+    (["--rl-on-policy-target", "fsdp"], "--rl-on-policy-target", "--attention-backend flashinfer"),
 ]
 
 
@@ -74,6 +79,20 @@ SUPPORTED = [[], ["--disable-radix-cache"], ["--disable-overlap-schedule"], ["--
 @pytest.mark.parametrize("flags", SUPPORTED, ids=[" ".join(f) or "defaults" for f in SUPPORTED])
 def test_supported_flags_pass(parse, flags):
     assert refusals(parse(*flags), COMPRESS, environ={}) == []
+
+
+def test_features_sglang_resolution_turns_on_are_refused(parse):
+    """Refusals read what SGLang's resolution settled on, not only the flags as typed:
+    ``--attn-dp-size`` is DP attention although ``dp_size`` and ``enable_dp_attention`` stay at
+    their defaults, and the deprecated pair is folded into it (raw fields reset)."""
+    for flags in (["--attn-dp-size", "2", "--tp-size", "2"], ["--dp-size", "2", "--enable-dp-attention", "--tp-size", "2"]):
+        sa = parse(*flags)
+        sa.resolve_once()
+        found = refusals(sa, COMPRESS, environ={})
+        assert [r.flag for r in found] == ["--dp-size / --attn-dp-size / --enable-dp-attention"], flags
+    sa = parse("--tp-size", "2")
+    sa.resolve_once()
+    assert refusals(sa, COMPRESS, environ={}) == []
 
 
 def test_every_problem_is_listed_at_once(parse):
@@ -113,3 +132,25 @@ def test_compressing_request_to_a_non_compressing_server_is_a_400(monkeypatch):
     _verify_request(None, SamplingParams())
     monkeypatch.setattr(launch_hooks, "serving_settings", lambda: ServerSettings(compresses=True))
     _verify_request(None, SamplingParams(custom_params={"vlcache": {"budget": 0.1}}))
+
+
+def test_a_pool_other_than_mha_stops_the_backend_naming_it():
+    """An MLA model (or any pool class not validated here) never reaches compaction: the backend
+    stops at construction naming the pool, instead of failing on a missing ``k_buffer`` mid-start."""
+    import torch
+    from types import SimpleNamespace
+
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool, ReqToTokenPool
+
+    from vlcache_sglang.backend.attention_backend import VLCacheAttnBackend
+
+    pool = MLATokenToKVPool(size=64, page_size=1, dtype=torch.float32, kv_lora_rank=16, qk_rope_head_dim=8,
+                            layer_num=2, device="cpu", enable_memory_saver=False)
+    runner = SimpleNamespace(
+        device="cpu", token_to_kv_pool=pool, dtype=torch.float32, tp_size=1,
+        req_to_token_pool=ReqToTokenPool(size=2, max_context_len=16, device="cpu", enable_memory_saver=False),
+        token_to_kv_pool_allocator=TokenToKVPoolAllocator(64, torch.float32, "cpu", pool, need_sort=False),
+        model_config=SimpleNamespace(num_attention_heads=4, get_num_kv_heads=lambda tp: 1, context_len=16))
+    with pytest.raises(ValueError, match="MHATokenToKVPool.*this launch built MLATokenToKVPool.*another --attention-backend"):
+        VLCacheAttnBackend(runner)
