@@ -192,6 +192,9 @@ def test_tree_sizes_stay_exact_through_a_random_workload_on_sglangs_radix_tree(p
     from types import SimpleNamespace
 
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
+    from collections import Counter
+
+    from sglang.srt.disaggregation.kv_events import BlockRemoved, BlockStored
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
     from sglang.srt.mem_cache.radix_cache import RadixKey
@@ -206,14 +209,32 @@ def test_tree_sizes_stay_exact_through_a_random_workload_on_sglangs_radix_tree(p
     try:
         tree = VLCacheRadixCache(CacheInitParams(disable=False, req_to_token_pool=req_pool,
                                                  token_to_kv_pool_allocator=allocator, page_size=1,
-                                                 eviction_policy=eviction_policy), runtime)
+                                                 eviction_policy=eviction_policy, enable_kv_cache_events=True),
+                                 runtime)
         assert type(tree.eviction_strategy).__name__.lower().startswith(eviction_policy)
         assert runtime.compressor.layer_lists.rows_reported  # the tree reports its row rewrites
         g = torch.Generator().manual_seed(11)
         locked = []
         seen = set()
 
+        published: Counter = Counter()  # blocks a router following --kv-events-config believes cached
+
+        def tree_tokens() -> int:
+            stack, total = [tree.root_node], 0
+            while stack:
+                node = stack.pop()
+                total += len(node.key) if node is not tree.root_node else 0
+                stack.extend(node.children.values())
+            return total
+
         def check():
+            for event in tree.kv_events.take():
+                if isinstance(event, BlockStored):
+                    published.update(event.block_hashes)
+                elif isinstance(event, BlockRemoved):
+                    published.subtract(event.block_hashes)
+            assert min(published.values(), default=0) >= 0  # nothing removed that was not stored
+            assert sum(published.values()) == tree_tokens()  # page size 1: one block per cached token
             assert (vkv.live_cell_slots(), *vkv.cached_cell_slots()) == vkv.recount()
             ev, prot = vkv.cached_cell_slots()
             seen.update(n for n, c in (("evictable", ev), ("protected", prot)) if c)
@@ -255,5 +276,6 @@ def test_tree_sizes_stay_exact_through_a_random_workload_on_sglangs_radix_tree(p
         check()
         assert allocator.available_size() == SIZE and vkv.recount() == (0, 0, 0)
         assert seen == {"evictable", "protected"}
+        assert +published == Counter()  # the event stream ends balanced: every stored block removed
     finally:
         runtime.tree = None
