@@ -54,7 +54,7 @@ def server(tiny_model_dir, launch_file):
     with running_server(tiny_model_dir, attention_backend="vlcache", max_total_tokens=6000, max_running_requests=8,
                         extra_args=["--enable-mixed-chunk", "--disable-overlap-schedule", "--disable-radix-cache",
                                     "--chunked-prefill-size", "96",
-                                    "--enable-metrics",
+                                    "--enable-metrics", "--min-free-slots-delay", "1",
                                     "--vlcache-budget", "0.1", "--vlcache-config", "none", *GPU_SERVER_ARGS],
                         extra_env={"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "2",
                                    "VLCACHE_DEBUG_CHECKS": "1", "VLCACHE_KERNEL_LAUNCHES": str(launch_file),

@@ -34,7 +34,10 @@ POOL = 3000  # tokens: about ten 285-token prompts, so the workload below must e
 def server():
     # policy defaults (not the bundled model's tuned file), so the figures do not move with tuning
     with running_server(bundled_model_dir(), attention_backend="vlcache", max_total_tokens=POOL,
-                        max_running_requests=6, extra_args=["--vlcache-config", "none"],
+                        max_running_requests=6,
+                        # lpm orders waiting requests by the prefix each matches in the tree (compressed
+                        # and virtual-id prefixes included): the sharing tests below run under it
+                        extra_args=["--vlcache-config", "none", "--schedule-policy", "lpm"],
                         extra_env={"VLCACHE_DEBUG_CHECKS": "1"}) as handle:
         yield handle
 

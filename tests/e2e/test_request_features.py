@@ -45,7 +45,11 @@ SIZE = (224, 224)  # 64 image tokens: a 86-token prompt
 
 # flags users set that change how requests reach the backend (more tokenizer processes, several
 # decode steps per scheduling round, cached-token reports); every case below runs under them
-SCHEDULING_FLAGS = ["--tokenizer-worker-num", "2", "--num-continuous-decode-steps", "4", "--enable-cache-report"]
+#: Admission knobs that only change which requests share a batch and when (every test here runs under them);
+#: SGLang 0.5.23 reads --num-continuous-decode-steps nowhere (kept: a user's launch line still works).
+SCHEDULING_FLAGS = ["--tokenizer-worker-num", "2", "--num-continuous-decode-steps", "4", "--enable-cache-report",
+                    "--schedule-conservativeness", "0.5", "--max-prefill-tokens", "4096", "--prefill-max-requests", "2",
+                    "--context-length", "4096", "--prefill-decode-interval", "1", "--enable-prefill-delayer"]
 
 
 @pytest.fixture(scope="module")
