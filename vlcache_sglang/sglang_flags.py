@@ -1,0 +1,121 @@
+"""Every field of SGLang 0.5.23's ``ServerArgs``, and what it means under ``--attention-backend vlcache``.
+
+The project's rule for SGLang's features: each works with compression, with a test, or the launch
+refuses it naming the flag and what to do instead. ``sglang_flags.tsv`` (next to this module) holds
+that for all 546 fields, one row each, so none is silently unknown:
+
+- ``served``: works with compression; ``tests`` names where it is shown. Values listed in
+  ``refused_with`` (e.g. ``--radix-eviction-policy tlru``) are refused.
+- ``refused``: :func:`vlcache_sglang.compatibility.refusals` stops the launch; ``refused_with`` is
+  a launch that sets it.
+- ``no-kv-effect``: cannot reach the KV pool, the allocator, ``req_to_token``, the radix tree, the
+  attention backend or which tokens a batch holds (HTTP, logging, tokenizer, weight loading, ...).
+- ``other-models``: acts only for a model family or feature named in the note (MoE experts, MLA,
+  mamba, sliding-window hybrids, speculative decoding, ...); models whose KV pool vlcache cannot
+  compact stop at start-up (``check_pool_class``, the radix cache's hybrid refusal).
+- ``sub-option``: acts only when ``parent`` is set; that field's row applies.
+
+``tests/unit/test_sglang_flags.py`` fails when SGLang adds, renames or drops a field, when a
+refused row's launch is not refused, or when a named test is gone; ``docs/sglang-flags.md`` is
+rendered from the table: ``python -m vlcache_sglang.sglang_flags --write docs/sglang-flags.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import shlex
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Mapping
+
+TABLE = Path(__file__).with_name("sglang_flags.tsv")
+
+
+class Support(str, Enum):
+    SERVED = "served"
+    REFUSED = "refused"
+    NO_KV_EFFECT = "no-kv-effect"
+    OTHER_MODELS = "other-models"
+    SUB_OPTION = "sub-option"
+
+
+@dataclass(frozen=True)
+class FlagSupport:
+    """One ``ServerArgs`` field: how vlcache serves it and the evidence."""
+
+    field: str
+    support: Support
+    tests: tuple[str, ...]  # pytest node ids (path::function)
+    refused_with: tuple[str, ...]  # launch arguments that are refused
+    parent: str  # sub-option: the field it depends on
+    note: str
+
+
+def load(path: Path = TABLE) -> dict[str, FlagSupport]:
+    """The table, by field name (file order kept)."""
+    out: dict[str, FlagSupport] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            name = row["field"]
+            if name in out:
+                raise ValueError(f"{path.name}: {name} appears twice")
+            out[name] = FlagSupport(name, Support(row["support"]),
+                                    tuple(t for t in row["tests"].split(",") if t),
+                                    tuple(shlex.split(row["refused_with"])), row["parent"], row["note"])
+    return out
+
+
+def cli_spellings() -> dict[str, str]:
+    """Field name -> the flag(s) SGLang's parser accepts for it (``(none)`` for internal fields)."""
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    out: dict[str, list[str]] = {}
+    for action in parser._actions:
+        out.setdefault(action.dest, []).extend(s for s in action.option_strings if s.startswith("--"))
+    return {k: " / ".join(dict.fromkeys(v)) for k, v in out.items()}
+
+
+def render_markdown(table: Mapping[str, FlagSupport], spellings: Mapping[str, str]) -> str:
+    """docs/sglang-flags.md: counts, then every field in SGLang's order."""
+    counts = {s: sum(r.support is s for r in table.values()) for s in Support}
+    lines = [
+        "# SGLang's flags under `--attention-backend vlcache`",
+        "",
+        "Generated from `vlcache_sglang/sglang_flags.tsv` by `python -m vlcache_sglang.sglang_flags --write "
+        "docs/sglang-flags.md`; `tests/unit/test_sglang_flags.py` checks that it covers every `ServerArgs` field of "
+        "the installed SGLang, that each refused launch is refused and that each named test exists. "
+        "What the kinds mean: `vlcache_sglang/sglang_flags.py`.",
+        "",
+        "| kind | fields |", "|---|---|",
+        *[f"| {s.value} | {counts[s]} |" for s in Support],
+        "",
+        "| field | flag | kind | note | evidence |", "|---|---|---|---|---|",
+    ]
+    for r in table.values():
+        evidence = [f"`{t}`" for t in r.tests]
+        if r.refused_with:
+            evidence.append("refused: `" + " ".join(r.refused_with) + "`")
+        if r.parent:
+            evidence.append(f"under `{r.parent}`")
+        note = r.note.replace("|", "\\|")
+        flag = spellings.get(r.field) or "(none)"
+        lines.append(f"| `{r.field}` | {flag} | {r.support.value} | {note} | {'; '.join(evidence)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", type=Path, help="write the markdown page here (default: print it)")
+    args = ap.parse_args(argv)
+    text = render_markdown(load(), cli_spellings())
+    if args.write:
+        args.write.write_text(text)
+    else:
+        print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
