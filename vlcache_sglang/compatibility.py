@@ -3,7 +3,8 @@
 Checked after ``ServerArgs.resolve_once`` (launcher and ``sglang.Engine``), before any model is loaded, so an
 unsupported combination stops with a message that names the flag and what to do instead, rather
 than crashing inside a forward or serving uncompressed in silence. The README's compatibility
-matrix lists every row with its test. Pure: reads attributes of ``ServerArgs`` only.
+matrix lists the rows users ask about; docs/sglang-flags.md (from ``sglang_flags.tsv``) every field.
+Pure: reads ``ServerArgs`` (its fields and SGLang's resolution record) only.
 """
 from __future__ import annotations
 
@@ -89,8 +90,6 @@ UNSERVED_SWITCHES: tuple[tuple[str, str, str, str], ...] = (
      "server, a path not validated with compression", "serve the vision encoder in the same server (drop the flag)"),
     ("enable_memory_saver", "--enable-memory-saver", "releasing and resuming the KV pool has not been validated "
      "with compacted cells and the backend's device tables", "drop the flag"),
-    ("allow_auto_truncate", "--allow-auto-truncate", "truncation cuts a prompt's tokens without moving its image "
-     "offsets, which locate the statistics window", "drop the flag (over-long prompts are then rejected with a 400)"),
     ("strip_thinking_cache", "--strip-thinking-cache", "it releases a compressed request's KV in two parts, a path "
      "not validated with compression", "drop the flag"),
     ("is_embedding", "--is-embedding", "an embedding request keeps no KV after its prefill, so compression only "

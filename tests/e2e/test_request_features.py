@@ -1,6 +1,6 @@
 """SGLang's per-request features on compressed requests, in one real server (tiny random Qwen2-VL,
-CPU, ``--enable-return-hidden-states``, two tokenizer processes, four decode steps per scheduling
-round, cached-token reports), each request at budget 0.1:
+CPU, ``--enable-return-hidden-states``, two tokenizer processes, cached-token reports, admission
+knobs, ``--allow-auto-truncate``), each request at budget 0.1:
 
 - parallel sampling (``n`` > 1): SGLang prefills the prompt once and forks it; every copy is
   compressed on its own and, greedy, gives the ``n = 1`` tokens;
@@ -19,7 +19,10 @@ round, cached-token reports), each request at budget 0.1:
 - priority scheduling (``--enable-priority-scheduling``, two running requests at most): a
   high-priority arrival preempts a running compressed request, which SGLang re-prefills with the
   tokens it had generated; the plugin plans again over all of them and the rest of its answer is
-  the Hugging Face reference of that plan.
+  the Hugging Face reference of that plan;
+- ``--allow-auto-truncate``: SGLang truncates only prompts without images (a multimodal prompt past
+  the limit is aborted before truncation is considered), which the plugin serves as stock, so no
+  plan ever covers a cut prompt.
 
 Streaming sessions and session radix caching are refused at launch
 (``tests/unit/test_compatibility.py``).
@@ -41,15 +44,17 @@ from vlcache_sglang.tooling.serving import flush_cache, running_server, vlcache_
 
 pytestmark = pytest.mark.server
 SIZE = (224, 224)  # 64 image tokens: a 86-token prompt
+CONTEXT = 4096
 
 
-# flags users set that change how requests reach the backend (more tokenizer processes, several
-# decode steps per scheduling round, cached-token reports); every case below runs under them
-#: Admission knobs that only change which requests share a batch and when (every test here runs under them);
-#: SGLang 0.5.23 reads --num-continuous-decode-steps nowhere (kept: a user's launch line still works).
+#: Flags users set that change how requests reach the backend: more tokenizer processes, cached-token
+#: reports, admission knobs that only change which requests share a batch and when, and prompts over
+#: the context length truncated instead of rejected. Every case below runs under them. SGLang 0.5.23
+#: reads --num-continuous-decode-steps nowhere (kept: a user's launch line still works).
 SCHEDULING_FLAGS = ["--tokenizer-worker-num", "2", "--num-continuous-decode-steps", "4", "--enable-cache-report",
                     "--schedule-conservativeness", "0.5", "--max-prefill-tokens", "4096", "--prefill-max-requests", "2",
-                    "--context-length", "4096", "--prefill-decode-interval", "1", "--enable-prefill-delayer"]
+                    "--context-length", str(CONTEXT), "--prefill-decode-interval", "1", "--enable-prefill-delayer",
+                    "--allow-auto-truncate"]
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +232,21 @@ def test_priority_preemption_recomputes_the_preempted_request(server, hf):
     # ignore_eos: SGLang neither stops at nor masks EOS, and the reference is given no EOS
     assert_recomputed_like_reference(hf, out, PROMPT, make_test_image(20 + i, SIZE), PREEMPT_NEW,
                                      where=f"; server log {server.log_path}")
+
+
+def test_auto_truncate_cuts_only_text_prompts_and_no_plan_covers_one(server, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    long_text = "the key to the red box is seven " * 700
+    typed = len(AutoTokenizer.from_pretrained(tiny_model_dir)(long_text)["input_ids"])
+    assert typed > CONTEXT
+    text = post(server, {"text": long_text, "sampling_params": sampling(0.1)})
+    assert text["meta_info"]["prompt_tokens"] < CONTEXT  # truncated, and answered
+    assert text["meta_info"]["vlcache_not_compressed"] == ["text_only"]
+    body = {**request(21), "text": long_text + PROMPT}
+    r = requests.post(f"{server.url}/generate", json=body, timeout=600)
+    assert 400 <= r.status_code < 500 and "too long" in r.text, (r.status_code, r.text[:300])
+    assert compressed(post(server, request(21)))  # the server keeps serving, compressing
 
 
 def test_every_store_is_back_at_its_start(server):
