@@ -90,8 +90,6 @@ UNSERVED_SWITCHES: tuple[tuple[str, str, str, str], ...] = (
      "server, a path not validated with compression", "serve the vision encoder in the same server (drop the flag)"),
     ("enable_memory_saver", "--enable-memory-saver", "releasing and resuming the KV pool has not been validated "
      "with compacted cells and the backend's device tables", "drop the flag"),
-    ("strip_thinking_cache", "--strip-thinking-cache", "it releases a compressed request's KV in two parts, a path "
-     "not validated with compression", "drop the flag"),
     ("is_embedding", "--is-embedding", "an embedding request keeps no KV after its prefill, so compression only "
      "costs", "serve embeddings with another --attention-backend"),
     ("enable_prefill_cp", "--enable-prefill-cp", "prefill context parallelism gives each rank a slice of the "

@@ -22,7 +22,12 @@ knobs, ``--allow-auto-truncate``), each request at budget 0.1:
   the Hugging Face reference of that plan;
 - ``--allow-auto-truncate``: SGLang truncates only prompts without images (a multimodal prompt past
   the limit is aborted before truncation is considered), which the plugin serves as stock, so no
-  plan ever covers a cut prompt.
+  plan ever covers a cut prompt;
+- ``--reasoning-parser qwen3 --strip-thinking-cache``: a compressed request with
+  ``require_reasoning`` (every output token is thinking: the random model never closes
+  ``</think>``) owns only its prompt at the end, so SGLang frees its output slots as overallocated
+  in a separate release; its tokens, and a repeat's over its cached compressed prompt
+  (``compressed`` sharing), equal those of the request without reasoning.
 
 Streaming sessions and session radix caching are refused at launch
 (``tests/unit/test_compatibility.py``).
@@ -49,12 +54,13 @@ CONTEXT = 4096
 
 #: Flags users set that change how requests reach the backend: more tokenizer processes, cached-token
 #: reports, admission knobs that only change which requests share a batch and when, and prompts over
-#: the context length truncated instead of rejected. Every case below runs under them. SGLang 0.5.23
+#: the context length truncated instead of rejected, a reasoning parser whose thinking tokens are not
+#: cached (--strip-thinking-cache). Every case below runs under them. SGLang 0.5.23
 #: reads --num-continuous-decode-steps nowhere (kept: a user's launch line still works).
 SCHEDULING_FLAGS = ["--tokenizer-worker-num", "2", "--num-continuous-decode-steps", "4", "--enable-cache-report",
                     "--schedule-conservativeness", "0.5", "--max-prefill-tokens", "4096", "--prefill-max-requests", "2",
                     "--context-length", str(CONTEXT), "--prefill-decode-interval", "1", "--enable-prefill-delayer",
-                    "--allow-auto-truncate"]
+                    "--allow-auto-truncate", "--reasoning-parser", "qwen3", "--strip-thinking-cache"]
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +253,25 @@ def test_auto_truncate_cuts_only_text_prompts_and_no_plan_covers_one(server, tin
     r = requests.post(f"{server.url}/generate", json=body, timeout=600)
     assert 400 <= r.status_code < 500 and "too long" in r.text, (r.status_code, r.text[:300])
     assert compressed(post(server, request(21)))  # the server keeps serving, compressing
+
+
+def test_a_compressed_reasoning_request_under_strip_thinking_cache(server):
+    """Stripping only changes what is released: the reasoning request's tokens, and those of a repeat
+    reusing its cached compressed prompt (``compressed`` sharing), equal a plain request's."""
+    def twice(reasoning: bool) -> list[dict]:
+        flush_cache(server.url)
+        body = {**request(31), "require_reasoning": reasoning}
+        body["sampling_params"]["custom_params"]["vlcache"]["sharing"] = "compressed"
+        return [post(server, body), post(server, body)]
+
+    plain, thinking = twice(False), twice(True)
+    assert thinking[0]["meta_info"]["reasoning_tokens"] == len(thinking[0]["output_ids"]) > 0
+    assert plain[0]["meta_info"]["reasoning_tokens"] == 0
+    for p, t in zip(plain, thinking):
+        assert compressed(p) and compressed(t)
+        assert t["output_ids"] == p["output_ids"]
+        assert t["meta_info"]["cached_tokens"] == p["meta_info"]["cached_tokens"]
+    assert thinking[1]["meta_info"]["cached_tokens"] > 0  # the stripped request's compressed prompt was reused
 
 
 def test_every_store_is_back_at_its_start(server):

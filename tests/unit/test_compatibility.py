@@ -59,7 +59,7 @@ REFUSED = [
                                       "--enable-pdmux", "--enable-two-batch-overlap", "--enable-mis",
                                       "--enable-deterministic-inference", "--enable-nvidia-megakernel",
                                       "--enable-amd-monokernel", "--language-only", "--enable-memory-saver",
-                                      "--strip-thinking-cache", "--is-embedding")],
+                                      "--is-embedding")],
     (["--rl-on-policy-target", "fsdp"], "--rl-on-policy-target", "--attention-backend flashinfer"),
 ]
 
@@ -71,7 +71,7 @@ def test_unsupported_flag_is_refused_by_name(parse, flags, named, instead):
     assert found[0].message().startswith(named) and instead in found[0].message()
 
 
-SUPPORTED = [[], ["--disable-radix-cache"], ["--allow-auto-truncate"], ["--disable-overlap-schedule"], ["--chunked-prefill-size", "64"],
+SUPPORTED = [[], ["--disable-radix-cache"], ["--allow-auto-truncate"], ["--strip-thinking-cache"], ["--disable-overlap-schedule"], ["--chunked-prefill-size", "64"],
              ["--enable-metrics"], ["--enable-mixed-chunk"], ["--page-size", "1"], ["--tp-size", "2"],
              ["--prefill-attention-backend", "vlcache"]]
 
