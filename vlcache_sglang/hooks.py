@@ -82,7 +82,7 @@ HOOKS: tuple[Hook, ...] = (
     Hook(f"{SA}.resolve_once", "after", "one ServerSettings per launch; refusals before any model loads",
          launch.settle_launch, ("self",)),
     Hook("sglang.srt.sampling.sampling_params.SamplingParams.verify", "after",
-         "a bad custom_params['vlcache'] is a 400 in the HTTP process", launch.verify_request, ("self",)),
+         "a bad custom_params['vlcache'] (or beam_width > 1) is a 400 in the HTTP process", launch.verify_request, ("self",)),
     # -- memory budget ----------------------------------------------------------------------
     Hook("sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._create_buffers_normal", "around",
          "K and V allocated as one [L * R, heads, dim] tensor each (re-homing costs nothing)",

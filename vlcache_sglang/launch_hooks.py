@@ -112,12 +112,19 @@ def serving_settings() -> ServerSettings | None:
 
 def verify_request(result, sampling_params, *args, **kwargs):
     """Reject a bad ``custom_params["vlcache"]`` in the HTTP process: a 400, not a crash. A
-    request asking for compression from a server that cannot compress is a 400 too."""
+    request asking for compression from a server that cannot compress is a 400 too, and so is
+    beam search (``beam_width`` > 1) on a vlcache server."""
     from vlcache_sglang.compatibility import not_compressing_message
     from vlcache_sglang.policy_resolution import check_request
     from vlcache_sglang.settings import check_request_sharing
 
     server = serving_settings()
+    if server is not None and int(getattr(sampling_params, "beam_width", 0) or 0) > 1:
+        # beam rows alias the leader's (compacted) row and ride the decode batch without a request
+        # of their own: before this check one beam request killed the scheduler, budget 1.0 too
+        raise ValueError(f"beam_width {sampling_params.beam_width}: beam search is not supported by "
+                         "--attention-backend vlcache; drop beam_width (use n for several samples), or serve "
+                         "beam search with --attention-backend flashinfer/triton")
     settings = server.compression if server is not None else CompressionSettings()
     try:
         policy = check_request(settings, sampling_params.custom_params)
