@@ -62,6 +62,20 @@ def _other_than(server_args: Any, name: str, *served: Any) -> Any:
 #: tokens a request's rows hold, none of which knows about compacted cells or virtual ids:
 #: (field, the flag as typed, why, what to do instead). Refused when the field is truthy.
 UNSERVED_SWITCHES: tuple[tuple[str, str, str, str], ...] = (
+    ("enable_hierarchical_cache", "--enable-hierarchical-cache", "HiCache's host copies do not know about "
+     "compacted cells", "drop the flag (the vlcache radix cache shares compressed prefixes on the device)"),
+    # SGLang's registry refuses these two as well, but only in the scheduler after the model has loaded,
+    # pointing at its own issue tracker; the vlcache tree extends RadixCache, not UnifiedRadixCache
+    ("enable_streaming_session", "--enable-streaming-session", "streaming sessions keep each turn's KV in "
+     "SGLang's UnifiedRadixCache, which the vlcache radix cache (compressed prefixes, virtual ids) does not extend",
+     "drop the flag and open sessions without `streaming` (served: each turn is prefilled and planned over the "
+     "whole conversation)"),
+    ("enable_session_radix_cache", "--enable-session-radix-cache", "session radix caching lives in SGLang's "
+     "UnifiedRadixCache, which the vlcache radix cache does not extend", "drop the flag (sessions without it are served)"),
+    ("enable_hisparse", "--enable-hisparse", "HiSparse is another KV sparsification; it cannot stack with vlcache",
+     "choose one: drop --enable-hisparse or serve with another --attention-backend"),
+    ("enable_torch_compile", "--enable-torch-compile", "the backend's host-side compaction cannot be compiled",
+     "drop the flag (decode CUDA graphs are supported)"),
     ("enable_lmcache", "--enable-lmcache", "LMCache offloads and reloads KV pages by slot, and its tree is "
      "replaced by the vlcache radix cache", "drop the flag (the vlcache radix cache shares prefixes on the device)"),
     ("enable_flexkv", "--enable-flexkv", "FlexKV offloads and reloads KV by slot, and its tree is replaced by the "
@@ -127,32 +141,10 @@ def refusals(server_args: Any, settings: ServerSettings) -> list[Refusal]:
         out.append(Refusal(f"--disaggregation-mode {server_args.disaggregation_mode}",
                            "prefill/decode disaggregation would transfer the uncompacted pool layout",
                            "serve without disaggregation"))
-    if _get(server_args, "enable_hierarchical_cache"):
-        out.append(Refusal("--enable-hierarchical-cache", "HiCache's host copies do not know about compacted cells",
-                           "drop the flag (the vlcache radix cache shares compressed prefixes on the device)"))
-    # SGLang's registry refuses these too, but only in the scheduler after the model has loaded,
-    # pointing at its own issue tracker; the vlcache tree extends RadixCache, not UnifiedRadixCache
-    if _get(server_args, "enable_streaming_session"):
-        out.append(Refusal("--enable-streaming-session",
-                           "streaming sessions keep each turn's KV in SGLang's UnifiedRadixCache, which the "
-                           "vlcache radix cache (compressed prefixes, virtual ids) does not extend",
-                           "drop the flag and open sessions without `streaming` (served: each turn is "
-                           "prefilled and planned over the whole conversation)"))
-    if _get(server_args, "enable_session_radix_cache"):
-        out.append(Refusal("--enable-session-radix-cache",
-                           "session radix caching lives in SGLang's UnifiedRadixCache, which the vlcache radix "
-                           "cache does not extend",
-                           "drop the flag (sessions without it are served)"))
     if str(_get(server_args, "radix_eviction_policy", "lru") or "lru").lower() == "tlru":
         out.append(Refusal("--radix-eviction-policy tlru",
                            "T-LRU's per-node tail bookkeeping exists only in SGLang's UnifiedRadixCache",
                            "use --radix-eviction-policy lru (the default), lfu, slru or priority"))
-    if _get(server_args, "enable_hisparse"):
-        out.append(Refusal("--enable-hisparse", "HiSparse is another KV sparsification; it cannot stack with vlcache",
-                           "choose one: drop --enable-hisparse or serve with another --attention-backend"))
-    if _get(server_args, "enable_torch_compile"):
-        out.append(Refusal("--enable-torch-compile", "the backend's host-side compaction cannot be compiled",
-                           "drop the flag (decode CUDA graphs are supported)"))
     for phase in ("prefill", "decode"):
         other = _get(server_args, f"{phase}_attention_backend")
         if other and other != "vlcache":

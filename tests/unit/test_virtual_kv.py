@@ -189,12 +189,11 @@ def test_tree_sizes_stay_exact_through_a_random_workload_on_sglangs_radix_tree(p
     under each ``--radix-eviction-policy`` the tree serves (its eviction orders leaves by SGLang's
     own strategy object)."""
     from array import array
+    from collections import Counter
     from types import SimpleNamespace
 
-    from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
-    from collections import Counter
-
     from sglang.srt.disaggregation.kv_events import BlockRemoved, BlockStored
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
     from sglang.srt.mem_cache.radix_cache import RadixKey
