@@ -53,6 +53,11 @@ def _both(server_args: Any, name: str, default: Any = None) -> tuple[Any, Any]:
     return _get(server_args, name, default), getattr(server_args, name, default)
 
 
+def _largest(server_args: Any, name: str) -> int:
+    """The larger of :func:`_both` for a size (unset counts as 1)."""
+    return max(int(v or 1) for v in _both(server_args, name, 1))
+
+
 def _other_than(server_args: Any, name: str, *served: Any) -> Any:
     """The first of :func:`_both` that is set and not one of ``served`` (else ``None``)."""
     return next((v for v in _both(server_args, name) if v not in (None, "", *served)), None)
@@ -108,51 +113,53 @@ UNSERVED_SWITCHES: tuple[tuple[str, str, str, str], ...] = (
      "costs", "serve embeddings with another --attention-backend"),
     ("enable_prefill_cp", "--enable-prefill-cp", "prefill context parallelism gives each rank a slice of the "
      "prompt; the vlcache backend would plan and keep from that slice only", "drop the flag"),
+    ("enable_return_routed_experts", "--enable-return-routed-experts", "a finished request's routed experts are "
+     "read from a host buffer indexed by its req_to_token row, which after compaction holds virtual ids past that "
+     "buffer and slots freed to other requests", "drop the flag (MoE models are served without it)"),
 )
 
 
 def refusals(server_args: Any, settings: ServerSettings) -> list[Refusal]:
     """Every reason this launch of ``--attention-backend vlcache`` cannot be served correctly."""
     out: list[Refusal] = []
-    if _get(server_args, "speculative_algorithm"):
+    if algo := _other_than(server_args, "speculative_algorithm"):
         out.append(Refusal(
-            f"--speculative-algorithm {server_args.speculative_algorithm}",
+            f"--speculative-algorithm {algo}",
             "speculative decoding is not supported by the vlcache backend (target-verify forwards "
             "would be compacted again; the draft worker would wrap the KV allocator twice)",
             "drop the flag, or serve speculative decoding with --attention-backend flashinfer/triton"))
-    if int(_get(server_args, "pp_size", 1) or 1) > 1:
-        out.append(Refusal(f"--pp-size {server_args.pp_size}",
+    if (pp := _largest(server_args, "pp_size")) > 1:
+        out.append(Refusal(f"--pp-size {pp}",
                            "pipeline parallelism is not supported (per-layer plans need every layer in one process)",
                            "use --pp-size 1"))
-    if int(_get(server_args, "page_size", 1) or 1) > 1:
-        out.append(Refusal(f"--page-size {server_args.page_size}",
+    if (page := _largest(server_args, "page_size")) > 1:
+        out.append(Refusal(f"--page-size {page}",
                            "compaction moves single KV slots; the paged allocator frees whole pages and "
                            "would bypass the plugin's virtual-id filter",
                            "use --page-size 1 (the default)"))
-    if _get(server_args, "enable_lora") or _get(server_args, "lora_paths"):
+    if any(_both(server_args, "enable_lora")) or any(_both(server_args, "lora_paths")):
         out.append(Refusal("--enable-lora / --lora-paths", "LoRA adapters are not supported with compression yet",
                            "serve the adapter with another --attention-backend, or merge it into the weights"))
-    if max(int(v or 1) for v in (*_both(server_args, "dp_size", 1), *_both(server_args, "attn_dp_size", 1))) > 1 \
+    if max(_largest(server_args, "dp_size"), _largest(server_args, "attn_dp_size")) > 1 \
             or any(_both(server_args, "enable_dp_attention")):
         out.append(Refusal("--dp-size / --attn-dp-size / --enable-dp-attention",
                            "data-parallel attention is not supported with compression",
                            "run one server per GPU behind SGLang's router (sglang_router) instead"))
-    if str(_get(server_args, "disaggregation_mode", "null") or "null") != "null":
-        out.append(Refusal(f"--disaggregation-mode {server_args.disaggregation_mode}",
+    if mode := _other_than(server_args, "disaggregation_mode", "null"):
+        out.append(Refusal(f"--disaggregation-mode {mode}",
                            "prefill/decode disaggregation would transfer the uncompacted pool layout",
                            "serve without disaggregation"))
-    if str(_get(server_args, "radix_eviction_policy", "lru") or "lru").lower() == "tlru":
+    if any(str(v).lower() == "tlru" for v in _both(server_args, "radix_eviction_policy")):
         out.append(Refusal("--radix-eviction-policy tlru",
                            "T-LRU's per-node tail bookkeeping exists only in SGLang's UnifiedRadixCache",
                            "use --radix-eviction-policy lru (the default), lfu, slru or priority"))
     for phase in ("prefill", "decode"):
-        other = _get(server_args, f"{phase}_attention_backend")
-        if other and other != "vlcache":
+        if other := _other_than(server_args, f"{phase}_attention_backend", "vlcache"):
             out.append(Refusal(f"--{phase}-attention-backend {other}",
                                f"{phase} would run {other}, which neither gathers statistics nor reads compacted cells",
                                f"drop --{phase}-attention-backend (vlcache serves both phases)"))
     for phase_flag, field in (("--dcp-size", "dcp_size"), ("--attn-cp-size", "attn_cp_size")):
-        if (size := max(int(v or 1) for v in _both(server_args, field, 1))) > 1:
+        if (size := _largest(server_args, field)) > 1:
             out.append(Refusal(f"{phase_flag} {size}",
                                "context parallelism spreads one request's KV over ranks (widened slot ids), "
                                "which compaction and virtual ids do not know", f"use {phase_flag} 1"))

@@ -83,6 +83,9 @@ HOOKS: tuple[Hook, ...] = (
          launch.settle_launch, ("self",)),
     Hook("sglang.srt.sampling.sampling_params.SamplingParams.verify", "after",
          "a bad custom_params['vlcache'] (or beam_width > 1) is a 400 in the HTTP process", launch.verify_request, ("self",)),
+    Hook("sglang.srt.managers.io_struct.GenerateReqInput.normalize_batch_and_arguments", "after",
+         "extra_key in the vlcache: namespace, token_indices_to_pool without logprob_start_len 0: a 400",
+         launch.verify_generate_request, ("self",)),
     # -- memory budget ----------------------------------------------------------------------
     Hook("sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._create_buffers_normal", "around",
          "K and V allocated as one [L * R, heads, dim] tensor each (re-homing costs nothing)",

@@ -14,7 +14,10 @@ environment. The route of the settings, in order:
    attached to the ``ServerArgs`` (``_vlcache_settings``), which SGLang pickles with its
    bookkeeping into every scheduler, TP rank and the detokenizer;
 5. ``SamplingParams.verify`` (after, HTTP process): a request's ``custom_params["vlcache"]`` is
-   validated once, when it arrives (a 400, not a crash).
+   validated once, when it arrives (a 400, not a crash);
+6. ``GenerateReqInput.normalize_batch_and_arguments`` (after, HTTP process): request fields outside
+   the sampling parameters that a vlcache server cannot serve are a 400 too
+   (:func:`check_generate_request`).
 """
 from __future__ import annotations
 
@@ -110,15 +113,13 @@ def serving_settings() -> ServerSettings | None:
         return None
 
 
-def verify_request(result, sampling_params, *args, **kwargs):
-    """Reject a bad ``custom_params["vlcache"]`` in the HTTP process: a 400, not a crash. A
-    request asking for compression from a server that cannot compress is a 400 too, and so is
-    beam search (``beam_width`` > 1) on a vlcache server."""
+def check_sampling_params(sampling_params, server: ServerSettings | None) -> None:
+    """A bad ``custom_params["vlcache"]``, a request asking for compression from a server that
+    cannot compress, and beam search (``beam_width`` > 1) on a vlcache server: ``ValueError``."""
     from vlcache_sglang.compatibility import not_compressing_message
     from vlcache_sglang.policy_resolution import check_request
     from vlcache_sglang.settings import check_request_sharing
 
-    server = serving_settings()
     if server is not None and int(getattr(sampling_params, "beam_width", 0) or 0) > 1:
         # beam rows alias the leader's (compacted) row and ride the decode batch without a request
         # of their own: before this check one beam request killed the scheduler, budget 1.0 too
@@ -135,4 +136,47 @@ def verify_request(result, sampling_params, *args, **kwargs):
     if policy is not None and server is not None and not server.compresses \
             and policy.alpha < 1.0 and policy.method != "full":
         raise ValueError(not_compressing_message())
+
+
+def verify_request(result, sampling_params, *args, **kwargs):
+    """After ``SamplingParams.verify`` in the HTTP process: :func:`check_sampling_params` (a 400)."""
+    check_sampling_params(sampling_params, serving_settings())
+    return result
+
+def _values(value) -> list:
+    """A field of a single or a batch request, as a list."""
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def check_generate_request(obj) -> None:
+    """The request fields (outside ``sampling_params``) a vlcache server answers with a 400.
+
+    - ``extra_key`` / ``lora_id`` naming the plugin's radix namespace (``vlcache:``): compressed
+      prefixes are cached under ``[user key|]vlcache:<policy digest>``; a request sending that key
+      itself would read another request's compressed KV while being served as stock.
+    - ``token_indices_to_pool`` without ``logprob_start_len`` 0 (as ``/v1/score`` sends it): the
+      indices count from the prompt's start but are read from the rows this forward computes, so
+      with the prompt cached SGLang 0.5.23's scheduler dies on an IndexError, whatever the backend.
+    """
+    from vlcache_sglang.backend.request_info import NAMESPACE_PREFIX
+
+    for name in ("extra_key", "lora_id"):
+        if any(NAMESPACE_PREFIX in str(v) for v in _values(getattr(obj, name, None))):
+            raise ValueError(f"{name} may not contain {NAMESPACE_PREFIX!r}: --attention-backend vlcache keeps "
+                             f"compressed prefixes under that radix namespace; choose another {name}")
+    pools, starts = getattr(obj, "token_indices_to_pool", None), getattr(obj, "logprob_start_len", None)
+    if getattr(obj, "is_single", True):
+        pools, starts = [pools], [starts]
+    elif not isinstance(starts, list):
+        starts = [starts] * len(pools or [])
+    if any(p is not None and s != 0 for p, s in zip(pools or [], starts)):
+        raise ValueError("token_indices_to_pool needs logprob_start_len 0 (as /v1/score sends it): with a cached "
+                         "prompt the indices point past the rows computed (SGLang's scheduler would stop)")
+
+
+def verify_generate_request(result, obj, *args, **kwargs):
+    """After SGLang normalized a ``GenerateReqInput`` in the HTTP process: :func:`check_generate_request`
+    on a vlcache server (a ``ValueError`` is SGLang's 400)."""
+    if serving_settings() is not None:
+        check_generate_request(obj)
     return result

@@ -124,6 +124,12 @@ def test_frontend_program_with_sgl_image(server, tmp_path):
       "sampling_params": {"max_new_tokens": 2}}, "Could not decode image"),
     # beam search: beam rows alias the leader's compacted row; before the check this killed the server
     ({"text": "hi", "sampling_params": {"max_new_tokens": 2, "beam_width": 2, "n": 2}}, "beam search is not supported"),
+    # the radix namespace of compressed prefixes: a stock request naming it read compressed KV
+    ({"text": "hi", "extra_key": "t|vlcache:0123456789abcdef", "sampling_params": {"max_new_tokens": 2}},
+     "extra_key may not contain"),
+    # with the prompt cached the pooled indices pointed past the computed rows: the scheduler died
+    ({"text": "hi", "return_logprob": True, "token_ids_logprob": [5], "token_indices_to_pool": [1],
+      "sampling_params": {"max_new_tokens": 0}}, "token_indices_to_pool needs logprob_start_len 0"),
 ])
 def test_malformed_requests_get_4xx_and_server_keeps_serving(server, payload, expected):
     r = requests.post(f"{server.url}/generate", json=payload, timeout=60)

@@ -5,7 +5,7 @@
   test knows mixing happened), are never planned again, and every request's greedy tokens equal
   the same request served alone;
 - ``--disable-radix-cache``: compression with the tree disabled (every other server module
-  runs the vlcache radix tree);
+  runs the vlcache radix tree), and the ``input_embeds`` it allows, served as stock;
 - ``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY=2``: SGLang's busy memory check runs (and logs)
   every iteration and holds with compressed requests live;
 - ``--enable-metrics``: requests left uncompressed carry a reason code in ``meta_info`` and in
@@ -124,6 +124,31 @@ def test_uncompressed_requests_say_why(server):
     # a compressed request carries no reason code
     image = generate(server, PROMPT.format(q="What is written here?"), make_test_image(5), max_new=4)
     assert "vlcache_not_compressed" not in image["meta_info"]
+
+
+def test_input_embeds_are_served_as_stock_saying_why(server, tiny_model_dir):
+    """``input_embeds`` (SGLang needs ``--disable-radix-cache`` for them) reach the scheduler as
+    placeholder ids with no image spans: served as stock and reported ``text_only``. Stock SGLang
+    0.5.23's Qwen2-VL does not use the embeddings (``general_mm_embed_routine`` overwrites them with
+    those of the placeholder ids: ``torch_native`` answers the same), so the tokens are those of
+    the placeholder-id prompt."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    text = "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"
+    ids = AutoTokenizer.from_pretrained(tiny_model_dir)(text)["input_ids"]
+    with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as weights:
+        embeds = weights.get_tensor("model.embed_tokens.weight")[ids].tolist()
+    sampling = {"max_new_tokens": 6, "temperature": 0, "custom_params": {"vlcache": {"budget": 0.1}}}
+
+    def post(**prompt) -> dict:
+        r = requests.post(f"{server.url}/generate", timeout=300, json={**prompt, "sampling_params": sampling})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    by_embeds, by_placeholders = post(input_embeds=embeds), post(input_ids=[1] * len(ids))
+    assert by_embeds["meta_info"]["vlcache_not_compressed"] == ["text_only"]
+    assert by_embeds["output_ids"] == by_placeholders["output_ids"]
 
 
 def test_the_backend_reports_the_kernel_launches_it_was_given(server, launch_file):

@@ -2,6 +2,8 @@
 
 - multi-turn: turn 2 is served from turn 1's compressed KV (no image re-encode, nothing of turn 1
   recomputed) and gives the tokens of a Hugging Face recomputation with the same decisions;
+- input logprobs from inside a cached compressed image (``logprob_start_len``): the Hugging Face
+  reference of both plans; ``extra_key`` and ``cache_salt`` keep compressed prefixes apart;
 - ten questions on one image, per sharing mode: what is reused, how often the image is encoded,
   and what ``prefix`` sharing guarantees (the same plan and tokens as unshared compression);
 - a long mixed workload under a small pool: evictions happen, no forward reads freed KV, and the
@@ -62,8 +64,9 @@ def next_turn(previous: str, answer: str, question: str) -> str:
     return f"{previous}{answer}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def generate(server, text, image_b64, max_new=MAX_NEW, **vlcache):
-    payload = {"text": text, "image_data": image_b64,
+def generate(server, text, image_b64, max_new=MAX_NEW, fields: dict | None = None, **vlcache):
+    """``fields``: request fields beside the sampling parameters (``extra_key``, logprobs, ...)."""
+    payload = {"text": text, "image_data": image_b64, **(fields or {}),
                "sampling_params": {"max_new_tokens": max_new, "temperature": 0,
                                    "custom_params": {"vlcache": vlcache}}}
     r = requests.post(f"{server.url}/generate", json=payload, timeout=300)
@@ -120,6 +123,62 @@ def test_turn_two_reuses_turn_one_compressed_and_matches_hf(server, processor, p
     eos = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
     expected = greedy_after_turns(model, dict(inputs), [(m1, kept1), (m2, kept2)], MAX_NEW, eos)
     assert two["output_ids"] == expected
+
+
+def test_logprobs_from_inside_a_cached_compressed_image(server, processor, prompter):
+    """``logprob_start_len`` caps SGLang's prefix match, here inside turn 1's compressed image: the
+    request reuses exactly that much of it, computes (and reports logprobs for) the rest over what
+    turn 1 kept there, and its tokens are the Hugging Face reference of those two plans."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from vlcache_sglang.research.hf_multiturn import greedy_after_turns
+
+    flush(server)
+    rgb, qa = questions_on_one_page(seed=4, n=1)
+    image, text = png(rgb), prompter.text(qa[0][0])
+    inputs = processor(text=[text], images=[rgb], return_tensors="pt")
+    pads = (inputs["input_ids"][0] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).nonzero()
+    start = int(pads[len(pads) // 2])  # the middle of the image
+    one = generate(server, text, image, budget=0.1, return_plan=True, sharing="compressed")
+    two = generate(server, text, image, budget=0.1, return_plan=True, sharing="compressed",
+                   fields={"return_logprob": True, "logprob_start_len": start})
+    m = two["meta_info"]["prompt_tokens"]
+    assert two["meta_info"]["cached_tokens"] == start
+    assert len(two["meta_info"]["input_token_logprobs"]) == m - start
+    assert two["meta_info"]["vlcache_kv_tokens_saved"][0] > 0
+    kept1 = [torch.tensor(k) for k in one["meta_info"]["vlcache_kept_positions"][0]]
+    kept2 = [torch.tensor(k) for k in two["meta_info"]["vlcache_kept_positions"][0]]
+    for a, b in zip(kept1, kept2):  # of the reused part, only what turn 1 kept
+        assert set(b[b < start].tolist()) <= set(a.tolist())
+    model = Qwen2VLForConditionalGeneration.from_pretrained(bundled_model_dir(), dtype=torch.float32).eval()
+    eos = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    turns = [(start, [k[k < start] for k in kept1]), (m, kept2)]
+    assert two["output_ids"] == greedy_after_turns(model, dict(inputs), turns, MAX_NEW, eos)
+
+
+def test_extra_key_and_cache_salt_keep_compressed_prefixes_apart(server, prompter):
+    """A compressed prefix is reused only under the same ``extra_key`` and ``cache_salt`` (the plugin
+    adds its namespace to the user's key; the salt is a separate part of SGLang's radix key)."""
+    flush(server)
+    rgb, qa = questions_on_one_page(seed=6, n=1)
+    image, text = png(rgb), prompter.text(qa[0][0])
+
+    def cached(**fields) -> int:
+        out = generate(server, text, image, budget=0.1, sharing="compressed", fields=fields)
+        assert out["meta_info"]["vlcache_kept_ratio"][0] < 0.5  # compressed (or read compressed)
+        return out["meta_info"]["cached_tokens"]
+
+    assert cached(extra_key="tenant-a") == 0
+    assert cached(extra_key="tenant-a") > 0
+    assert cached(extra_key="tenant-b") == 0
+    assert cached() == 0
+    assert cached(extra_key="tenant-a", cache_salt="s1") == 0
+    assert cached(extra_key="tenant-a", cache_salt="s1") > 0
+    assert cached(lora_id="adapter-1") == 0  # without LoRA, SGLang appends lora_id to the key
+    assert cached(lora_id="adapter-1") > 0
+    # a stock request cannot name the namespace to reach the compressed KV (a 400, tests/e2e/test_clients.py)
+    stock = generate(server, text, image, budget=1.0, fields={"extra_key": "tenant-a"})
+    assert stock["meta_info"]["cached_tokens"] == 0 and not stock["meta_info"].get("vlcache_kept_ratio")
 
 
 def ask_all(server, image, questions, prompter, **vlcache):

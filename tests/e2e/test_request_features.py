@@ -11,7 +11,10 @@ knobs, ``--allow-auto-truncate``), each request at budget 0.1:
 - logprobs: the prompt's logprobs (computed in the prefill, before compaction) equal an uncompressed
   run's; the output's are those of the tokens the compressed request chose;
 - hidden states: the prompt's equal the uncompressed run's, one more per generated token;
-- constrained decoding (regex, JSON schema) and stop strings act on the compressed request's tokens;
+- constrained decoding (regex, JSON schema), stop strings, ``stop_regex`` and ``stop_token_ids`` act
+  on the compressed request's tokens;
+- a prefill-only request (``max_new_tokens`` 0) is compressed and, under ``compressed`` sharing,
+  cached compressed for the next request;
 - a batch (``text`` and ``image_data`` lists) with a budget per item: each item's tokens are its own
   request's sent alone;
 - sessions (``/open_session``): a second turn over a compressed first turn is served, compressed
@@ -185,6 +188,44 @@ def test_constrained_decoding_and_stop_strings(server):
     cut = post(server, request(6, max_new_tokens=16, stop=[stop]))
     assert compressed(cut) and cut["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
     assert free["text"].startswith(cut["text"]) and stop not in cut["text"]
+    regex = re.escape(stop)  # stop_regex ends it where the stop string did
+    cut_re = post(server, request(6, max_new_tokens=16, stop_regex=regex))
+    assert compressed(cut_re) and cut_re["meta_info"]["finish_reason"]["type"] == "stop"
+    assert cut_re["text"] == cut["text"], (cut_re["text"], cut["text"])
+    token = free["output_ids"][4]  # stop_token_ids: decoding ends at (and drops) that token
+    cut_id = post(server, request(6, max_new_tokens=16, stop_token_ids=[token]))
+    assert compressed(cut_id) and cut_id["output_ids"] == free["output_ids"][:free["output_ids"].index(token) + 1]
+
+
+def test_token_ids_with_an_image_compress_like_the_text(server, tiny_model_dir):
+    """``input_ids`` instead of ``text``: SGLang's processor still expands the image placeholder and
+    the scheduler pads it as for text, so the plugin sees the same spans and plans the same."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tiny_model_dir)(PROMPT)["input_ids"]
+    by_text = post(server, request(33, return_plan=True))
+    body = {**request(33, return_plan=True), "input_ids": ids}
+    del body["text"]
+    by_ids = post(server, body)
+    assert compressed(by_ids) and by_ids["output_ids"] == by_text["output_ids"]
+    for key in ("prompt_tokens", "vlcache_kept_positions"):
+        assert by_ids["meta_info"][key] == by_text["meta_info"][key], key
+
+
+def test_a_prefill_only_compressed_request(server):
+    """``max_new_tokens`` 0: SGLang prefills and finishes. The prompt is still compressed (and, under
+    ``compressed`` sharing, cached compressed): a repeat and a decoding request reuse it."""
+    flush_cache(server.url)
+    body = request(32, max_new_tokens=0)
+    body["sampling_params"]["custom_params"]["vlcache"]["sharing"] = "compressed"
+    first, again = post(server, body), post(server, body)
+    for out in (first, again):
+        assert out["output_ids"] == [] and compressed(out), out["meta_info"]
+    m = first["meta_info"]["prompt_tokens"]
+    assert first["meta_info"]["cached_tokens"] == 0 and again["meta_info"]["cached_tokens"] == m - 1
+    body["sampling_params"].update(max_new_tokens=4, ignore_eos=True)
+    decoding = post(server, body)
+    assert len(decoding["output_ids"]) == 4 and decoding["meta_info"]["cached_tokens"] == m - 1
 
 
 def test_a_batch_with_a_budget_per_item(server):

@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 #: ``Req`` attributes the plugin writes (declared in :mod:`vlcache_sglang.hooks`)
 SPEC_ATTR = "_vlcache_spec"
 USER_EXTRA_KEY_ATTR = "_vlcache_user_extra_key"
+#: Radix namespaces of compressed KV begin with this; requests may not name it (a 400 on arrival:
+#: :func:`vlcache_sglang.launch_hooks.check_generate_request`)
+NAMESPACE_PREFIX = "vlcache:"
 
 #: Reason codes in ``meta_info["vlcache_not_compressed"]`` (and the ``not_compressed`` counters)
 #: for a request whose policy asked for compression but which was served as stock.
@@ -35,6 +38,7 @@ NOT_COMPRESSED_REASONS = {
     "short_prompt": "the prompt is shorter than the policy's min_prompt_len",
     "text_only": "no image or video tokens and text_only='identity'",
     "budget_covers_prompt": "every layer's budget already covers the whole prompt",
+    "audio_input": "the prompt has audio items: VL-Cache scores and budgets are defined for visual tokens",
     "virtual_ids_exhausted": "the virtual-id table was full (raise VLCACHE_VIRTUAL_IDS_PER_SLOT)",
     "uneven_heads_across_ranks": "head cells under tensor parallelism: one rank's heads keep fewer cells than "
                                  "another rank needs slots",
@@ -94,16 +98,22 @@ class RequestInfo:
         return self.policy is not None
 
 
-def _image_spans(req) -> tuple[tuple[int, int], ...]:
+def _media(req) -> tuple[tuple[tuple[int, int], ...], bool]:
+    """The prompt's image and video token runs (inclusive), and whether it carries audio items."""
     mm = getattr(req, "multimodal_inputs", None)
     spans: list[tuple[int, int]] = []
+    audio = False
     for item in getattr(mm, "mm_items", None) or []:
+        if getattr(getattr(item, "modality", None), "name", "IMAGE") == "AUDIO":
+            audio = True  # an omni model's audio clip: not visual tokens, not a span
+            continue
         for start, end in item.offsets or []:
             spans.append((int(start), int(end)))
-    return tuple(sorted(spans))
+    return tuple(sorted(spans)), audio
 
 
-def decide(custom_params, prompt_len: int, spans, settings: CompressionSettings, rid: str = "?") -> RequestSpec:
+def decide(custom_params, prompt_len: int, spans, settings: CompressionSettings, rid: str = "?",
+           audio: bool = False) -> RequestSpec:
     """Parse a request's overrides once and decide how it is served."""
     try:
         s, policy = resolve_request(settings, custom_params)
@@ -113,6 +123,8 @@ def decide(custom_params, prompt_len: int, spans, settings: CompressionSettings,
     return_plan = bool(((custom_params or {}).get("vlcache") or {}).get("return_plan"))
     if policy.alpha >= 1.0 or policy.method == "full":
         return RequestSpec(prompt_len, spans, None, None, None, s.sharing, return_plan)  # stock behaviour
+    if audio:  # the paper's sparsity and scores are for images; an audio clip is served as stock
+        return RequestSpec(prompt_len, spans, None, "audio_input", None, s.sharing, return_plan)
     window = locate_window(prompt_len, spans, policy)
     if not window.compress:
         reason = "short_prompt" if prompt_len < max(1, policy.min_prompt_len) else "text_only"
@@ -124,7 +136,8 @@ def request_spec(req, settings: CompressionSettings, prompt_len: int) -> Request
     """The request's :class:`RequestSpec`, cached on the ``Req`` for its current length."""
     spec = getattr(req, SPEC_ATTR, None)
     if spec is None or spec.prompt_len != prompt_len:
-        spec = decide(req.sampling_params.custom_params, prompt_len, _image_spans(req), settings, req.rid)
+        spans, audio = _media(req)
+        spec = decide(req.sampling_params.custom_params, prompt_len, spans, settings, req.rid, audio)
         setattr(req, SPEC_ATTR, spec)
     return spec
 
@@ -132,7 +145,7 @@ def request_spec(req, settings: CompressionSettings, prompt_len: int) -> Request
 def policy_namespace(policy: PolicyConfig) -> str:
     """Radix namespace of KV compressed under ``policy``: every field that changes what is kept."""
     digest = hashlib.sha1(policy.to_json(indent=None).encode()).hexdigest()[:16]
-    return f"vlcache:{digest}"
+    return f"{NAMESPACE_PREFIX}{digest}"
 
 
 def prepare_prefix_match(req, runtime: Runtime) -> int | None:

@@ -65,6 +65,17 @@ class PositionedCache:
         return int(self.config.num_key_value_heads)
 
 
+def prompt_embeddings(model, inputs: dict) -> torch.Tensor:
+    """The language model's input embeddings of a processed image prompt (image features in place
+    of the image pad tokens), as Qwen2-VL's forward builds them."""
+    ids = inputs["input_ids"]
+    embeds = model.get_input_embeddings()(ids)
+    features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+    image = torch.cat(features.pooler_output, dim=0).to(embeds.dtype)
+    mask = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    return embeds.masked_scatter(mask, image)
+
+
 @torch.no_grad()
 def greedy_after_turns(model, inputs: dict, turns: Sequence[tuple[int, Sequence]], max_new_tokens: int,
                        eos_token_ids: Sequence[int] = (), *, per_head: bool = False) -> list[int]:
@@ -74,7 +85,8 @@ def greedy_after_turns(model, inputs: dict, turns: Sequence[tuple[int, Sequence]
         model: a Qwen2-VL model.
         inputs: processor output for the *last* turn's whole prompt (``input_ids`` ``[1, m]``).
         turns: ``[(m_1, kept_1), ..., (m_n, kept_n)]`` with ``m_1 < ... < m_n = m``: after the first
-            ``m_i`` tokens each layer ``l`` keeps ``kept_i[l]`` (positions in ``[0, m_i)``); with
+            ``m_i`` tokens each layer ``l`` keeps ``kept_i[l]`` (positions in ``[0, m_i)``; ``m_1``
+            may fall inside the image, as a prefix match capped by ``logprob_start_len`` does); with
             ``per_head``, ``kept_i[l][h]`` per KV head (head cells: each head holds its own positions).
         max_new_tokens, eos_token_ids: as SGLang (stop after an EOS).
     """
@@ -84,11 +96,25 @@ def greedy_after_turns(model, inputs: dict, turns: Sequence[tuple[int, Sequence]
         raise ValueError("turn lengths must increase and end at the prompt length")
     config = model.config.text_config
     m1 = turns[0][0]
-    pos, deltas = rope_positions(model, input_ids[:, :m1], inputs["image_grid_thw"], model.config.image_token_id)
     cache = DynamicCache(config=config)
-    out = model(input_ids=input_ids[:, :m1], pixel_values=inputs.get("pixel_values"),
-                image_grid_thw=inputs["image_grid_thw"], position_ids=pos, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    image_id = model.config.image_token_id
+    if bool((input_ids[0, m1:] == image_id).any()):  # the first turn ends inside the image (a capped
+        # prefix match): every later token is fed as its embedding at its whole-prompt position
+        pos, deltas = rope_positions(model, input_ids, inputs["image_grid_thw"], image_id)
+        embeds = prompt_embeddings(model, inputs)
+
+        def step(t: int) -> dict:
+            return {"inputs_embeds": embeds[:, t:t + 1], "position_ids": pos[..., t:t + 1]}
+        out = model(inputs_embeds=embeds[:, :m1], position_ids=pos[..., :m1], past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+    else:
+        pos, deltas = rope_positions(model, input_ids[:, :m1], inputs["image_grid_thw"], image_id)
+
+        def step(t: int) -> dict:
+            return {"input_ids": input_ids[:, t:t + 1], "position_ids": decode_positions(m1, deltas, t - m1, 1)}
+        out = model(input_ids=input_ids[:, :m1], pixel_values=inputs.get("pixel_values"),
+                    image_grid_thw=inputs["image_grid_thw"], position_ids=pos, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
     pc = PositionedCache(cache, config.num_hidden_layers, m1, config)
     cut = pc.keep_heads if per_head else pc.keep
     cut(turns[0][1])
@@ -96,8 +122,7 @@ def greedy_after_turns(model, inputs: dict, turns: Sequence[tuple[int, Sequence]
     boundaries = {length: kept for length, kept in turns[1:]}
     with head_masked_attention(model) if per_head else nullcontext():
         for t in range(m1, m):  # later tokens, one at a time, against what the cache holds
-            o = model(input_ids=input_ids[:, t:t + 1], position_ids=decode_positions(m1, deltas, t - m1, 1),
-                      past_key_values=pc.cache, use_cache=True, **pc.forward_kwargs())
+            o = model(**step(t), past_key_values=pc.cache, use_cache=True, **pc.forward_kwargs())
             pc.appended(t)
             logits = o.logits[:, -1]
             if t + 1 in boundaries:
