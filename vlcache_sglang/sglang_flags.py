@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import shlex
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 TABLE = Path(__file__).with_name("sglang_flags.tsv")
 
@@ -52,18 +53,44 @@ class FlagSupport:
     note: str
 
 
-def load(path: Path = TABLE) -> dict[str, FlagSupport]:
-    """The table, by field name (file order kept)."""
-    out: dict[str, FlagSupport] = {}
+def read_rows(path: Path) -> dict[str, dict[str, str]]:
+    """A classification table's rows by their ``field`` (file order kept; a field twice is an error)."""
+    out: dict[str, dict[str, str]] = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f, delimiter="\t"):
-            name = row["field"]
-            if name in out:
-                raise ValueError(f"{path.name}: {name} appears twice")
-            out[name] = FlagSupport(name, Support(row["support"]),
-                                    tuple(t for t in row["tests"].split(",") if t),
-                                    tuple(shlex.split(row["refused_with"])), row["parent"], row["note"])
+            if row["field"] in out:
+                raise ValueError(f"{path.name}: {row['field']} appears twice")
+            out[row["field"]] = row
     return out
+
+
+def node_ids(cell: str) -> tuple[str, ...]:
+    """The pytest node ids of a ``tests`` cell (comma-separated)."""
+    return tuple(t for t in cell.split(",") if t)
+
+
+def coverage(table: Iterable[str], fields: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(fields the table lacks, table rows that are no longer fields)."""
+    table, fields = list(table), list(fields)
+    return [f for f in fields if f not in table], [f for f in table if f not in fields]
+
+
+def load(path: Path = TABLE) -> dict[str, FlagSupport]:
+    """The table, by field name (file order kept)."""
+    return {name: FlagSupport(name, Support(row["support"]), node_ids(row["tests"]),
+                              tuple(shlex.split(row["refused_with"])), row["parent"], row["note"])
+            for name, row in read_rows(path).items()}
+
+
+def missing_tests(nodes: Iterable[str], root: Path) -> list[str]:
+    """The pytest node ids (``path::function``) among ``nodes`` whose function is not defined."""
+    gone = []
+    for node in nodes:
+        path, _, name = node.partition("::")
+        source = root / path
+        if not source.is_file() or not re.search(rf"^\s*def {re.escape(name)}\(", source.read_text(), re.M):
+            gone.append(node)
+    return gone
 
 
 def cli_spellings() -> dict[str, str]:

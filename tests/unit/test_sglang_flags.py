@@ -3,14 +3,13 @@ served with a test that exists, refused at launch (checked here on SGLang's real
 without effect on the KV cache, for other model families, or a sub-option of a classified field."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
 from vlcache_sglang import compatibility
 from vlcache_sglang.settings import CompressionSettings, ServerSettings
-from vlcache_sglang.sglang_flags import Support, cli_spellings, load, render_markdown
+from vlcache_sglang.sglang_flags import Support, cli_spellings, coverage, load, missing_tests, render_markdown
 
 pytest.importorskip("sglang")
 
@@ -22,8 +21,7 @@ def test_every_server_arg_field_is_classified_once():
     from sglang.srt.server_args import ServerArgs
 
     fields = list(ServerArgs.__struct_fields__)
-    missing = [f for f in fields if f not in TABLE]
-    stale = [f for f in TABLE if f not in fields]
+    missing, stale = coverage(TABLE, fields)
     assert not missing, f"new SGLang fields to classify in sglang_flags.tsv: {missing}"
     assert not stale, f"fields SGLang no longer has: {stale}"
 
@@ -51,13 +49,7 @@ def test_rows_carry_the_evidence_their_kind_needs():
 
 
 def test_named_tests_exist():
-    gone = []
-    for r in TABLE.values():
-        for node in r.tests:
-            path, _, name = node.partition("::")
-            source = ROOT / path
-            if not source.is_file() or not re.search(rf"^\s*def {re.escape(name)}\(", source.read_text(), re.M):
-                gone.append(f"{r.field}: {node}")
+    gone = [f"{r.field}: {node}" for r in TABLE.values() for node in missing_tests(r.tests, ROOT)]
     assert not gone, gone
 
 
