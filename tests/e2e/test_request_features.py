@@ -197,6 +197,24 @@ def test_constrained_decoding_and_stop_strings(server):
     assert compressed(cut_id) and cut_id["output_ids"] == free["output_ids"][:free["output_ids"].index(token) + 1]
 
 
+def test_a_pooled_readout_over_a_cached_compressed_prompt(server):
+    """``token_indices_to_pool`` with ``logprob_start_len`` 0 (as ``/v1/score`` sends it): the start
+    caps the prefix match at 0, so the readout over a prompt cached compressed is computed in full
+    and equals the one after a flush. Without that start it is a 400 (``test_clients.py``)."""
+    def pooled() -> dict:
+        body = {**request(34, max_new_tokens=0), "return_logprob": True, "logprob_start_len": 0,
+                "token_ids_logprob": [5, 7], "token_indices_to_pool": [80]}
+        body["sampling_params"]["custom_params"]["vlcache"]["sharing"] = "compressed"
+        return post(server, body)
+
+    flush_cache(server.url)
+    first, cached = pooled(), pooled()
+    assert compressed(first) and compressed(cached)
+    assert cached["meta_info"]["cached_tokens"] == 0  # the start capped the match
+    assert cached["meta_info"]["input_token_ids_logprobs"] == first["meta_info"]["input_token_ids_logprobs"]
+    assert first["meta_info"]["input_token_ids_logprobs"]
+
+
 def test_token_ids_with_an_image_compress_like_the_text(server, tiny_model_dir):
     """``input_ids`` instead of ``text``: SGLang's processor still expands the image placeholder and
     the scheduler pads it as for text, so the plugin sees the same spans and plans the same."""
