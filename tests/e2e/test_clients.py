@@ -73,6 +73,12 @@ def test_openai_per_request_override_and_invalid_override(server):
             model="default", messages=chat_messages(make_test_image(2)), max_tokens=4,
             extra_body={"custom_params": {"vlcache": {"budget": 0}}},
         )
+    # the OpenAI routes build the same GenerateReqInput: the reserved radix namespace is a 400 there too
+    with pytest.raises(openai.BadRequestError, match="extra_key may not contain"):
+        client.chat.completions.create(
+            model="default", messages=chat_messages(make_test_image(2)), max_tokens=4,
+            extra_body={"extra_key": "vlcache:0123456789abcdef"},
+        )
 
 
 def test_generate_with_image(server):
