@@ -82,7 +82,8 @@ HOOKS: tuple[Hook, ...] = (
     Hook(f"{SA}.resolve_once", "after", "one ServerSettings per launch; refusals before any model loads",
          launch.settle_launch, ("self",)),
     Hook("sglang.srt.sampling.sampling_params.SamplingParams.verify", "after",
-         "a bad custom_params['vlcache'] (or beam_width > 1) is a 400 in the HTTP process", launch.verify_request, ("self",)),
+         "a bad custom_params['vlcache'] (or beam_width > 1, stop_token_ids past the vocabulary) is a 400 in "
+         "the HTTP process", launch.verify_request, ("self", "vocab_size")),
     Hook("sglang.srt.managers.io_struct.GenerateReqInput.normalize_batch_and_arguments", "after",
          "extra_key in the vlcache: namespace, token_indices_to_pool without logprob_start_len 0: a 400",
          launch.verify_generate_request, ("self",)),

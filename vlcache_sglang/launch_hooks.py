@@ -113,9 +113,10 @@ def serving_settings() -> ServerSettings | None:
         return None
 
 
-def check_sampling_params(sampling_params, server: ServerSettings | None) -> None:
+def check_sampling_params(sampling_params, server: ServerSettings | None, vocab_size: int | None = None) -> None:
     """A bad ``custom_params["vlcache"]``, a request asking for compression from a server that
-    cannot compress, and beam search (``beam_width`` > 1) on a vlcache server: ``ValueError``."""
+    cannot compress, and on a vlcache server beam search (``beam_width`` > 1) and
+    ``stop_token_ids`` outside the vocabulary: ``ValueError``."""
     from vlcache_sglang.compatibility import not_compressing_message
     from vlcache_sglang.policy_resolution import check_request
     from vlcache_sglang.settings import check_request_sharing
@@ -126,6 +127,11 @@ def check_sampling_params(sampling_params, server: ServerSettings | None) -> Non
         raise ValueError(f"beam_width {sampling_params.beam_width}: beam search is not supported by "
                          "--attention-backend vlcache; drop beam_width (use n for several samples), or serve "
                          "beam search with --attention-backend flashinfer/triton")
+    stops = getattr(sampling_params, "stop_token_ids", None) or ()
+    if server is not None and vocab_size and any(not 0 <= int(t) < vocab_size for t in stops):
+        # SGLang checks logit_bias ids, not these: with min_new_tokens its penalizer scatters them
+        # into a vocabulary-sized tensor and the scheduler dies (torch_native too)
+        raise ValueError(f"stop_token_ids must be in [0, {vocab_size - 1}], got {sorted(stops)}")
     settings = server.compression if server is not None else CompressionSettings()
     try:
         policy = check_request(settings, sampling_params.custom_params)
@@ -139,8 +145,9 @@ def check_sampling_params(sampling_params, server: ServerSettings | None) -> Non
 
 
 def verify_request(result, sampling_params, *args, **kwargs):
-    """After ``SamplingParams.verify`` in the HTTP process: :func:`check_sampling_params` (a 400)."""
-    check_sampling_params(sampling_params, serving_settings())
+    """After ``SamplingParams.verify(vocab_size)`` in the HTTP process: :func:`check_sampling_params` (a 400)."""
+    vocab_size = args[0] if args else kwargs.get("vocab_size")
+    check_sampling_params(sampling_params, serving_settings(), vocab_size)
     return result
 
 def _values(value) -> list:

@@ -130,6 +130,9 @@ def test_frontend_program_with_sgl_image(server, tmp_path):
       "sampling_params": {"max_new_tokens": 2}}, "Could not decode image"),
     # beam search: beam rows alias the leader's compacted row; before the check this killed the server
     ({"text": "hi", "sampling_params": {"max_new_tokens": 2, "beam_width": 2, "n": 2}}, "beam search is not supported"),
+    # an id past the vocabulary with min_new_tokens: SGLang's penalizer killed the scheduler (stock too)
+    ({"text": "hi", "sampling_params": {"max_new_tokens": 4, "min_new_tokens": 2, "stop_token_ids": [10 ** 6]}},
+     "stop_token_ids must be in"),
     # the radix namespace of compressed prefixes: a stock request naming it read compressed KV
     ({"text": "hi", "extra_key": "t|vlcache:0123456789abcdef", "sampling_params": {"max_new_tokens": 2}},
      "extra_key may not contain"),

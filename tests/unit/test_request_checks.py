@@ -78,3 +78,20 @@ def test_audio_items_are_served_as_stock_saying_why(items, spans):
     spec = request_spec(scheduler_req(items), CompressionSettings(), 120)
     assert spec.policy is None and spec.not_compressed == "audio_input"
     assert spec.image_spans == spans
+
+
+@pytest.mark.parametrize("stops,refused", [([5, 999], False), ([1000], True), ([-1], True), (None, False)])
+def test_stop_token_ids_must_be_in_the_vocabulary(stops, refused):
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from vlcache_sglang.launch_hooks import check_sampling_params
+    from vlcache_sglang.settings import ServerSettings
+
+    params = SamplingParams(max_new_tokens=4, min_new_tokens=2, stop_token_ids=stops)
+    server = ServerSettings.from_env({}, CompressionSettings())
+    if refused:
+        with pytest.raises(ValueError, match="stop_token_ids must be in"):
+            check_sampling_params(params, server, vocab_size=1000)
+    else:
+        check_sampling_params(params, server, vocab_size=1000)
+    check_sampling_params(params, None, vocab_size=1000)  # not a vlcache server: SGLang's own checks only

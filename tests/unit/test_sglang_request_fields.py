@@ -39,7 +39,7 @@ def test_each_refused_value_is_a_400_naming_its_field(row):
     with pytest.raises(ValueError, match=name):
         if row.field.startswith(SAMPLING):
             check_sampling_params(SamplingParams(**row.refused_with),
-                                  ServerSettings.from_env({}, CompressionSettings(budget=0.1)))
+                                  ServerSettings.from_env({}, CompressionSettings(budget=0.1)), vocab_size=1000)
         else:
             obj = GenerateReqInput(text="hi", sampling_params={"max_new_tokens": 2}, **row.refused_with)
             obj.normalize_batch_and_arguments()
