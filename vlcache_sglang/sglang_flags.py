@@ -28,7 +28,7 @@ import shlex
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 TABLE = Path(__file__).with_name("sglang_flags.tsv")
 
@@ -107,7 +107,6 @@ def cli_spellings() -> dict[str, str]:
 
 def render_markdown(table: Mapping[str, FlagSupport], spellings: Mapping[str, str]) -> str:
     """docs/sglang-flags.md: counts, then every field in SGLang's order."""
-    counts = {s: sum(r.support is s for r in table.values()) for s in Support}
     lines = [
         "# SGLang's flags under `--attention-backend vlcache`",
         "",
@@ -116,8 +115,7 @@ def render_markdown(table: Mapping[str, FlagSupport], spellings: Mapping[str, st
         "the installed SGLang, that each refused launch is refused and that each named test exists. "
         "What the kinds mean: `vlcache_sglang/sglang_flags.py`.",
         "",
-        "| kind | fields |", "|---|---|",
-        *[f"| {s.value} | {counts[s]} |" for s in Support],
+        *kind_counts(table, Support),
         "",
         "| field | flag | kind | note | evidence |", "|---|---|---|---|---|",
     ]
@@ -133,15 +131,26 @@ def render_markdown(table: Mapping[str, FlagSupport], spellings: Mapping[str, st
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def kind_counts(table: Mapping[str, Any], kinds: Iterable[Enum]) -> list[str]:
+    """A page's table of how many rows each kind (``support``) has, in the kinds' order."""
+    return ["| kind | fields |", "|---|---|",
+            *[f"| {k.value} | {sum(r.support is k for r in table.values())} |" for k in kinds]]
+
+
+def write_page(render: Callable[[], str], description: str, argv: list[str] | None = None) -> None:
+    """The ``python -m`` entry of a classification page: write it (``--write PATH``) or print it."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--write", type=Path, help="write the markdown page here (default: print it)")
     args = ap.parse_args(argv)
-    text = render_markdown(load(), cli_spellings())
+    text = render()
     if args.write:
         args.write.write_text(text)
     else:
         print(text, end="")
+
+
+def main(argv: list[str] | None = None) -> None:
+    write_page(lambda: render_markdown(load(), cli_spellings()), __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

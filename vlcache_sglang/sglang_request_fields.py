@@ -23,14 +23,13 @@ docs/sglang-request-fields.md``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Mapping
 
-from vlcache_sglang.sglang_flags import read_rows, node_ids
+from vlcache_sglang.sglang_flags import kind_counts, node_ids, read_rows, write_page
 
 TABLE = Path(__file__).with_name("sglang_request_fields.tsv")
 REQUEST, SAMPLING = "GenerateReqInput", "SamplingParams"
@@ -77,7 +76,6 @@ def sglang_fields() -> list[str]:
 
 def render_markdown(table: Mapping[str, FieldSupport]) -> str:
     """docs/sglang-request-fields.md: counts, then every field in SGLang's order."""
-    counts = {s: sum(r.support is s for r in table.values()) for s in Support}
     lines = [
         "# SGLang's request fields under `--attention-backend vlcache`",
         "",
@@ -87,8 +85,7 @@ def render_markdown(table: Mapping[str, FieldSupport]) -> str:
         "and that each named test and flag exists. What the kinds mean: `vlcache_sglang/sglang_request_fields.py`; "
         "the launch flags: [sglang-flags.md](sglang-flags.md).",
         "",
-        "| kind | fields |", "|---|---|",
-        *[f"| {s.value} | {counts[s]} |" for s in Support],
+        *kind_counts(table, Support),
         "",
         "| field | kind | note | evidence |", "|---|---|---|---|",
     ]
@@ -104,14 +101,7 @@ def render_markdown(table: Mapping[str, FieldSupport]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--write", type=Path, help="write the markdown page here (default: print it)")
-    args = ap.parse_args(argv)
-    text = render_markdown(load())
-    if args.write:
-        args.write.write_text(text)
-    else:
-        print(text, end="")
+    write_page(lambda: render_markdown(load()), __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
