@@ -127,6 +127,26 @@ def count_image_encodes(result, model, items, *args, **kwargs):
     return result
 
 
+def drop_stale_image_embeddings(updater, *args, **kwargs):
+    """``SchedulerWeightUpdaterManager.flush_cache_after_weight_update`` (reached after every
+    update that changed the served weights: from disk, tensors, IPC or a distributed group): empty
+    SGLang's multimodal embedding cache as well.
+
+    SGLang 0.5.23 keeps that cache (``mm_schedule.embedding_cache``, keyed by the image's hash)
+    across weight updates, and neither the update nor ``/flush_cache`` clears it: an image sent
+    before an update was answered with its old vision-tower embedding afterwards (``torch_native``
+    the same), and that embedding is also what the plugin scored and planned from. Whatever the
+    request's ``flush_cache`` says about the KV cache, embeddings of the old weights are wrong."""
+    if runtime_of(getattr(updater, "scheduler", None)) is None:
+        return None
+    from sglang.srt.managers import mm_schedule
+
+    cache = mm_schedule.embedding_cache
+    if cache is not None:
+        cache.clear()
+    return None
+
+
 def count_video_encodes(result, model, items, *args, **kwargs):
     """``get_video_feature``: videos through the vision tower (``videos_encoded``)."""
     runtime = runtime_of(model)
