@@ -120,21 +120,27 @@ def render_markdown(table: Mapping[str, FlagSupport], spellings: Mapping[str, st
         "| field | flag | kind | note | evidence |", "|---|---|---|---|---|",
     ]
     for r in table.values():
-        evidence = [f"`{t}`" for t in r.tests]
+        evidence = []
         if r.refused_with:
             evidence.append("refused: `" + " ".join(r.refused_with) + "`")
         if r.parent:
             evidence.append(f"under `{r.parent}`")
-        note = r.note.replace("|", "\\|")
-        flag = spellings.get(r.field) or "(none)"
-        lines.append(f"| `{r.field}` | {flag} | {r.support.value} | {note} | {'; '.join(evidence)} |")
+        lines.append(page_row(r, evidence, spellings.get(r.field) or "(none)"))
     return "\n".join(lines) + "\n"
 
 
-def kind_counts(table: Mapping[str, Any], kinds: Iterable[Enum]) -> list[str]:
-    """A page's table of how many rows each kind (``support``) has, in the kinds' order."""
-    return ["| kind | fields |", "|---|---|",
+def kind_counts(table: Mapping[str, Any], kinds: Iterable[Enum], rows: str = "fields") -> list[str]:
+    """A page's table of how many ``rows`` each kind (``support``) has, in the kinds' order."""
+    return [f"| kind | {rows} |", "|---|---|",
             *[f"| {k.value} | {sum(r.support is k for r in table.values())} |" for k in kinds]]
+
+
+def page_row(row: Any, evidence: Iterable[str], *columns: str) -> str:
+    """One row of a classification page: the name, ``columns``, the kind, the note (pipes
+    escaped), then the evidence: the row's named tests and ``evidence``."""
+    cells = [f"`{row.field}`", *columns, row.support.value, row.note.replace("|", "\\|"),
+             "; ".join([*(f"`{t}`" for t in row.tests), *evidence])]
+    return "| " + " | ".join(cells) + " |"
 
 
 def write_page(render: Callable[[], str], description: str, argv: list[str] | None = None) -> None:

@@ -29,7 +29,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Mapping
 
-from vlcache_sglang.sglang_flags import kind_counts, node_ids, read_rows, write_page
+from vlcache_sglang.sglang_flags import kind_counts, node_ids, page_row, read_rows, write_page
 
 TABLE = Path(__file__).with_name("sglang_request_fields.tsv")
 REQUEST, SAMPLING = "GenerateReqInput", "SamplingParams"
@@ -90,13 +90,12 @@ def render_markdown(table: Mapping[str, FieldSupport]) -> str:
         "| field | kind | note | evidence |", "|---|---|---|---|",
     ]
     for r in table.values():
-        evidence = [f"`{t}`" for t in r.tests]
+        evidence = []
         if r.refused_with:
             evidence.append("400: `" + json.dumps(r.refused_with) + "`")
         if r.flag:
             evidence.append(f"needs `{r.flag}`")
-        note = r.note.replace("|", "\\|")
-        lines.append(f"| `{r.field}` | {r.support.value} | {note} | {'; '.join(evidence)} |")
+        lines.append(page_row(r, evidence))
     return "\n".join(lines) + "\n"
 
 

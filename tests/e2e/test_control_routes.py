@@ -26,7 +26,10 @@ routes a user of SGLang calls around generation:
   in the prefill, so they equal the uncompressed HF model's even though the request compresses.
 - ``/v1/responses``, ``/v1/messages``, ``/invocations`` answer what ``/v1/chat/completions`` does,
   each compressed; ``/vertex_generate`` what ``/generate`` does; SGLang's Ollama ``/api/chat``
-  drops a message's ``images`` (stock), so it is served as a text-only request.
+  drops a message's ``images`` (stock), so it is served as a text-only request; ``/v1/completions``
+  (text only) is served as stock.
+- a background ``/v1/responses`` request (``--enable-response-store``) cancelled mid-decode leaves
+  nothing; ``/server_info`` and its deprecated twin ``/get_server_info`` carry the same state.
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ FORWARD_SLEEP_S = 0.05  # /slow_down: 60 decode steps take at least 3 s
 def server(tiny_model_dir):
     with running_server(tiny_model_dir, attention_backend="vlcache", max_total_tokens=POOL, max_running_requests=4,
                         extra_args=["--vlcache-budget", "0.1", "--chunked-prefill-size", "128",
-                                    "--stream-interval", "1"]) as handle:
+                                    "--enable-response-store", "--stream-interval", "1"]) as handle:
         yield handle
 
 
@@ -419,3 +422,41 @@ def test_decisions_over_an_image_equal_the_uncompressed_model(server, hf):
         assert max(abs(a - b) for a, b in zip(answer["probabilities"].values(),
                                               text_only[qid]["probabilities"].values())) > 1e-3
     assert out["usage"]["prompt_tokens"] == prompt_tokens  # the reference read the server's prompts
+
+
+def test_cancelling_a_background_response_releases_it(server, slow_forwards):
+    at_start(server)
+    url = f"data:image/png;base64,{png_base64(make_test_image(53))}"
+    background = {"model": model_name(server), "temperature": 0, "max_output_tokens": 400, "background": True,
+                  "store": True, "input": [{"role": "user", "content": [{"type": "input_image", "image_url": url},
+                                                                       {"type": "input_text", "text": QUESTION}]}]}
+    started = post(server, "/v1/responses", background).json()
+    assert started["status"] in ("queued", "in_progress"), started
+    wait_for(lambda: vlcache_state(server.url)["compressed_requests_live"] == 1, "the response compacted")
+    cancelled = post(server, f"/v1/responses/{started['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled", cancelled
+    stored = requests.get(f"{server.url}/v1/responses/{started['id']}", timeout=60).json()
+    assert stored["status"] == "cancelled", stored
+    at_start(server)
+
+
+def test_text_completions_are_served_as_stock(server):
+    """``/v1/completions`` takes text prompts only: served as stock (``text_only``), its tokens
+    those of ``/generate`` on the same text."""
+    at_start(server)
+    text = "<|im_start|>user\nWhat is the value of the key?<|im_end|>\n<|im_start|>assistant\n"
+    before = vlcache_state(server.url)["not_compressed"].get("text_only", 0)
+    completion = post(server, "/v1/completions", {"model": model_name(server), "prompt": text, "max_tokens": 8,
+                                                  "temperature": 0}).json()
+    generated = generate(server, {"text": text, "sampling_params": {"max_new_tokens": 8, "temperature": 0}})
+    assert completion["choices"][0]["text"] == generated["text"]
+    at_start(server)
+    assert vlcache_state(server.url)["not_compressed"].get("text_only", 0) == before + 2
+
+
+def test_both_server_info_routes_carry_the_plugin_state(server):
+    at_start(server)
+    current = requests.get(f"{server.url}/server_info", timeout=60).json()["internal_states"][0]["vlcache"]
+    deprecated = requests.get(f"{server.url}/get_server_info", timeout=60).json()["internal_states"][0]["vlcache"]
+    assert deprecated == current
+    assert_released(current)
