@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,33 @@ def hf(tiny_model_dir):
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     return model, AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def other_weights(tiny_model_dir, tmp_path_factory):
+    """A copy of the fixture with every weight matrix moved by half its spread (seeded): the same
+    architecture and tokenizer, other answers."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("other-weights") / "tiny-qwen2vl-other"
+    shutil.copytree(tiny_model_dir, out)
+    weights = load_file(out / "model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    moved = {k: (v + 0.5 * v.std() * torch.randn(v.shape, generator=g)) if v.dim() > 1 else v
+             for k, v in weights.items()}
+    save_file(moved, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_other(other_weights):
+    """:func:`hf` of :func:`other_weights`."""
+    import torch
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(other_weights, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(other_weights)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import time
 
 import pytest
 import requests
@@ -30,7 +29,8 @@ import requests
 from tests.conftest import make_test_image
 from tests.e2e.test_compression import PROMPT, generate
 from vlcache_sglang.tooling.gpu_kit import GPU_SERVER_ARGS, GPU_SERVER_ENV
-from vlcache_sglang.tooling.serving import running_server, settled_state, vlcache_state
+from tests.e2e.plugin_state import assert_at_start, settle
+from vlcache_sglang.tooling.serving import flush_cache, running_server, vlcache_state, wait_for
 
 pytestmark = pytest.mark.server
 MAX_NEW = 24
@@ -62,13 +62,9 @@ def server(tiny_model_dir, launch_file):
         yield handle
 
 
-def settled(server) -> dict:
-    return settled_state(server.url)
-
-
 def test_mixed_chunks_give_the_unmixed_tokens(server):
-    requests.post(f"{server.url}/flush_cache", timeout=60)
-    start = settled(server)
+    start = settle(server)
+    assert_at_start(start)
     assert start["debug_checks"] is True and start["radix_cache_disabled"] is True
     cases = [(PROMPT.format(q=f"Question {i}: what is written here?"), make_test_image(70 + i)) for i in range(6)]
     lengths = [LONG] + [MAX_NEW] * (len(cases) - 1)  # the first one still decodes while the others prefill
@@ -80,27 +76,21 @@ def test_mixed_chunks_give_the_unmixed_tokens(server):
     alone = []
     for i in range(len(cases)):  # one at a time: nothing to mix with
         alone.append(ask(i))
-        requests.post(f"{server.url}/flush_cache", timeout=60)
+        flush_cache(server.url)
     assert all(o["meta_info"]["vlcache_kept_ratio"][0] < 0.5 for o in alone)
     mixed_before = vlcache_state(server.url)["mixed_decode_rows"]
     with cf.ThreadPoolExecutor(len(cases)) as pool:
         first = pool.submit(ask, 0)
-        deadline = time.monotonic() + 60  # wait until it is compacted, i.e. decoding
-        while vlcache_state(server.url)["compressed_requests_live"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: vlcache_state(server.url)["compressed_requests_live"] >= 1, "the first compacted, decoding")
         rest = list(pool.map(ask, range(1, len(cases))))  # their prefills meet its decode steps
         together = [first.result()] + rest
-    end = settled(server)
+    end = settle(server, flush=False)
     assert end["mixed_decode_rows"] > mixed_before, "no decode step was mixed into a prefill batch"
     assert [o["output_ids"] for o in together] == [o["output_ids"] for o in alone]
     assert [o["meta_info"]["vlcache_kept_ratio"] for o in together] == \
         [o["meta_info"]["vlcache_kept_ratio"] for o in alone]
     assert end["freed_reads"] == 0 and end["plans_from_incomplete_statistics"] == 0 and end["stale_resolutions"] == 0
-    requests.post(f"{server.url}/flush_cache", timeout=60)
-    end = settled(server)
-    for key in ("available_kv_tokens", "evictable_kv_tokens", "virtual_ids_live", "cell_slots_live",
-                "pending_statistics", "resolved_rows_live", "row_flags_live"):
-        assert end[key] == start[key], key
+    assert_at_start(settle(server))
 
 
 def test_busy_memory_check_ran_and_held(server):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import random
-import time
 
 import pytest
 import requests
 
 from tests.conftest import make_test_image, png_base64
+from tests.e2e.plugin_state import assert_at_start, settle
 from vlcache_sglang.tooling.serving import running_server, vlcache_state
 
 pytestmark = pytest.mark.server
@@ -160,13 +160,7 @@ def mixed_soak(server, n: int, workers: int, seed: int, abort_every: int,
         for i in range(0, n, abort_every):
             requests.post(f"{server.url}/abort_request", json={"rid": f"mixed-{i + 7}"}, timeout=30)
         outcomes = [f.result() for f in futures]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        state = pool_state(server)
-        if state["compressed_requests_live"] == 0 and state["pending_statistics"] == 0:
-            break
-        time.sleep(0.5)
-    return outcomes, state
+    return outcomes, settle(server, flush=False)
 
 
 def test_no_leak_after_mixed_concurrent_workload_with_aborts(server):
@@ -179,5 +173,4 @@ def test_no_leak_after_mixed_concurrent_workload_with_aborts(server):
     assert state["compressed_requests_live"] == 0 and state["pending_statistics"] == 0
     assert state["resolved_rows_live"] == 0 and state["row_flags_live"] == 0
     assert state["available_kv_tokens"] + state["evictable_kv_tokens"] == state["max_total_num_tokens"]
-    assert requests.post(f"{server.url}/flush_cache", timeout=60).status_code == 200
-    assert pool_state(server)["available_kv_tokens"] == start["max_total_num_tokens"]
+    assert_at_start(settle(server))

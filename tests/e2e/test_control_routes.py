@@ -8,7 +8,9 @@ routes a user of SGLang calls around generation:
   ``/continue_generation``: ``in_place`` keeps their compacted rows and their tokens; ``retract``
   releases everything (the pool and every store at start while paused) and each request is
   recomputed: prompt plus the tokens it had generated are prefilled again and planned together,
-  and the rest is the Hugging Face reference of that plan; ``abort`` ends them with nothing left.
+  and the rest is the Hugging Face reference of that plan (so too under ``prefix`` and ``compressed``
+  sharing, where the retracted requests' image prefixes wait in the tree, evictable, while paused);
+  ``abort`` ends them with nothing left.
   ``/slow_down`` (SGLang's own test knob) makes each forward sleep, so the pause lands mid-decode.
 - a ``retract`` pause between prefill chunks with statistics pending: the request is prefilled
   again from the start and answers as if never paused.
@@ -34,7 +36,6 @@ routes a user of SGLang calls around generation:
 from __future__ import annotations
 
 import concurrent.futures as cf
-import shutil
 import time
 
 import pytest
@@ -42,15 +43,14 @@ import requests
 
 from tests.conftest import make_test_image, png_base64
 from tests.e2e.recompute import assert_recomputed_like_reference
-from vlcache_sglang.tooling.serving import flush_cache, running_server, vlcache_state
+from tests.e2e.plugin_state import assert_at_start, settle
+from vlcache_sglang.tooling.serving import LIVE_STORES, running_server, vlcache_state, wait_for
 
 pytestmark = pytest.mark.server
 POOL = 6000
 QUESTION = "What is the value of the key in this picture?"
 PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
           f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n")
-ZERO = {"compressed_requests_live": 0, "pending_statistics": 0, "resolved_rows_live": 0,
-        "request_states_live": 0, "row_flags_live": 0, "virtual_ids_live": 0, "cell_slots_live": 0}
 DECODING = 3
 MAX_NEW = 60
 FORWARD_SLEEP_S = 0.05  # /slow_down: 60 decode steps take at least 3 s
@@ -64,37 +64,15 @@ def server(tiny_model_dir):
         yield handle
 
 
-@pytest.fixture(scope="module")
-def other_weights(tiny_model_dir, tmp_path_factory):
-    """A copy of the fixture with every weight matrix moved by half its spread (seeded): the same
-    architecture and tokenizer, other answers."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path_factory.mktemp("other-weights") / "tiny-qwen2vl-other"
-    shutil.copytree(tiny_model_dir, out)
-    weights = load_file(out / "model.safetensors")
-    g = torch.Generator().manual_seed(1)
-    moved = {k: (v + 0.5 * v.std() * torch.randn(v.shape, generator=g)) if v.dim() > 1 else v
-             for k, v in weights.items()}
-    save_file(moved, out / "model.safetensors", metadata={"format": "pt"})
-    return out
-
-
-@pytest.fixture(scope="module")
-def hf_other(other_weights):
-    import torch
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(other_weights, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(other_weights)
-
-
-def body(seed: int, max_new: int = MAX_NEW, size=(112, 112), **vlcache) -> dict:
-    """A fixed-length answer (``min_new_tokens`` masks EOS) with the plan returned."""
-    return {"text": PROMPT, "image_data": png_base64(make_test_image(seed, size)),
-            "sampling_params": {"max_new_tokens": max_new, "min_new_tokens": max_new, "temperature": 0,
-                                "custom_params": {"vlcache": {"return_plan": True, **vlcache}}}}
+def body(seed: int, max_new: int = MAX_NEW, size=(112, 112), extra_key: str | None = None, **vlcache) -> dict:
+    """A fixed-length answer (``min_new_tokens`` masks EOS) with the plan returned; ``extra_key``
+    keeps its radix entries apart from other requests'."""
+    payload = {"text": PROMPT, "image_data": png_base64(make_test_image(seed, size)),
+               "sampling_params": {"max_new_tokens": max_new, "min_new_tokens": max_new, "temperature": 0,
+                                   "custom_params": {"vlcache": {"return_plan": True, **vlcache}}}}
+    if extra_key is not None:
+        payload["extra_key"] = extra_key
+    return payload
 
 
 def generate(server, payload: dict) -> dict:
@@ -107,32 +85,6 @@ def post(server, route: str, payload: dict | None = None) -> requests.Response:
     r = requests.post(f"{server.url}{route}", json=payload if payload is not None else {}, timeout=600)
     assert r.status_code == 200, f"{route}: {r.status_code} {r.text}"
     return r
-
-
-def at_start(server) -> dict:
-    """The plugin's state after a flush, once nothing is live; asserts the pool and stores are back."""
-    deadline = time.monotonic() + 60
-    while vlcache_state(server.url)["compressed_requests_live"] or vlcache_state(server.url)["pending_statistics"]:
-        assert time.monotonic() < deadline, vlcache_state(server.url)
-        time.sleep(0.1)
-    flush_cache(server.url)
-    state = vlcache_state(server.url)
-    assert_released(state)
-    return state
-
-
-def assert_released(state: dict) -> None:
-    assert state["available_kv_tokens"] == POOL and state["evictable_kv_tokens"] == 0, state
-    assert {k: state[k] for k in ZERO} == ZERO, state
-
-
-def wait_for(predicate, what: str, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"never observed: {what}")
 
 
 def stops(processor, model) -> list[int]:
@@ -152,17 +104,21 @@ def slow_forwards(server):
 @pytest.fixture(scope="module")
 def unpaused(server):
     """The answers of the decoding workload when nothing interrupts it."""
-    at_start(server)
+    assert_at_start(settle(server))
     outs = [generate(server, body(10 + i)) for i in range(DECODING)]
-    at_start(server)
+    assert_at_start(settle(server))
     return outs
 
 
-def paused_workload(server, mode: str, while_paused=None) -> tuple[list[dict], dict]:
-    """Start the decoding workload, pause in ``mode`` once all are compacted and decoding, run
-    ``while_paused``, continue. Returns the answers and the plugin's state during the pause."""
+def paused_workload(server, mode: str, while_paused=None, isolated: bool = False,
+                    **vlcache) -> tuple[list[dict], dict]:
+    """Start the decoding workload (request options ``vlcache``; with ``isolated`` each request
+    under its own ``extra_key``, so none reads another's tree entries), pause in ``mode`` once all
+    are compacted and decoding, run ``while_paused``, continue. Returns the answers and the
+    plugin's state during the pause."""
     with cf.ThreadPoolExecutor(DECODING) as ex:
-        futures = [ex.submit(generate, server, body(10 + i)) for i in range(DECODING)]
+        futures = [ex.submit(generate, server, body(10 + i, extra_key=f"request-{i}" if isolated else None, **vlcache))
+                   for i in range(DECODING)]
         wait_for(lambda: vlcache_state(server.url)["compressed_requests_live"] == DECODING, "all compacted")
         time.sleep(0.3)  # a few decode steps in
         post(server, "/pause_generation", {"mode": mode})
@@ -180,12 +136,13 @@ def test_an_in_place_pause_keeps_the_compacted_rows_and_their_tokens(server, unp
     for o, ref in zip(outs, unpaused):
         assert o["meta_info"]["num_retractions"] == 0
         assert o["output_ids"] == ref["output_ids"]
-    at_start(server)
+    assert_at_start(settle(server))
 
 
-def test_a_retract_pause_releases_everything_and_each_request_recomputes(server, hf, unpaused, slow_forwards):
-    outs, paused = paused_workload(server, "retract")
-    assert_released(paused)  # the retracted rows, their plans and cells are gone while paused
+def assert_each_recomputed(hf, outs: list[dict], unpaused: list[dict], resumed: bool = False) -> None:
+    """Each request was retracted once and recomputed: its first k tokens are the unpaused run's,
+    the rest the HF reference of its plan over prompt + k (with ``resumed``, of its first plan, the
+    unpaused run's, then the last: the re-prefill read its own compressed entry)."""
     model, processor = hf
     for i, o in enumerate(outs):
         meta = o["meta_info"]
@@ -193,16 +150,45 @@ def test_a_retract_pause_releases_everything_and_each_request_recomputes(server,
         assert meta["vlcache_planned_tokens"][0] > meta["prompt_tokens"], meta  # planned over prompt + k
         assert o["output_ids"][:meta["vlcache_planned_tokens"][0] - meta["prompt_tokens"]] == \
             unpaused[i]["output_ids"][:meta["vlcache_planned_tokens"][0] - meta["prompt_tokens"]]
+        first = unpaused[i]["meta_info"]["vlcache_kept_positions"][0] if resumed else None
         assert_recomputed_like_reference(hf, o, PROMPT, make_test_image(10 + i), MAX_NEW,
-                                         suppressed_tokens=stops(processor, model))
-    at_start(server)
+                                         suppressed_tokens=stops(processor, model), resumed_from=first)
+
+
+def test_a_retract_pause_releases_everything_and_each_request_recomputes(server, hf, unpaused, slow_forwards):
+    outs, paused = paused_workload(server, "retract")
+    assert_at_start(paused)  # the retracted rows, their plans and cells are gone while paused
+    assert_each_recomputed(hf, outs, unpaused)
+    assert_at_start(settle(server))
+
+
+@pytest.mark.parametrize("sharing", ["prefix", "compressed"])
+def test_a_retract_pause_under_sharing_keeps_only_tree_entries_and_each_request_recomputes(
+        server, hf, unpaused, slow_forwards, sharing):
+    # SGLang's retract releases a request as if it finished (release_kv_cache): under sharing what
+    # may enter the tree goes there, evictable, while no request, row, plan or statistic of the
+    # plugin stays live. prefix: the uncompressed prefix before the statistics window, which the
+    # re-prefill reads back (exact); compressed: the compacted prompt (and any decoded tokens that
+    # entered with it), which the re-prefill resumes from (the reference replays both plans)
+    outs, paused = paused_workload(server, "retract", isolated=True, sharing=sharing)
+    live = {k: paused[k] for k in LIVE_STORES if k not in ("virtual_ids_live", "cell_slots_live")}
+    assert live == dict.fromkeys(live, 0), paused
+    assert paused["evictable_kv_tokens"] > 0, paused
+    assert paused["available_kv_tokens"] + paused["evictable_kv_tokens"] == POOL, paused
+    assert (paused["virtual_ids_live"] > 0) == (sharing == "compressed"), paused
+    for o in outs:
+        meta = o["meta_info"]
+        reused, m = meta["vlcache_reused_tokens"][0], meta["prompt_tokens"]
+        assert (reused >= m) if sharing == "compressed" else (0 < reused < m), (sharing, reused, m)
+    assert_each_recomputed(hf, outs, unpaused, resumed=sharing == "compressed")
+    assert_at_start(settle(server))
 
 
 def test_an_abort_pause_ends_every_request_with_nothing_left(server, slow_forwards):
     outs, _ = paused_workload(server, "abort")
     assert [o["meta_info"]["finish_reason"]["type"] for o in outs] == ["abort"] * DECODING
     assert all(len(o["output_ids"]) < MAX_NEW for o in outs)
-    at_start(server)
+    assert_at_start(settle(server))
 
 
 def test_a_retract_pause_between_prefill_chunks_answers_as_if_never_paused(server, slow_forwards):
@@ -213,15 +199,15 @@ def test_a_retract_pause_between_prefill_chunks_answers_as_if_never_paused(serve
         wait_for(lambda: vlcache_state(server.url)["pending_statistics"] > 0, "statistics pending")
         post(server, "/pause_generation", {"mode": "retract"})
         assert not future.done()
-        assert_released(vlcache_state(server.url))
+        assert_at_start(vlcache_state(server.url))
         post(server, "/continue_generation")
         out = future.result()
-    at_start(server)
+    assert_at_start(settle(server))
     ref = generate(server, chunked)
     assert out["meta_info"]["num_retractions"] == 1
     assert out["output_ids"] == ref["output_ids"]
     assert out["meta_info"]["vlcache_kept_positions"] == ref["meta_info"]["vlcache_kept_positions"]
-    at_start(server)
+    assert_at_start(settle(server))
 
 
 def update_weights(server, model_path) -> None:
@@ -264,14 +250,14 @@ def expected_under_plan(hf_pair, out: dict, seed: int, max_new: int) -> list[int
 
 def test_a_weight_update_drops_compressed_prefixes_and_serves_the_new_weights(
         server, tiny_model_dir, other_weights, hf, hf_other):
-    at_start(server)
+    assert_at_start(settle(server))
     shared = body(40, max_new=12, sharing="compressed")
     before = generate(server, shared)
     assert vlcache_state(server.url)["evictable_kv_tokens"] > 0  # the compressed prompt is cached
     assert generate(server, shared)["meta_info"]["cached_tokens"] > 0
     try:
         update_weights(server, other_weights)
-        assert_released(vlcache_state(server.url))  # SGLang's flush took the compressed prefixes
+        assert_at_start(vlcache_state(server.url))  # SGLang's flush took the compressed prefixes
         encoded = vlcache_state(server.url)["images_encoded"]
         after = generate(server, shared)
         assert after["meta_info"]["cached_tokens"] == 0
@@ -283,13 +269,13 @@ def test_a_weight_update_drops_compressed_prefixes_and_serves_the_new_weights(
         # back through the tensor route: the same flush, and the image (seen under the other
         # weights) goes through the vision tower again
         update_weights_from_tensors(server, tiny_model_dir)
-        assert_released(vlcache_state(server.url))
+        assert_at_start(vlcache_state(server.url))
         again = generate(server, shared)
         assert again["meta_info"]["cached_tokens"] == 0 and again["output_ids"] == before["output_ids"]
     finally:
         update_weights(server, tiny_model_dir)
     assert before["output_ids"] == expected_under_plan(hf, before, 40, 12)
-    at_start(server)
+    assert_at_start(settle(server))
 
 
 def test_pause_update_continue_recomputes_under_the_new_weights(
@@ -297,7 +283,7 @@ def test_pause_update_continue_recomputes_under_the_new_weights(
     """The reinforcement-learning loop: pause (retract), load the new policy, continue."""
     try:
         outs, paused = paused_workload(server, "retract", lambda: update_weights(server, other_weights))
-        assert_released(paused)
+        assert_at_start(paused)
         model, processor = hf_other
         for i, o in enumerate(outs):
             assert o["meta_info"]["num_retractions"] == 1
@@ -305,20 +291,20 @@ def test_pause_update_continue_recomputes_under_the_new_weights(
                                              suppressed_tokens=stops(processor, model))
     finally:
         update_weights(server, tiny_model_dir)
-    at_start(server)
+    assert_at_start(settle(server))
 
 
 def test_releasing_the_kv_memory_drops_compressed_prefixes(server):
-    at_start(server)
+    assert_at_start(settle(server))
     shared = body(41, max_new=12, sharing="compressed")
     before = generate(server, shared)
     assert vlcache_state(server.url)["evictable_kv_tokens"] > 0
     post(server, "/release_memory_occupation", {"tags": ["kv_cache"]})
-    assert_released(vlcache_state(server.url))
+    assert_at_start(vlcache_state(server.url))
     post(server, "/resume_memory_occupation", {"tags": ["kv_cache"]})
     after = generate(server, shared)
     assert after["meta_info"]["cached_tokens"] == 0 and after["output_ids"] == before["output_ids"]
-    at_start(server)
+    assert_at_start(settle(server))
 
 
 # -- other generation APIs --------------------------------------------------------------------
@@ -330,12 +316,12 @@ def compressed_by(server, call) -> tuple[object, int]:
     """``call()``'s result and how many requests the plugin compressed for it."""
     before = vlcache_state(server.url)["requests_compressed"]
     result = call()
-    at_start(server)
+    assert_at_start(settle(server))
     return result, vlcache_state(server.url)["requests_compressed"] - before
 
 
 def test_other_generation_apis_answer_as_chat_and_compress(server):
-    at_start(server)
+    assert_at_start(settle(server))
     name, png = model_name(server), png_base64(make_test_image(50))
     url = f"data:image/png;base64,{png}"
     chat = {"model": name, "temperature": 0, "max_tokens": 12,
@@ -375,12 +361,12 @@ def test_other_generation_apis_answer_as_chat_and_compress(server):
 def test_ollama_chat_drops_images_and_is_served_as_text(server):
     """SGLang's Ollama protocol reads a message's ``images`` and its serving never passes them on:
     the request reaches the plugin as text only (``not_compressed.text_only``)."""
-    at_start(server)
+    assert_at_start(settle(server))
     before = vlcache_state(server.url)
     ollama = {"model": model_name(server), "stream": False, "options": {"num_predict": 4, "temperature": 0},
               "messages": [{"role": "user", "content": QUESTION, "images": [png_base64(make_test_image(51))]}]}
     out = post(server, "/api/chat", ollama).json()
-    at_start(server)
+    assert_at_start(settle(server))
     after = vlcache_state(server.url)
     assert after["requests_compressed"] == before["requests_compressed"]
     assert after["not_compressed"].get("text_only", 0) == before["not_compressed"].get("text_only", 0) + 1
@@ -393,7 +379,7 @@ def test_decisions_over_an_image_equal_the_uncompressed_model(server, hf):
     questions need ``yes`` and ``no`` to be single tokens, which the tiny fixture's are not.)"""
     import torch
 
-    at_start(server)
+    assert_at_start(settle(server))
     model, processor = hf
     image = make_test_image(52)
     request = {"model": model_name(server), "input": QUESTION,
@@ -425,7 +411,7 @@ def test_decisions_over_an_image_equal_the_uncompressed_model(server, hf):
 
 
 def test_cancelling_a_background_response_releases_it(server, slow_forwards):
-    at_start(server)
+    assert_at_start(settle(server))
     url = f"data:image/png;base64,{png_base64(make_test_image(53))}"
     background = {"model": model_name(server), "temperature": 0, "max_output_tokens": 400, "background": True,
                   "store": True, "input": [{"role": "user", "content": [{"type": "input_image", "image_url": url},
@@ -437,26 +423,26 @@ def test_cancelling_a_background_response_releases_it(server, slow_forwards):
     assert cancelled["status"] == "cancelled", cancelled
     stored = requests.get(f"{server.url}/v1/responses/{started['id']}", timeout=60).json()
     assert stored["status"] == "cancelled", stored
-    at_start(server)
+    assert_at_start(settle(server))
 
 
 def test_text_completions_are_served_as_stock(server):
     """``/v1/completions`` takes text prompts only: served as stock (``text_only``), its tokens
     those of ``/generate`` on the same text."""
-    at_start(server)
+    assert_at_start(settle(server))
     text = "<|im_start|>user\nWhat is the value of the key?<|im_end|>\n<|im_start|>assistant\n"
     before = vlcache_state(server.url)["not_compressed"].get("text_only", 0)
     completion = post(server, "/v1/completions", {"model": model_name(server), "prompt": text, "max_tokens": 8,
                                                   "temperature": 0}).json()
     generated = generate(server, {"text": text, "sampling_params": {"max_new_tokens": 8, "temperature": 0}})
     assert completion["choices"][0]["text"] == generated["text"]
-    at_start(server)
+    assert_at_start(settle(server))
     assert vlcache_state(server.url)["not_compressed"].get("text_only", 0) == before + 2
 
 
 def test_both_server_info_routes_carry_the_plugin_state(server):
-    at_start(server)
+    assert_at_start(settle(server))
     current = requests.get(f"{server.url}/server_info", timeout=60).json()["internal_states"][0]["vlcache"]
     deprecated = requests.get(f"{server.url}/get_server_info", timeout=60).json()["internal_states"][0]["vlcache"]
     assert deprecated == current
-    assert_released(current)
+    assert_at_start(current)

@@ -23,14 +23,14 @@ import concurrent.futures as cf
 import json
 import re
 import threading
-import time
 
 import pytest
 import requests
 
 from tests.conftest import make_test_image, png_base64
 from tests.e2e.recompute import assert_recomputed_like_reference
-from vlcache_sglang.tooling.serving import running_server, vlcache_state
+from tests.e2e.plugin_state import assert_at_start, settle
+from vlcache_sglang.tooling.serving import running_server, vlcache_state, wait_for
 
 pytestmark = pytest.mark.server
 POOL = 1500
@@ -38,8 +38,6 @@ MAX_RUNNING = 6
 CHUNK = 128
 PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
           "What is the value of the key in this picture?<|im_end|>\n<|im_start|>assistant\n")
-ZERO = {"compressed_requests_live": 0, "pending_statistics": 0, "resolved_rows_live": 0,
-        "request_states_live": 0, "row_flags_live": 0, "virtual_ids_live": 0, "cell_slots_live": 0}
 
 
 @pytest.fixture(scope="module")
@@ -69,25 +67,6 @@ def post(server, body, timeout=600) -> dict:
     return r.json()
 
 
-def settle(server) -> dict:
-    """The plugin's state once nothing is live, after a flush (the tree holds nothing)."""
-    deadline = time.monotonic() + 60
-    while True:
-        state = vlcache_state(server.url)
-        if state["compressed_requests_live"] == 0 and state["pending_statistics"] == 0:
-            break
-        assert time.monotonic() < deadline, state
-        time.sleep(0.2)
-    assert requests.post(f"{server.url}/flush_cache", timeout=60).status_code == 200
-    return vlcache_state(server.url)
-
-
-def assert_at_start(state: dict) -> None:
-    assert state["available_kv_tokens"] == POOL, state
-    assert state["evictable_kv_tokens"] == 0, state
-    assert {k: state[k] for k in ZERO} == ZERO, state
-
-
 def log_since(server, offset: int) -> str:
     return server.log_path.read_text(errors="replace")[offset:]
 
@@ -98,16 +77,6 @@ def log_offset(server) -> int:
 
 def abort(server, rid: str) -> None:
     assert requests.post(f"{server.url}/abort_request", json={"rid": rid}, timeout=30).status_code == 200
-
-
-def wait_for(predicate, what: str, timeout: float = 120.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"never observed: {what}")
 
 
 # -- item 4: retraction ----------------------------------------------------------------------

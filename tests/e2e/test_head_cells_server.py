@@ -26,9 +26,9 @@ import time
 import pytest
 
 from tests.conftest import make_test_image
-from tests.e2e.test_compatibility import settled as settled_state
 from tests.e2e.test_compression import generate as generate_text
 from tests.e2e.test_compression import mixed_soak
+from tests.e2e.plugin_state import assert_at_start, settle
 from vlcache_sglang.tooling.serving import flush_cache, running_server, vlcache_state
 
 pytestmark = pytest.mark.server
@@ -36,8 +36,6 @@ MAX_NEW = 10
 PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
           "<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n")
 QUESTION = "What is the value of the key in this picture?"
-ZERO = ("compressed_requests_live", "pending_statistics", "resolved_rows_live", "request_states_live",
-        "row_flags_live", "virtual_ids_live", "cell_slots_live")
 PER_HEAD = {"granularity": "head", "head_budget": "adaptive"}
 
 
@@ -55,15 +53,9 @@ def generate(server, image, q: str = QUESTION, max_new: int = MAX_NEW, sampling:
     return generate_text(server, PROMPT.format(q=q), image, max_new=max_new, sampling=sampling, **vlcache)
 
 
-def settled(server) -> dict:
-    """The plugin's state once the tree is flushed and no compressed request is live."""
-    flush_cache(server.url)
-    return settled_state(server)
-
-
-def assert_back_at(start: dict, end: dict) -> None:
-    assert {k: end[k] for k in ZERO} == dict.fromkeys(ZERO, 0)
-    assert end["available_kv_tokens"] == start["available_kv_tokens"]
+def assert_clean(end: dict) -> None:
+    """Back at start (:func:`assert_at_start`), and no forward read freed KV or a stale row."""
+    assert_at_start(end)
     assert end["freed_reads"] == 0 and end["stale_resolutions"] == 0
 
 
@@ -118,7 +110,7 @@ def test_layer_plans_on_head_cells_equal_the_reference(server, hf):
 @pytest.mark.parametrize("head_budget,seed", [("uniform", 43), ("adaptive", 44)])
 def test_per_head_plans_are_served_per_head(server, hf, head_budget, seed):
     image = make_test_image(seed, (336, 280))
-    start = settled(server)
+    assert_at_start(settle(server))
     out = generate(server, image, budget=0.1, granularity="head", head_budget=head_budget, return_plan=True)
     meta = out["meta_info"]
     head_kept = meta["vlcache_head_kept_positions"][0]
@@ -128,12 +120,12 @@ def test_per_head_plans_are_served_per_head(server, hf, head_budget, seed):
     assert meta["vlcache_kv_tokens_saved"][0] == meta["prompt_tokens"] - held_slots(head_kept)
     assert held_slots(head_kept) < -(-sum(len(k) for k in union) // len(union))  # layer cells hold the union
     assert out["output_ids"] == reference(hf, image, union, head_kept)
-    assert_back_at(start, settled(server))
+    assert_clean(settle(server))
 
 
 def test_prefix_sharing_reuses_the_image_prefix_with_the_same_plan(server, hf):
     image = make_test_image(46, (336, 280))
-    start = settled(server)
+    assert_at_start(settle(server))
     cold, warm = (generate(server, image, budget=0.1, sharing="prefix", window_size=16, return_plan=True,
                            **PER_HEAD) for _ in range(2))
     assert cold["meta_info"]["cached_tokens"] == 0 and warm["meta_info"]["cached_tokens"] > 0
@@ -142,11 +134,11 @@ def test_prefix_sharing_reuses_the_image_prefix_with_the_same_plan(server, hf):
     assert warm["meta_info"]["vlcache_kv_tokens_saved"][0] > 0
     expected = reference(hf, image, cold["meta_info"]["vlcache_kept_positions"][0], plan)
     assert cold["output_ids"] == warm["output_ids"] == expected
-    assert_back_at(start, settled(server))
+    assert_clean(settle(server))
 
 
 def test_mixed_batches_give_the_tokens_of_each_request_alone(server):
-    start = settled(server)
+    assert_at_start(settle(server))
     cases = [(make_test_image(80 + i, (336, 280)), f"Question {i}: what is written here?") for i in range(5)]
     lengths = [96] + [MAX_NEW] * (len(cases) - 1)  # the first one decodes while the others prefill
 
@@ -169,7 +161,7 @@ def test_mixed_batches_give_the_tokens_of_each_request_alone(server):
         together = [first.result(), *rest]
     assert vlcache_state(server.url)["mixed_decode_rows"] > mixed_before  # per-head rows rode in extends
     assert [o["output_ids"] for o in together] == [o["output_ids"] for o in alone]
-    assert_back_at(start, settled(server))
+    assert_clean(settle(server))
 
 
 def next_turn(previous: str, answer: str, question: str) -> str:
@@ -195,7 +187,7 @@ def test_turn_two_reuses_turn_one_compressed_per_head_and_matches_hf(server, hf,
 
     model, processor = hf
     image = make_test_image(seed, (336, 280))
-    start = settled(server)
+    assert_at_start(settle(server))
     text1 = PROMPT.format(q=QUESTION)
     one = generate_text(server, text1, image, max_new=MAX_NEW, budget=0.1, sharing="compressed", return_plan=True,
                         **policy)
@@ -221,13 +213,13 @@ def test_turn_two_reuses_turn_one_compressed_per_head_and_matches_hf(server, hf,
     turns = [(m1, [[torch.tensor(h) for h in heads] for heads in kept1]),
              (m2, [[torch.tensor(h) for h in heads] for heads in kept2])]
     assert two["output_ids"] == greedy_after_turns(model, inputs, turns, MAX_NEW, eos, per_head=True)
-    assert_back_at(start, settled(server))
+    assert_clean(settle(server))
 
 
 def test_mixed_soak_with_per_head_plans_ends_at_the_start(server):
-    start = settled(server)
+    start = settle(server)
     outcomes, _ = mixed_soak(server, 120, workers=6, seed=3, abort_every=30, vlcache=PER_HEAD)
     assert outcomes.count("ok") > 120 * 0.8
-    end = settled(server)
+    end = settle(server)
     assert end["requests_compressed"] > start["requests_compressed"] + 30
-    assert_back_at(start, end)
+    assert_clean(end)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import random
-import time
 
 import pytest
 import requests
@@ -22,6 +21,7 @@ from PIL import Image
 
 from tests.conftest import png_base64
 
+from tests.e2e.plugin_state import assert_at_start, settle
 from vlcache_sglang.bundled import bundled_model_dir
 from vlcache_sglang.research.hf_eval.items import ChatPrompter
 from vlcache_sglang.tooling.serving import flush_cache, running_server, vlcache_state
@@ -107,6 +107,7 @@ def test_turn_two_reuses_turn_one_compressed_and_matches_hf(server, processor, p
     assert m1 < two["meta_info"]["cached_tokens"] <= m1 + n1 - 1, (two["meta_info"]["cached_tokens"], m1, n1)
     assert state(server)["images_encoded"] == encoded  # the image was not encoded again
     assert two["meta_info"]["vlcache_kv_tokens_saved"][0] > 0  # turn 2 compressed its own tokens
+    assert two["meta_info"]["vlcache_reused_tokens"] == [two["meta_info"]["cached_tokens"]]  # what its plan built on
 
     kept1 = [torch.tensor(k) for k in one["meta_info"]["vlcache_kept_positions"][0]]
     kept2 = [torch.tensor(k) for k in two["meta_info"]["vlcache_kept_positions"][0]]
@@ -143,7 +144,7 @@ def test_logprobs_from_inside_a_cached_compressed_image(server, processor, promp
     two = generate(server, text, image, budget=0.1, return_plan=True, sharing="compressed",
                    fields={"return_logprob": True, "logprob_start_len": start})
     m = two["meta_info"]["prompt_tokens"]
-    assert two["meta_info"]["cached_tokens"] == start
+    assert two["meta_info"]["cached_tokens"] == start == two["meta_info"]["vlcache_reused_tokens"][0]
     assert len(two["meta_info"]["input_token_logprobs"]) == m - start
     assert two["meta_info"]["vlcache_kv_tokens_saved"][0] > 0
     kept1 = [torch.tensor(k) for k in one["meta_info"]["vlcache_kept_positions"][0]]
@@ -250,12 +251,7 @@ def test_small_pool_long_mixed_workload_evicts_and_leaks_nothing(server, prompte
                    for i in range(90)]
         outcomes = [f.result() for f in futures]
     assert outcomes.count("ok") > 60
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        now = state(server)
-        if now["compressed_requests_live"] == 0 and now["pending_statistics"] == 0:
-            break
-        time.sleep(0.5)
+    now = settle(server, flush=False)
     assert now["debug_checks"] is True  # the read check was on (VLCACHE_DEBUG_CHECKS=1) ...
     assert now["freed_reads"] == 0 and now["stale_resolutions"] == 0  # ... no forward read freed KV or a stale row
     assert now["evicted_slots"] > start["evicted_slots"]  # the pool was small enough to evict
@@ -264,7 +260,4 @@ def test_small_pool_long_mixed_workload_evicts_and_leaks_nothing(server, prompte
     assert now["request_states_live"] == 0  # readers of compressed tree entries kept none either
     assert now["virtual_ids_live"] > 0  # compressed entries are in the tree ...
     assert now["available_kv_tokens"] + now["evictable_kv_tokens"] == now["max_total_num_tokens"]
-    flush(server)
-    end = state(server)  # ... and flushing it returns everything
-    assert end["available_kv_tokens"] == end["max_total_num_tokens"]
-    assert end["virtual_ids_live"] == 0 and end["cell_slots_live"] == 0
+    assert_at_start(settle(server))  # ... and flushing it returns everything

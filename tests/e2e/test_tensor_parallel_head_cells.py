@@ -21,7 +21,8 @@ import requests
 
 from tests.conftest import make_test_image
 from tests.e2e.test_compression import mixed_soak
-from tests.e2e.test_head_cells_server import PER_HEAD, ZERO, generate, reference, settled
+from tests.e2e.plugin_state import assert_at_start, settle
+from tests.e2e.test_head_cells_server import PER_HEAD, generate, reference
 from vlcache_sglang.tooling.serving import running_server, vlcache_state
 
 pytestmark = pytest.mark.server
@@ -41,7 +42,7 @@ def server(tiny_model_dir):
 # 0.7 bounds the heads' imbalance below 2x, so these plans are served compressed.
 @pytest.mark.parametrize("head_budget,seed", [("uniform", 51), ("adaptive", 52)])
 def test_per_head_plans_at_two_ranks_follow_the_reference(server, hf, head_budget, seed):
-    before = settled(server)  # an empty tree: no position is protected
+    before = settle(server)  # an empty tree: no position is protected
     assert before["tp_size"] == 2
     image = make_test_image(seed, (336, 280))
     out = generate(server, image, budget=0.1, granularity="head", head_budget=head_budget, head_floor=0.7,
@@ -57,21 +58,20 @@ def test_per_head_plans_at_two_ranks_follow_the_reference(server, hf, head_budge
 
 
 def test_mixed_soak_with_per_head_plans_at_two_ranks_ends_at_the_start(server):
-    start = settled(server)
+    start = settle(server)
     outcomes, _ = mixed_soak(server, 60, workers=6, seed=11, abort_every=20, vlcache=PER_HEAD)
     assert outcomes.count("ok") > 60 * 0.7
-    end = settled(server)
+    end = settle(server)
     assert end["requests_compressed"] > start["requests_compressed"] + 10
     assert end["tp_plan_mismatches"] == 0 and end["freed_reads"] == 0 and end["stale_resolutions"] == 0
-    assert {k: end[k] for k in ZERO} == dict.fromkeys(ZERO, 0)
-    assert end["available_kv_tokens"] == start["available_kv_tokens"]
+    assert_at_start(end)
 
 
 def test_compressed_sharing_is_refused_per_request_naming_the_tp_size(server):
-    start = settled(server)
+    assert_at_start(settle(server))
     r = requests.post(f"{server.url}/generate", json={
         "text": "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n", "sampling_params": {
             "max_new_tokens": 2, "custom_params": {"vlcache": {"budget": 0.1, "sharing": "compressed"}}}},
         timeout=60)
     assert r.status_code == 400 and "--tp-size 1" in r.text and "--vlcache-cells layer" in r.text
-    assert settled(server)["available_kv_tokens"] == start["available_kv_tokens"]
+    assert_at_start(settle(server))

@@ -232,7 +232,8 @@ class Compressor:
                      info.rid, record.kept_counts, info.prompt_len, plan.budgets, record.tokens_saved)
         layer_kept, head_kept = self._reported_sets(plan, kept)
         report.compressed(info.req, plan, layer_kept, record.kept_counts, record.tokens_saved, info.prompt_len,
-                          self.vkv.num_units, incomplete=incomplete, return_plan=info.return_plan,
+                          self.vkv.num_units, reused_tokens=info.protected_len, incomplete=incomplete,
+                          return_plan=info.return_plan,
                           head_kept=head_kept)
 
     def _reported_sets(self, plan, kept: list[torch.Tensor]) -> tuple[list[torch.Tensor], list | None]:

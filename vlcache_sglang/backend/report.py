@@ -32,7 +32,7 @@ def not_compressed(req: Any, reason: str) -> None:
 
 
 def compressed(req: Any, plan: CompressionPlan, kept: list, kept_counts: list[int], tokens_saved: int,
-               prompt_len: int, num_layers: int, *, incomplete: bool, return_plan: bool,
+               prompt_len: int, num_layers: int, *, reused_tokens: int, incomplete: bool, return_plan: bool,
                head_kept: list | None = None) -> None:
     """The figures of a compacted request (and its kept positions when it asked for them:
     ``kept`` per layer, ``head_kept`` per layer and KV head when the heads' sets differ)."""
@@ -44,6 +44,9 @@ def compressed(req: Any, plan: CompressionPlan, kept: list, kept_counts: list[in
         # what the plan was built over: the prompt, plus, when SGLang retracted the request and
         # recomputes it, the tokens it had generated (they are re-prefilled and planned with it)
         "vlcache_planned_tokens": prompt_len,
+        # of those, how many the prefill read from the radix tree (its prefix match; SGLang's own
+        # ``cached_tokens`` counts a retracted request's first prefill only)
+        "vlcache_reused_tokens": reused_tokens,
         "vlcache_notes": "; ".join(plan.notes),
     }
     if incomplete:

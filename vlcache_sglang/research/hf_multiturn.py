@@ -15,7 +15,8 @@ from contextlib import nullcontext
 import torch
 from transformers import DynamicCache
 
-from vlcache_sglang.research.hf_reference import crop_cache_positions, decode_steps, head_masked_attention
+from vlcache_sglang.research.hf_reference import (crop_cache_positions, decode_steps, head_masked_attention,
+                                                   masked_logits)
 from vlcache_sglang.research.tinyvlm.kvcache import decode_positions, rope_positions
 
 
@@ -78,7 +79,8 @@ def prompt_embeddings(model, inputs: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def greedy_after_turns(model, inputs: dict, turns: Sequence[tuple[int, Sequence]], max_new_tokens: int,
-                       eos_token_ids: Sequence[int] = (), *, per_head: bool = False) -> list[int]:
+                       eos_token_ids: Sequence[int] = (), *, per_head: bool = False,
+                       suppressed_tokens: Sequence[int] = ()) -> list[int]:
     """Greedy tokens after the last prompt of a conversation compressed turn by turn.
 
     Args:
@@ -89,6 +91,7 @@ def greedy_after_turns(model, inputs: dict, turns: Sequence[tuple[int, Sequence]
             may fall inside the image, as a prefix match capped by ``logprob_start_len`` does); with
             ``per_head``, ``kept_i[l][h]`` per KV head (head cells: each head holds its own positions).
         max_new_tokens, eos_token_ids: as SGLang (stop after an EOS).
+        suppressed_tokens: never chosen (what SGLang's ``min_new_tokens`` masks).
     """
     input_ids = inputs["input_ids"]
     m = input_ids.shape[1]
@@ -128,5 +131,6 @@ def greedy_after_turns(model, inputs: dict, turns: Sequence[tuple[int, Sequence]
             if t + 1 in boundaries:
                 cut(boundaries[t + 1])
     masks = pc.held if per_head else None
-    return decode_steps(model, pc.cache, int(logits.argmax(-1)), m, deltas, max_new_tokens, eos_token_ids,
-                        head_masks=masks)[0]
+    first = int(masked_logits(logits[0], suppressed_tokens).argmax(-1))
+    return decode_steps(model, pc.cache, first, m, deltas, max_new_tokens, eos_token_ids,
+                        suppressed_tokens=suppressed_tokens, head_masks=masks)[0]

@@ -126,7 +126,7 @@ def prefill(model, inputs: dict) -> Prefill:
     return Prefill(cache, out.logits[0, -1], deltas, int(input_ids.shape[1]))
 
 
-def _masked(logits: torch.Tensor, suppressed_tokens: Sequence[int]) -> torch.Tensor:
+def masked_logits(logits: torch.Tensor, suppressed_tokens: Sequence[int]) -> torch.Tensor:
     """``logits`` with ``suppressed_tokens`` at -inf (a copy; unchanged when there are none)."""
     if not suppressed_tokens:
         return logits
@@ -171,7 +171,7 @@ def _decode_steps(model, cache, first_token, prompt_len, rope_deltas, max_new_to
         o = model(input_ids=current[:, None], position_ids=position, past_key_values=cache, use_cache=True, **extra)
         logits.append(o.logits[0, -1])
         if forced is None:
-            current = _masked(logits[-1], suppressed_tokens).argmax(-1, keepdim=True)
+            current = masked_logits(logits[-1], suppressed_tokens).argmax(-1, keepdim=True)
         else:
             current = torch.tensor([forced[step + 1]], device=current.device)
     return tokens, logits
@@ -206,7 +206,7 @@ def greedy_with_plan(model, inputs: dict, kept: Sequence[torch.Tensor] | None, m
     (``[l][h]``): a per-head plan instead (``kept``, if given, must be its per-layer union)."""
     pre = prefill(model, inputs)
     cache, masks = _planned_cache(model, pre, kept, head_kept)
-    first = int(_masked(pre.logits, suppressed_tokens).argmax())
+    first = int(masked_logits(pre.logits, suppressed_tokens).argmax())
     return decode_steps(model, cache, first, pre.prompt_len, pre.rope_deltas, max_new_tokens,
                         eos_token_ids, suppressed_tokens=suppressed_tokens, head_masks=masks)[0]
 
@@ -240,7 +240,7 @@ def greedy_disagreements(model, inputs: dict, kept: Sequence[torch.Tensor] | Non
         steps += list(teacher_forced_logits(model, cache, tokens, pre.prompt_len, pre.rope_deltas, masks))
     out = []
     for i, (logits, token) in enumerate(zip(steps, tokens)):
-        best = int(_masked(logits, suppressed_tokens).argmax())
+        best = int(masked_logits(logits, suppressed_tokens).argmax())
         if best != int(token):
             out.append((i, best, float(logits[best] - logits[int(token)])))
     return out

@@ -32,15 +32,47 @@ def vlcache_state(url: str) -> dict:
     return requests.get(f"{url}/server_info", timeout=60).json()["internal_states"][0]["vlcache"]
 
 
-def settled_state(url: str, timeout: float = 30.0) -> dict:
-    """:func:`vlcache_state` once no compressed request is live (its compaction and release are
-    done), or after ``timeout`` seconds, whichever comes first."""
+LIVE_STORES = ("compressed_requests_live", "pending_statistics", "resolved_rows_live", "request_states_live",
+               "row_flags_live", "virtual_ids_live", "cell_slots_live")
+"""The plugin's per-request and per-row stores in :func:`vlcache_state`: all zero once nothing
+is live and the radix tree is empty."""
+
+
+def wait_for(predicate, what: str, timeout: float = 120.0, interval: float = 0.02):
+    """Poll ``predicate()`` until it returns something true and return that; raise
+    ``AssertionError`` naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"never observed within {timeout:.0f} s: {what}")
+
+
+def settled_state(url: str, timeout: float = 60.0, flush: bool = False) -> dict:
+    """:func:`vlcache_state` once no compressed request is live and no statistics are pending
+    (every compaction and release is done), or after ``timeout`` seconds, whichever comes first;
+    with ``flush`` the radix tree is emptied first, so the state is the server's at-start state
+    if nothing leaked (see :func:`differences_from_start`)."""
     deadline = time.monotonic() + timeout
     while True:
         st = vlcache_state(url)
-        if st["compressed_requests_live"] == 0 or time.monotonic() > deadline:
-            return st
-        time.sleep(0.2)
+        if (st["compressed_requests_live"] == 0 and st["pending_statistics"] == 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if not flush:
+        return st
+    flush_cache(url)
+    return vlcache_state(url)
+
+
+def differences_from_start(state: dict) -> dict:
+    """What in ``state`` (a settled, flushed :func:`vlcache_state`) is not as at start: every
+    store empty, the whole pool free and nothing evictable. ``{}`` when all is back."""
+    expected = {k: 0 for k in LIVE_STORES} | {"available_kv_tokens": state["max_total_num_tokens"],
+                                                "evictable_kv_tokens": 0}
+    return {k: (state[k], v) for k, v in expected.items() if state[k] != v}
 
 
 def flush_cache(url: str, timeout: float = 30.0) -> None:
