@@ -8,9 +8,10 @@ routes a user of SGLang calls around generation:
   ``/continue_generation``: ``in_place`` keeps their compacted rows and their tokens; ``retract``
   releases everything (the pool and every store at start while paused) and each request is
   recomputed: prompt plus the tokens it had generated are prefilled again and planned together,
-  and the rest is the Hugging Face reference of that plan (so too under ``prefix`` and ``compressed``
-  sharing, where the retracted requests' image prefixes wait in the tree, evictable, while paused);
-  ``abort`` ends them with nothing left.
+  and the rest is the Hugging Face reference of that plan (so too under ``prefix`` sharing, whose
+  image prefix waits in the tree while paused); under ``compressed`` sharing the compacted prompt
+  waits there and the request resumes from it: every token equals the unpaused run's. ``abort``
+  ends them with nothing left.
   ``/slow_down`` (SGLang's own test knob) makes each forward sleep, so the pause lands mid-decode.
 - a ``retract`` pause between prefill chunks with statistics pending: the request is prefilled
   again from the start and answers as if never paused.
@@ -162,25 +163,47 @@ def test_a_retract_pause_releases_everything_and_each_request_recomputes(server,
     assert_at_start(settle(server))
 
 
-@pytest.mark.parametrize("sharing", ["prefix", "compressed"])
-def test_a_retract_pause_under_sharing_keeps_only_tree_entries_and_each_request_recomputes(
-        server, hf, unpaused, slow_forwards, sharing):
-    # SGLang's retract releases a request as if it finished (release_kv_cache): under sharing what
-    # may enter the tree goes there, evictable, while no request, row, plan or statistic of the
-    # plugin stays live. prefix: the uncompressed prefix before the statistics window, which the
-    # re-prefill reads back (exact); compressed: the compacted prompt (and any decoded tokens that
-    # entered with it), which the re-prefill resumes from (the reference replays both plans)
+def retract_paused_under(server, sharing: str) -> tuple[list[dict], dict]:
+    """The retract pause with each request under its own ``extra_key``. SGLang's retract releases
+    a request as if it finished (release_kv_cache): what may enter the tree goes there, evictable,
+    while no request, row, plan or statistic of the plugin stays live."""
     outs, paused = paused_workload(server, "retract", isolated=True, sharing=sharing)
     live = {k: paused[k] for k in LIVE_STORES if k not in ("virtual_ids_live", "cell_slots_live")}
     assert live == dict.fromkeys(live, 0), paused
     assert paused["evictable_kv_tokens"] > 0, paused
     assert paused["available_kv_tokens"] + paused["evictable_kv_tokens"] == POOL, paused
     assert (paused["virtual_ids_live"] > 0) == (sharing == "compressed"), paused
+    return outs, paused
+
+
+def test_a_retract_pause_under_prefix_sharing_reads_the_image_back_and_recomputes(
+        server, hf, unpaused, slow_forwards):
+    # the uncompressed prefix before the statistics window is in the tree and read back (exact);
+    # the rest is prefilled again and planned with the generated tokens
+    outs, _ = retract_paused_under(server, "prefix")
     for o in outs:
         meta = o["meta_info"]
-        reused, m = meta["vlcache_reused_tokens"][0], meta["prompt_tokens"]
-        assert (reused >= m) if sharing == "compressed" else (0 < reused < m), (sharing, reused, m)
-    assert_each_recomputed(hf, outs, unpaused, resumed=sharing == "compressed")
+        assert 0 < meta["vlcache_reused_tokens"][0] < meta["prompt_tokens"], meta
+    assert_each_recomputed(hf, outs, unpaused)
+    assert_at_start(settle(server))
+
+
+def test_a_retract_pause_under_compressed_sharing_resumes_as_if_never_paused(server, hf, unpaused, slow_forwards):
+    # the compacted prompt is in the tree: the re-prefill reads all of it, recomputes the generated
+    # tokens against it as they were decoded, and keeps what it holds (no second plan), so every
+    # token equals the unpaused run's (request_info.resumed, policy.keep_everything)
+    resumed_before = vlcache_state(server.url)["resumed_after_retraction"]
+    outs, _ = retract_paused_under(server, "compressed")
+    assert vlcache_state(server.url)["resumed_after_retraction"] == resumed_before + DECODING
+    for o, ref in zip(outs, unpaused):
+        meta = o["meta_info"]
+        m, planned = meta["prompt_tokens"], meta["vlcache_planned_tokens"][0]
+        assert meta["num_retractions"] == 1 and meta["vlcache_reused_tokens"][0] >= m, meta
+        assert "resumed after retraction" in meta["vlcache_notes"][0]
+        assert o["output_ids"] == ref["output_ids"]
+        first = ref["meta_info"]["vlcache_kept_positions"][0]  # the plan it was decoding under
+        assert meta["vlcache_kept_positions"][0] == [[*layer, *range(m, planned)] for layer in first]
+    assert_each_recomputed(hf, outs, unpaused, resumed=True)  # the HF replay of both plans agrees
     assert_at_start(settle(server))
 
 

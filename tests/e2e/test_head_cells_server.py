@@ -15,8 +15,11 @@ lists ride in extend batches. Checked:
 - mixed batches: per-head compressed requests decoding while others prefill in chunks give the
   tokens each gets alone;
 - ``compressed`` sharing: turn 2 of a conversation extends over turn 1's per-head compressed KV
-  and gives the tokens of the reference cut per head after each turn; the pool and every store
-  are back at their start after each workload.
+  and gives the tokens of the reference cut per head after each turn;
+- a ``retract`` pause under ``compressed`` sharing with per-head plans: each request resumes over
+  its own per-head compressed prompt from the tree and gives the unpaused tokens, holding per head
+  what it held plus the tokens it had generated;
+- the pool and every store are back at their start after each workload.
 """
 from __future__ import annotations
 
@@ -213,6 +216,31 @@ def test_turn_two_reuses_turn_one_compressed_per_head_and_matches_hf(server, hf,
     turns = [(m1, [[torch.tensor(h) for h in heads] for heads in kept1]),
              (m2, [[torch.tensor(h) for h in heads] for heads in kept2])]
     assert two["output_ids"] == greedy_after_turns(model, inputs, turns, MAX_NEW, eos, per_head=True)
+    assert_clean(settle(server))
+
+
+def test_a_retract_pause_under_compressed_sharing_resumes_per_head(server):
+    from tests.e2e.test_control_routes import DECODING, body, paused_workload, post
+    from tests.e2e.test_control_routes import generate as generate_fixed
+
+    options = dict(PER_HEAD, budget=0.1, sharing="compressed")
+    assert_at_start(settle(server))
+    unpaused = [generate_fixed(server, body(10 + i, extra_key=f"request-{i}", **options)) for i in range(DECODING)]
+    assert_at_start(settle(server))
+    resumed_before = vlcache_state(server.url)["resumed_after_retraction"]
+    post(server, "/slow_down", {"forward_sleep_time": 0.05})
+    try:
+        outs, _ = paused_workload(server, "retract", isolated=True, **options)
+    finally:
+        post(server, "/slow_down", {"forward_sleep_time": None})
+    assert vlcache_state(server.url)["resumed_after_retraction"] == resumed_before + DECODING
+    for o, ref in zip(outs, unpaused):
+        meta = o["meta_info"]
+        m, planned = meta["prompt_tokens"], meta["vlcache_planned_tokens"][0]
+        assert meta["num_retractions"] == 1 and meta["vlcache_reused_tokens"][0] >= m, meta
+        assert o["output_ids"] == ref["output_ids"]
+        first = ref["meta_info"]["vlcache_head_kept_positions"][0]  # per layer, per KV head
+        assert meta["vlcache_head_kept_positions"][0] == [[[*h, *range(m, planned)] for h in layer] for layer in first]
     assert_clean(settle(server))
 
 

@@ -51,7 +51,8 @@ import requests
 
 from tests.conftest import make_test_image, png_base64
 from tests.e2e.recompute import assert_recomputed_like_reference
-from tests.e2e.test_faults import PROMPT, ZERO
+from tests.e2e.plugin_state import assert_at_start, settle
+from tests.e2e.test_faults import PROMPT
 from vlcache_sglang.tooling.serving import flush_cache, running_server, vlcache_state
 
 pytestmark = pytest.mark.server
@@ -389,13 +390,6 @@ def test_a_random_mix_of_request_fields(server):
 
 
 def test_every_store_is_back_at_its_start(server):
-    flush_cache(server.url)
-    deadline = time.monotonic() + 30
-    while True:
-        state = vlcache_state(server.url)
-        stores = {k: state[k] for k in ZERO}
-        if stores == ZERO and state["available_kv_tokens"] == state["max_total_num_tokens"]:
-            break
-        assert time.monotonic() < deadline, (stores, state["available_kv_tokens"])
-        time.sleep(0.5)
+    state = settle(server)
+    assert_at_start(state)
     assert state["requests_compressed"] > 0 and state["freed_reads"] == 0

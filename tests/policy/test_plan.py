@@ -30,6 +30,7 @@ from vlcache_sglang.policy import (
     available_methods,
     build_plan,
     get_method,
+    keep_everything,
     locate_window,
     protected_suffix,
     select_kept,
@@ -184,3 +185,17 @@ def test_cuda_plan_matches_cpu(method: str) -> None:
     cpu, gpu = run_plan(cfg), run_plan(cfg, device="cuda", stats_fn=attention_stats_auto)
     assert gpu.kept[0].device.type == "cuda" and gpu.budgets == cpu.budgets
     assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu.kept, gpu.kept))
+
+
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_keep_everything_keeps_every_position_and_is_not_an_identity(granularity: str) -> None:
+    plan = run_plan(PolicyConfig(method="vlcache", alpha=0.2, granularity=granularity))
+    assert not plan.is_identity and plan.kept_ratio < 0.5
+    kept = keep_everything(plan, "resumed")
+    assert not kept.is_identity and kept.notes == [*plan.notes, "resumed"]
+    assert kept.kept_ratio == 1.0 and kept.held_ratio == 1.0 and kept.budgets == [M] * L and kept.protected == M
+    assert all(torch.equal(k, torch.arange(M)) for k in kept.kept)
+    assert (kept.head_kept is None) == (granularity == "layer")
+    if kept.head_kept is not None:
+        assert all(torch.equal(h, torch.arange(M)) for heads in kept.head_kept for h in heads)
+    assert plan.kept_ratio < 0.5  # the plan it came from is unchanged

@@ -34,7 +34,7 @@ from vlcache_sglang.backend.tensor_parallel import StatsGather
 from vlcache_sglang.backend.virtual_kv import VirtualKV, install_free_filter
 from vlcache_sglang.kernels.dispatch import StatsDispatch
 from vlcache_sglang.kernels.launch_configs import StatsLaunch
-from vlcache_sglang.policy import PolicyError, StatsAccumulator, attention_stats, build_plan
+from vlcache_sglang.policy import PolicyError, StatsAccumulator, attention_stats, build_plan, keep_everything
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ class CompressionCounters:
     plans_from_incomplete_statistics: int = 0
     #: decoding requests served inside an extend batch (``--enable-mixed-chunk``)
     mixed_decode_rows: int = 0
+    #: retracted requests that resumed over their own compressed prompt (``compressed`` sharing)
+    resumed_after_retraction: int = 0
     #: decode steps replayed from a captured CUDA graph, and those whose batch read per-layer
     #: (compressed) lists
     graph_decode_steps: int = 0
@@ -195,6 +197,9 @@ class Compressor:
                                   f"(rows per layer {acc.stats.rows_seen}, expected {acc.stats.rows_expected})")
         # every TP rank holds its own heads: gather all heads' statistics so all plan alike
         plan = build_plan(self.gather.gather(acc.stats), acc.cfg, allow_incomplete=True)
+        if info.resumed:  # retracted, back over its own compressed prompt: continue as if never retracted
+            self.counters.resumed_after_retraction += 1
+            plan = keep_everything(plan, "resumed after retraction from its compressed prompt in the tree")
         try:
             self._apply_plan(info, plan, incomplete)
         finally:

@@ -74,6 +74,9 @@ class RequestInfo:
     not_compressed: str | None = None
     window: WindowSpec | None = None  # located from the policy when not given
     return_plan: bool = False
+    #: a retracted request re-prefilled under ``compressed`` sharing over its own compacted prompt
+    #: from the tree (the match covers the whole prompt): it resumes, keeping what it holds
+    resumed: bool = False
 
     def __post_init__(self) -> None:
         if self.window is None and self.policy is not None:
@@ -179,11 +182,19 @@ def request_info(req, runtime: Runtime) -> RequestInfo:
         # done (compacted or left alone); this forward only appends its next token
         compressor.counters.mixed_decode_rows += 1
         policy, reason = None, None
+    sharing = spec.sharing if policy is not None and runtime.sharing_on else "off"
+    protected = int(req.kv.cache_protected_len)
+    # SGLang's retract releases a request as if it finished, so under compressed sharing its
+    # compacted prompt (and any decoded tokens with it) waits in the tree and the re-prefill reads
+    # it back: the tokens it had generated are then recomputed against the compressed prompt, as
+    # they were decoded, and a new plan would only compress it further than an unretracted run
+    resumed = (sharing == "compressed" and bool(getattr(req, "retracted_stain", False))
+               and protected >= len(req.origin_input_ids))
     return RequestInfo(
         rid=req.rid, req_pool_idx=idx, prompt_len=prompt_len, image_spans=spec.image_spans,
-        is_last_chunk=req.extend_end == prompt_len, protected_len=int(req.kv.cache_protected_len), policy=policy,
-        sharing=spec.sharing if policy is not None and runtime.sharing_on else "off", req=req,
+        is_last_chunk=req.extend_end == prompt_len, protected_len=protected, policy=policy, sharing=sharing, req=req,
         not_compressed=reason, window=spec.window if policy is not None else None, return_plan=spec.return_plan,
+        resumed=resumed,
     )
 
 

@@ -22,7 +22,7 @@ from vlcache_sglang.policy.budgets import (
 )
 from vlcache_sglang.policy.config import PolicyConfig, PolicyConfigError
 from vlcache_sglang.policy.methods import Method, ScoreContext, available_methods, get_method, register_method
-from vlcache_sglang.policy.plan import CompressionPlan, PolicyError, build_plan, protected_suffix
+from vlcache_sglang.policy.plan import CompressionPlan, PolicyError, build_plan, keep_everything, protected_suffix
 from vlcache_sglang.policy.selection import pool_scores, select_kept
 from vlcache_sglang.policy.stats import (
     AttentionStats,
@@ -55,6 +55,7 @@ __all__ = [
     "finalize_budgets",
     "fit_total",
     "get_method",
+    "keep_everything",
     "locate_window",
     "pool_scores",
     "protected_suffix",

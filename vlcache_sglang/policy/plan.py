@@ -8,7 +8,7 @@ budget (``budgets.py``) -> scores (``methods/``) -> top-k with a protected suffi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,7 +22,7 @@ from vlcache_sglang.policy.window import WindowSpec
 if TYPE_CHECKING:
     from vlcache_sglang.policy.config import PolicyConfig
 
-__all__ = ["CompressionPlan", "PolicyError", "build_plan", "protected_suffix"]
+__all__ = ["CompressionPlan", "PolicyError", "build_plan", "keep_everything", "protected_suffix"]
 
 
 class PolicyError(RuntimeError):
@@ -145,6 +145,17 @@ def _identity(st: PolicyStats, cfg: "PolicyConfig", device: torch.device, notes:
     head_kept = [[ar.clone() for _ in range(h)] for _ in range(st.num_layers)] if cfg.granularity == "head" else None
     return CompressionPlan(cfg.method, cfg.granularity, m, st.num_layers, h, [ar.clone() for _ in range(st.num_layers)],
                            [m] * st.num_layers, m, st.window, notes, is_identity=True, head_kept=head_kept)
+
+
+def keep_everything(plan: CompressionPlan, note: str) -> CompressionPlan:
+    """``plan`` changed to keep every position in every layer (and KV head), yet not an identity:
+    for a request whose prefix came already compressed and that is not to be compressed again
+    (what it keeps there is what it holds; an identity plan would serve its row as stock)."""
+    m = plan.prompt_len
+    ar = torch.arange(m, dtype=torch.int64, device=plan.kept[0].device if plan.kept else None)
+    head_kept = None if plan.head_kept is None else [[ar.clone() for _ in heads] for heads in plan.head_kept]
+    return replace(plan, kept=[ar.clone() for _ in plan.kept], budgets=[m] * plan.num_layers, protected=m,
+                   notes=[*plan.notes, note], is_identity=False, head_kept=head_kept)
 
 
 def build_plan(source: StatsAccumulator | PolicyStats, cfg: "PolicyConfig | None" = None, *,
