@@ -11,7 +11,9 @@ admission:
   mid-decode: ``retract_decode`` runs, the request's ``meta_info["num_retractions"]`` counts it.
   A retracted compressed request is recomputed: SGLang re-prefills prompt + generated tokens and
   the plugin plans over all of them (``vlcache_planned_tokens``); its remaining tokens are those of
-  the Hugging Face reference that prefills the same tokens and applies the same plan.
+  the Hugging Face reference that prefills the same tokens and applies the same plan. Under
+  ``compressed`` sharing it resumes from its own compressed prompt when that is still in the tree
+  (the tokens it gets alone), else it is recomputed (the HF replay of what it read back).
 - aborts at each stage (queued, between prefill chunks with statistics pending, right after
   compaction, mid-decode) and ``max_new_tokens=0``: the stage is observed before the abort, and
   every store is back at its start afterwards.
@@ -110,6 +112,42 @@ def test_decode_out_of_memory_retracts_and_the_retracted_request_recomputes(serv
     seed = 700 + bodies.index(body)
     assert_recomputed_like_reference(hf, out, PROMPT, make_test_image(seed, (112, 112)), RETRACT_NEW,
                                      suppressed_tokens=stops, where=f"; server log {server.log_path}")
+
+
+def test_decode_out_of_memory_under_compressed_sharing_resumes_or_recomputes(server, hf):
+    # each request under its own extra_key, so only its own compressed prompt can be read back.
+    # Retracted under pressure, a request either finds that prompt still in the tree and resumes
+    # (the tokens it gets alone), or finds it evicted, wholly or in part, and is recomputed (the HF
+    # replay of what it read back, then its new plan)
+    assert_at_start(settle(server))
+    offset = log_offset(server)
+    bodies = [{**payload(700 + i, max_new=RETRACT_NEW, fixed=True, return_plan=True, sharing="compressed"),
+               "extra_key": f"oom-{i}"} for i in range(RETRACT_N)]
+    with cf.ThreadPoolExecutor(RETRACT_N) as ex:
+        outs = list(ex.map(lambda b: post(server, b), bodies))
+    assert "KV cache pool is full. Retract requests." in log_since(server, offset)
+    retracted = [i for i, o in enumerate(outs) if o["meta_info"]["num_retractions"] > 0]
+    assert retracted, [o["meta_info"]["num_retractions"] for o in outs]
+    assert all(len(o["output_ids"]) == RETRACT_NEW for o in outs)
+    assert_at_start(settle(server))
+    model, processor = hf
+    stops = sorted(set(model.generation_config.eos_token_id) | {processor.tokenizer.eos_token_id})
+    outcomes = []
+    for i in retracted:
+        alone = post(server, bodies[i])  # a fresh tree: its first plan, never retracted
+        assert alone["meta_info"]["num_retractions"] == 0
+        assert_at_start(settle(server))
+        meta = outs[i]["meta_info"]
+        if "resumed after retraction" in meta["vlcache_notes"][0]:
+            outcomes.append("resumed")
+            assert meta["vlcache_reused_tokens"][0] >= meta["prompt_tokens"]
+            assert outs[i]["output_ids"] == alone["output_ids"]
+        else:
+            outcomes.append(f"recomputed, reused {meta['vlcache_reused_tokens'][0]}")
+            assert_recomputed_like_reference(hf, outs[i], PROMPT, make_test_image(700 + i, (112, 112)), RETRACT_NEW,
+                                             suppressed_tokens=stops, where=f"; server log {server.log_path}",
+                                             resumed_from=alone["meta_info"]["vlcache_kept_positions"][0])
+    print("retracted under compressed sharing:", outcomes)
 
 
 # -- item 5: aborts at each stage ------------------------------------------------------------
